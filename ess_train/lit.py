@@ -1,0 +1,122 @@
+"""``SequenceLM``: the LightningModule that trains a sequence model on a synthetic memory task.
+
+Batches are dicts (``inputs``, ``labels`` with ``-100`` where nothing is scored, ``slice_id``).
+Validation accuracy is accumulated over the whole validation set, overall and per slice
+(``val/acc/<slice name>``, slice names from the datamodule), so per-setting numbers are exact.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["SequenceLM"]
+
+
+class SequenceLM(pl.LightningModule):
+    """Next-token training of ``model`` (``inputs [B, L] -> logits [B, L, V]``) on labelled positions.
+
+    Args:
+        model: any module mapping token ids to logits (``ess_train.models.SequenceModel`` in the app).
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay (1-d parameters, i.e. norms and biases, are exempt).
+        warmup_steps: linear warm-up steps, then cosine decay to 10% at ``trainer.max_steps``.
+        betas: AdamW betas.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 50,
+        betas: tuple[float, float] = (0.9, 0.98),
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+        self._val_correct: Tensor | None = None
+        self._val_total: Tensor | None = None
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.model(inputs)
+
+    @staticmethod
+    def _loss_and_hits(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Cross-entropy over scored positions, and per-row (correct, scored) counts."""
+        scored = labels != -100
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        hits = (logits.argmax(-1) == labels) & scored
+        return loss, hits.sum(-1), scored.sum(-1)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self(batch["inputs"])
+        loss, correct, total = self._loss_and_hits(logits, batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", correct.sum() / total.sum().clamp_min(1), prog_bar=True)
+        return loss
+
+    def _slice_names(self) -> list[str]:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return list(getattr(dm, "slice_names", None) or [])
+
+    def on_validation_epoch_start(self) -> None:
+        n = max(len(self._slice_names()), 1)
+        self._val_correct = torch.zeros(n, device=self.device, dtype=torch.long)
+        self._val_total = torch.zeros(n, device=self.device, dtype=torch.long)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self(batch["inputs"])
+        loss, correct, total = self._loss_and_hits(logits, batch["labels"])
+        slice_id = batch.get("slice_id")
+        if slice_id is None or self._val_correct.numel() == 1:
+            slice_id = torch.zeros_like(correct)
+        self._val_correct.index_add_(0, slice_id, correct)
+        self._val_total.index_add_(0, slice_id, total)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        correct, total = self._val_correct, self._val_total
+        if self.trainer.world_size > 1:
+            correct = self.all_gather(correct).sum(0)
+            total = self.all_gather(total).sum(0)
+        acc = correct.sum().float() / total.sum().clamp_min(1)
+        self.log("val/acc", acc, prog_bar=True, rank_zero_only=True)
+        names = self._slice_names()
+        if len(names) > 1:
+            for name, c, t in zip(names, correct, total):
+                self.log(f"val/acc/{name}", c.float() / t.clamp_min(1), rank_zero_only=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+
+        def schedule(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / (hp.warmup_steps + 1)
+            if max_steps is None or max_steps <= 0:
+                return 1.0
+            progress = min(1.0, (step - hp.warmup_steps) / max(1, max_steps - hp.warmup_steps))
+            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
