@@ -17,6 +17,7 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -65,9 +66,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(str(cfg.output_dir))
     summary: dict[str, Any] = {
         "val_acc": metrics.get("val/acc", math.nan),
-        "val_acc_per_slice": {k.removeprefix("val/acc/"): v for k, v in metrics.items() if k.startswith("val/acc/")},
+        "val_acc_per_slice": {
+            k.removeprefix("val/acc/"): v for k, v in metrics.items() if k.startswith("val/acc/")
+        },
         "steps": trainer.global_step,
         "output_dir": str(out_dir),
+        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
     }
     for cb in callbacks:
         if hasattr(cb, "summary"):
@@ -98,7 +102,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     ess = summary.get("ess") or {}
     layers = ess.get("layers", {}) if isinstance(ess, dict) else {}
     if layers:
-        lines.append("  ESS per layer (entropy, average over positions; utilization = ESS / per-operator TSS):")
+        lines.append(
+            "  ESS per layer (entropy, average over positions; utilization = ESS / per-operator TSS):"
+        )
         for name, row in layers.items():
             cells = "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
             lines.append(f"    {name:<20s} {cells}")

@@ -8,6 +8,7 @@ the keys the app knows, and raises :class:`ConfigError` naming the full key path
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 from collections.abc import Iterable
@@ -19,8 +20,20 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 __all__ = ["ConfigError", "validate_config", "TOP_LEVEL_KEYS"]
 
 TOP_LEVEL_KEYS = frozenset(
-    {"model", "task", "trainer", "logger", "callbacks", "experiment", "seed", "optim", "output_dir",
-     "ckpt_path", "save_plots", "hydra"}
+    {
+        "model",
+        "task",
+        "trainer",
+        "logger",
+        "callbacks",
+        "experiment",
+        "seed",
+        "optim",
+        "output_dir",
+        "ckpt_path",
+        "save_plots",
+        "hydra",
+    }
 )
 # Keys of a ``_target_`` node that Hydra itself consumes.
 _HYDRA_KEYS = frozenset({"_target_", "_recursive_", "_convert_", "_partial_", "_args_"})
@@ -38,7 +51,13 @@ def _suggest(key: str, valid: Iterable[str]) -> str:
 
 
 def _accepted_keys(target: Any) -> tuple[set[str], bool]:
-    """Keyword names ``target`` accepts, and whether it takes ``**kwargs``."""
+    """Keyword names ``target`` accepts, and whether it takes ``**kwargs``.
+
+    A class with a dataclass ``config_cls`` (the task data modules) accepts that dataclass's fields.
+    """
+    config_cls = getattr(target, "config_cls", None)
+    if config_cls is not None and dataclasses.is_dataclass(config_cls):
+        return {f.name for f in dataclasses.fields(config_cls)}, False
     sig = inspect.signature(target)
     names = set()
     var_kw = False
@@ -71,7 +90,9 @@ def _validate_node(node: Any, path: str, group: str) -> None:
             if key in _HYDRA_KEYS:
                 continue
             if key in passed:
-                raise ConfigError(f"{path}.{key}: set by the app (from the task/run), do not set it in the config")
+                raise ConfigError(
+                    f"{path}.{key}: set by the app (from the task/run), do not set it in the config"
+                )
             if key not in accepted and not var_kw:
                 raise ConfigError(
                     f"{path}.{key}: unknown key for {target_name}{_suggest(key, accepted)}; "
@@ -95,7 +116,9 @@ def validate_config(cfg: DictConfig) -> None:
         node = cfg.get(group)
         if node is None:
             continue
-        if group in ("model", "task", "trainer") and (not isinstance(node, DictConfig) or "_target_" not in node):
+        if group in ("model", "task", "trainer") and (
+            not isinstance(node, DictConfig) or "_target_" not in node
+        ):
             raise ConfigError(f"{group}: needs a _target_ (pick one of conf/{group}/*.yaml)")
         _validate_node(node, group, group)
     optim = cfg.get("optim")
@@ -110,7 +133,12 @@ def validate_config(cfg: DictConfig) -> None:
                     f"valid keys: {', '.join(sorted(accepted - {'model'}))}"
                 )
     # resolve everything once so that broken interpolations fail now, not mid-run
-    try:
-        OmegaConf.to_container(cfg, resolve=True)
-    except Exception as err:
-        raise ConfigError(f"cannot resolve the config: {err}") from err
+    for key in cfg:
+        if str(key) == "hydra":
+            continue
+        try:
+            value = cfg[key]  # resolves a scalar's interpolation
+            if OmegaConf.is_config(value):
+                OmegaConf.to_container(value, resolve=True)
+        except Exception as err:
+            raise ConfigError(f"{key}: cannot resolve: {err}") from err

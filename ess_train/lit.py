@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ess_train.tasks.metrics import SliceAccuracy, answer_accuracy
+
 __all__ = ["SequenceLM"]
 
 
@@ -44,58 +46,49 @@ class SequenceLM(pl.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.model = model
         self.save_hyperparameters(ignore=["model"])
-        self._val_correct: Tensor | None = None
-        self._val_total: Tensor | None = None
+        self._val_accuracy: SliceAccuracy | None = None
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.model(inputs)
 
-    @staticmethod
-    def _loss_and_hits(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Cross-entropy over scored positions, and per-row (correct, scored) counts."""
-        scored = labels != -100
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        hits = (logits.argmax(-1) == labels) & scored
-        return loss, hits.sum(-1), scored.sum(-1)
+    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy over scored positions (labels are aligned with logits: no shift)."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logits = self(batch["inputs"])
-        loss, correct, total = self._loss_and_hits(logits, batch["labels"])
+        loss = self._loss(logits, batch["labels"])
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", correct.sum() / total.sum().clamp_min(1), prog_bar=True)
+        self.log("train/acc", answer_accuracy(logits.detach(), batch["labels"])["accuracy"], prog_bar=True)
         return loss
 
-    def _slice_names(self) -> list[str]:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        return list(getattr(dm, "slice_names", None) or [])
-
     def on_validation_epoch_start(self) -> None:
-        n = max(len(self._slice_names()), 1)
-        self._val_correct = torch.zeros(n, device=self.device, dtype=torch.long)
-        self._val_total = torch.zeros(n, device=self.device, dtype=torch.long)
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        names = list(getattr(dm, "slice_names", None) or ["all"])
+        self._val_accuracy = SliceAccuracy(names, getattr(dm, "slice_kv_pairs", None))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logits = self(batch["inputs"])
-        loss, correct, total = self._loss_and_hits(logits, batch["labels"])
+        loss = self._loss(logits, batch["labels"])
         slice_id = batch.get("slice_id")
-        if slice_id is None or self._val_correct.numel() == 1:
-            slice_id = torch.zeros_like(correct)
-        self._val_correct.index_add_(0, slice_id, correct)
-        self._val_total.index_add_(0, slice_id, total)
+        if slice_id is None or len(self._val_accuracy.slice_names) == 1:
+            slice_id = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        self._val_accuracy.update(logits, batch["labels"], slice_id)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def on_validation_epoch_end(self) -> None:
-        correct, total = self._val_correct, self._val_total
-        if self.trainer.world_size > 1:
-            correct = self.all_gather(correct).sum(0)
-            total = self.all_gather(total).sum(0)
-        acc = correct.sum().float() / total.sum().clamp_min(1)
-        self.log("val/acc", acc, prog_bar=True, rank_zero_only=True)
-        names = self._slice_names()
-        if len(names) > 1:
-            for name, c, t in zip(names, correct, total):
-                self.log(f"val/acc/{name}", c.float() / t.clamp_min(1), rank_zero_only=True)
+        acc = self._val_accuracy
+        if acc.correct is None:
+            return
+        if self.trainer.world_size > 1:  # exact counts over all ranks
+            acc.correct = self.all_gather(acc.correct).reshape(-1, len(acc.slice_names)).sum(0)
+            acc.total = self.all_gather(acc.total).reshape(-1, len(acc.slice_names)).sum(0)
+        report = acc.compute()
+        self.log("val/acc", report["accuracy"], prog_bar=True, rank_zero_only=True)
+        if len(acc.slice_names) > 1:
+            for name in acc.slice_names:
+                self.log(f"val/acc/{name}", report[f"accuracy/{name}"], rank_zero_only=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []

@@ -3,6 +3,32 @@
 Definitions and conventions: ``shared/ESS.md`` (Parnichkun et al., ICML 2025).
 """
 
+from ess_train.ess.measures import (
+    DEFAULT_CHUNK_ELEMENTS,
+    average_ess,
+    default_rtol,
+    entropy_ess,
+    entropy_ess_from_singular_values,
+    hankel_singular_values,
+    max_ess,
+    state_utilization,
+    tolerance_ess,
+    tolerance_ess_from_singular_values,
+)
 from ess_train.ess.operators import DenseOperator, Operator, RecurrentOperator
 
-__all__ = ["DenseOperator", "RecurrentOperator", "Operator"]
+__all__ = [
+    "DenseOperator",
+    "RecurrentOperator",
+    "Operator",
+    "DEFAULT_CHUNK_ELEMENTS",
+    "hankel_singular_values",
+    "entropy_ess",
+    "tolerance_ess",
+    "entropy_ess_from_singular_values",
+    "tolerance_ess_from_singular_values",
+    "default_rtol",
+    "average_ess",
+    "max_ess",
+    "state_utilization",
+]

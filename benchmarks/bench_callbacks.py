@@ -1,0 +1,190 @@
+"""Training-time overhead of the ESS callbacks on a small SequenceModel.
+
+Runs the same training (same seed, same data) with no callback, with ``ESSMonitor`` every 50 steps and
+with ``ESSRegularizer`` every step, interleaved over ``--repeats`` rounds (best kept), and prints a table.
+``ms/step`` is the median training-step time (robust to other load on a shared machine) plus the time
+spent in the monitor's measurements amortized over the run; ``ratio`` compares it with no callback.
+``wall`` (train start to end, start-up and data generation excluded) is reported too, but is noisy.
+
+    python benchmarks/bench_callbacks.py            # GLA, d_model 64, 2 layers, L 128, batch 32, 200 steps
+    python benchmarks/bench_callbacks.py --quick    # 60 steps, monitor every 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from ess_train.callbacks import ESSMonitor, ESSRegularizer
+from ess_train.models import SequenceModel
+from ess_train.tasks import MQARDataModule
+
+try:
+    from ess_train.lit import SequenceLM
+except ImportError:  # pragma: no cover - the lead's module not there yet
+    SequenceLM = None  # type: ignore[assignment]
+
+
+class StepTimer(pl.Callback):
+    """Wall time of the run and of each batch (put it last: it includes the others' batch-end hooks)."""
+
+    def __init__(self) -> None:
+        self.elapsed = 0.0
+        self.steps: list[float] = []
+        self._t0 = self._tb = 0.0
+
+    @staticmethod
+    def _now() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t0 = self._now()
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int
+    ) -> None:
+        self._tb = self._now()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.steps.append(self._now() - self._tb)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.elapsed = self._now() - self._t0
+
+
+def timed_monitor(monitor: ESSMonitor) -> ESSMonitor:
+    """Accumulate the time spent in ``monitor.measure`` in ``monitor.bench_seconds``."""
+    monitor.bench_seconds = 0.0  # type: ignore[attr-defined]
+    measure = monitor.measure
+
+    def wrapped(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        t0 = StepTimer._now()
+        out = measure(trainer, pl_module)
+        monitor.bench_seconds += StepTimer._now() - t0  # type: ignore[attr-defined]
+        return out
+
+    monitor.measure = wrapped  # type: ignore[method-assign]
+    return monitor
+
+
+def build(args: argparse.Namespace) -> pl.LightningModule:
+    model = SequenceModel(
+        vocab_size=args.vocab,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        mixer=args.mixer,
+        max_seq_len=args.seq_len,
+    )
+    if SequenceLM is None:
+        raise SystemExit("ess_train.lit.SequenceLM is needed")
+    return SequenceLM(model, lr=1e-3, warmup_steps=10)
+
+
+def run(
+    args: argparse.Namespace, name: str, callbacks: list[pl.Callback], dm: MQARDataModule
+) -> dict[str, Any]:
+    pl.seed_everything(0, verbose=False)
+    lm = build(args)
+    timer = StepTimer()
+    trainer = pl.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        max_steps=args.steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        precision=args.precision,
+        callbacks=[*callbacks, timer],
+    )
+    trainer.fit(lm, dm)
+    median = statistics.median(timer.steps)
+    in_monitor = sum(getattr(cb, "bench_seconds", 0.0) for cb in callbacks)
+    # steady-state cost per step: the median step (robust to other load on the machine), plus the
+    # monitor's measurements amortized over the run (they sit in a few steps the median ignores)
+    return {"wall": timer.elapsed, "per_step": median + in_monitor / args.steps, "callbacks": callbacks}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="60 steps, monitor every 20, 1 repeat")
+    p.add_argument("--mixer", default="gla")
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--kv", type=int, default=8)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--monitor-every", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--monitor-positions", default="all", help="'all' or a count of positions")
+    args = p.parse_args()
+    if args.quick:
+        args.steps, args.monitor_every, args.repeats = 60, 20, 1
+    positions = None if args.monitor_positions == "all" else int(args.monitor_positions)
+
+    dm = MQARDataModule(
+        vocab_size=args.vocab,
+        seq_len=args.seq_len,
+        num_kv_pairs=args.kv,
+        num_train=args.batch * args.steps,
+        num_test=args.batch,
+        batch_size=args.batch,
+    )
+    run(args, "warm-up", [], dm) if not args.quick else None
+    configs = [
+        ("no callback", lambda: []),
+        (
+            f"ESSMonitor every {args.monitor_every}",
+            lambda: [ESSMonitor(args.monitor_every, positions=positions)],
+        ),
+        ("ESSRegularizer every step", lambda: [ESSRegularizer(weight=1e-2, target=0.5)]),
+    ]
+    best: dict[str, dict[str, float]] = {}
+    extra: dict[str, str] = {}
+    for _ in range(args.repeats):
+        for name, make in configs:
+            out = run(args, name, make(), dm)
+            prev = best.get(name)
+            best[name] = {k: min(out[k], prev[k]) if prev else out[k] for k in ("wall", "per_step")}
+            for cb in out["callbacks"]:
+                if isinstance(cb, ESSMonitor):
+                    n = len(cb.totals["steps"])
+                    extra[name] = f"{n} measurements, {1000 * cb.bench_seconds / max(n, 1):.0f} ms each"
+                if isinstance(cb, ESSRegularizer):
+                    extra[name] = f"{cb.num_calls} penalties"
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"\n{args.mixer}, d_model {args.d_model}, {args.layers} layers, L {args.seq_len}, "
+        f"batch {args.batch}, {args.steps} steps, {args.precision}, {device}, best of {args.repeats}"
+    )
+    base = best["no callback"]
+    print(f"{'config':<28} {'wall s':>8} {'ms/step':>8} {'ratio':>6} {'wall ratio':>10}  note")
+    for name, _ in configs:
+        b = best[name]
+        ratio, wall_ratio = b["per_step"] / base["per_step"], b["wall"] / base["wall"]
+        print(
+            f"{name:<28} {b['wall']:>8.2f} {1000 * b['per_step']:>8.1f} {ratio:>6.3f} "
+            f"{wall_ratio:>10.3f}  {extra.get(name, '')}"
+        )
+    print("ms/step: median step + monitor time amortized over the run; ratio: of ms/step; wall ratio: noisy")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""Lightning callbacks that use effective state-size (ESS) during training.
+
+- :class:`ESSMonitor`: logs ESS of every protocol layer on a fixed probe batch.
+- :class:`ESSRegularizer`: adds a differentiable ESS penalty to the training loss.
+- :class:`ESSInitializer`: picks each layer's init hyperparameters by the ESS they give.
+
+They work with any LightningModule whose layers implement the operator protocol
+(``ess_train.models.protocol``); layers are found with ``find_ess_layers(pl_module, include, exclude)``.
+"""
+
+from ess_train.callbacks._common import ESSWarning
+from ess_train.callbacks.initializer import ESSInitializer
+from ess_train.callbacks.monitor import ESSMonitor
+from ess_train.callbacks.regularizer import ESSRegularizer, ess_penalty
+
+__all__ = ["ESSMonitor", "ESSRegularizer", "ESSInitializer", "ESSWarning", "ess_penalty"]

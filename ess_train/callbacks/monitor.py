@@ -1,0 +1,523 @@
+"""``ESSMonitor``: effective state-size of every supported layer, tracked during training."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from ess_train.callbacks._common import (
+    ESSWarning,
+    PositionSpec,
+    eval_mode,
+    fetch_probe,
+    kv_pairs_for,
+    layer_ess,
+    log_to_loggers,
+    probe_from_batch,
+    resolve_positions,
+    short_traceback,
+)
+from ess_train.models.protocol import capture_operators, find_ess_layers
+
+__all__ = ["ESSMonitor"]
+
+SUMMARY_KEYS = ("avg_entropy", "max_entropy", "avg_tolerance", "utilization", "total", "per_kv")
+
+
+class ESSMonitor(Callback):
+    """Log the effective state-size (ESS) of every protocol layer of any LightningModule.
+
+    On a fixed probe batch (``probe_batch``, or the first ``probe_size`` rows of the validation data,
+    falling back to the training data), every ``every_n_steps`` optimizer steps, at train start and at
+    each validation end (not the sanity check), one ``no_grad`` eval-mode forward ``pl_module(inputs)``
+    captures every layer's operator and the monitor logs, for each layer ``<layer>`` (its qualified name):
+
+    - ``ess/<layer>/avg_entropy``: entropy-ESS averaged over positions, operators and probe rows;
+    - ``ess/<layer>/max_entropy``: maximum over positions of the (row, operator)-mean entropy-ESS profile;
+    - ``ess/<layer>/avg_tolerance``: tolerance-ESS, same average;
+    - ``ess/<layer>/utilization``: ``avg_entropy / StateSize.per_operator``;
+    - ``ess/<layer>/total``: ``multiplicity * sum over operators`` of avg entropy-ESS (mean over rows);
+    - ``ess/<layer>/per_kv``: total / key-value pairs of the row (``num_kv_pairs``/``slice_kv_pairs``);
+
+    plus ``ess/total`` (and ``ess/per_kv``) summed over layers, and ``tss/<layer>``, ``tss/total`` once at fit
+    start. Metrics go straight to ``trainer.loggers`` at ``step=trainer.global_step`` (not through
+    ``self.log``, so the cadence does not depend on ``log_every_n_steps``) and into
+    ``trainer.callback_metrics``. Only global rank 0 computes and logs (the forward calls the bare
+    LightningModule, never the DDP wrapper, so other ranks are not involved).
+
+    A layer whose operator holds NaN/inf is *missing* for that step: its metrics are not logged (its
+    history holds NaN), ``ess/missing_layers`` is logged, and a warning is emitted once per layer.
+    Any other error is reported as a warning and training continues, unless ``strict=True``.
+
+    Args:
+        every_n_steps: measure when ``global_step % every_n_steps == 0``.
+        probe_batch: a batch (Tensor, dict or tuple) to probe with; default from the data.
+        probe_size: number of probe rows.
+        positions: ``None`` (all), an ``int`` count (evenly spaced in ``[1, L-1]``) or a list of positions.
+        include, exclude: ``fnmatch`` patterns on layer names (see ``find_ess_layers``).
+        collapse_threshold, saturation_threshold: warn once per layer when utilization goes below/above.
+        strict: re-raise errors instead of warning.
+        log_heatmap: at validation end, log a position x step heatmap per layer (W&B image, TensorBoard
+            image) and, at each measurement, the ESS-by-position profile (W&B line plot).
+        input_key: key of the model input in dict batches.
+        tolerance_rtol, tolerance_atol: thresholds passed to ``tolerance_ess``.
+        forward_fn: ``forward_fn(pl_module, inputs)`` replacing ``pl_module(inputs)`` for other signatures.
+        max_operators: evaluate at most this many evenly spaced operators (heads/channels) per layer
+            (``None``: all). A cost knob for layers with many channels (Mamba, S4D, Hyena): averages are
+            then over the subset and ``total`` is scaled up to all operators.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        probe_batch: Any = None,
+        probe_size: int = 8,
+        positions: PositionSpec = None,
+        include: Iterable[str] | None = None,
+        exclude: Iterable[str] | None = None,
+        collapse_threshold: float = 0.05,
+        saturation_threshold: float = 0.95,
+        strict: bool = False,
+        log_heatmap: bool = True,
+        input_key: str = "inputs",
+        tolerance_rtol: float | None = None,
+        tolerance_atol: float = 0.0,
+        forward_fn: Callable[[pl.LightningModule, Tensor], Any] | None = None,
+        max_operators: int | None = None,
+    ) -> None:
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if probe_size < 1:
+            raise ValueError(f"probe_size must be >= 1, got {probe_size}")
+        if not 0 <= collapse_threshold <= saturation_threshold:
+            raise ValueError(
+                f"need 0 <= collapse_threshold <= saturation_threshold, got {collapse_threshold}, "
+                f"{saturation_threshold}"
+            )
+        self.every_n_steps = every_n_steps
+        self.probe_size = probe_size
+        self.positions = positions
+        self.include = list(include) if include else None
+        self.exclude = list(exclude) if exclude else None
+        self.collapse_threshold = collapse_threshold
+        self.saturation_threshold = saturation_threshold
+        self.strict = strict
+        self.log_heatmap = log_heatmap
+        self.input_key = input_key
+        self.tolerance_rtol = tolerance_rtol
+        self.tolerance_atol = tolerance_atol
+        self.forward_fn = forward_fn
+        self.max_operators = max_operators
+
+        self.layers: dict[str, nn.Module] = {}
+        #: per layer: ``steps``, ``positions``, ``profiles`` (one list per step) and one list per summary key.
+        self.history: dict[str, dict[str, list]] = {}
+        #: model level: ``steps``, ``total``, ``per_kv``.
+        self.totals: dict[str, list] = {"steps": [], "total": [], "per_kv": []}
+        #: theoretical state size per layer: ``total``, ``per_operator``, ``multiplicity``, ``seq_len``.
+        self.tss: dict[str, dict[str, int]] = {}
+        self.flags: dict[str, list[str]] = {}
+        self._probe: tuple[Tensor, Tensor | None] | None = None
+        if probe_batch is not None:
+            self._probe = probe_from_batch(probe_batch, probe_size, input_key)
+        self._warned: set[str] = set()
+        self._disabled = False
+        self._tss_logged = False
+
+    # ------------------------------------------------------------------------------------------ lightning
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(include=self.include, exclude=self.exclude)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.layers = find_ess_layers(pl_module, include=self.include, exclude=self.exclude)
+        self._disabled = not self.layers
+        if self._disabled:
+            self._warn_once(
+                "no-layers",
+                f"ESSMonitor: {type(pl_module).__name__} has no layer implementing the ESS protocol "
+                f"(operator() and state_size()) matching include={self.include} exclude={self.exclude}; "
+                "the monitor stands aside.",
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._disabled or not trainer.is_global_zero:
+            return
+        self._guarded(trainer, lambda: self._log_tss(trainer))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == 0:
+            self.measure(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0:
+            self.measure(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.measure(trainer, pl_module)
+        if self.log_heatmap and not self._disabled and trainer.is_global_zero:
+            self._guarded(trainer, lambda: self._log_heatmaps(trainer))
+
+    def state_dict(self) -> dict[str, Any]:
+        probe = None
+        if self._probe is not None:
+            probe = {
+                "inputs": self._probe[0].cpu(),
+                "slice_id": None if self._probe[1] is None else self._probe[1].cpu(),
+            }
+        return {
+            "version": 1,
+            "history": self.history,
+            "totals": self.totals,
+            "tss": self.tss,
+            "flags": self.flags,
+            "probe": probe,
+            "warned": sorted(self._warned),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = state_dict.get("history", {})
+        self.totals = state_dict.get("totals", {"steps": [], "total": [], "per_kv": []})
+        self.tss = state_dict.get("tss", {})
+        self.flags = state_dict.get("flags", {})
+        self._warned |= set(state_dict.get("warned", []))
+        self._tss_logged = bool(self.tss)
+        probe = state_dict.get("probe")
+        if probe is not None:
+            self._probe = (probe["inputs"], probe.get("slice_id"))
+
+    # ------------------------------------------------------------------------------------------- public
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
+        """Measure and log now (rank 0; once per global step). Returns the logged metrics."""
+        if self._disabled or not trainer.is_global_zero:
+            return None
+        step = trainer.global_step
+        if self.totals["steps"] and self.totals["steps"][-1] == step:
+            return None
+        return self._guarded(trainer, lambda: self._measure(trainer, pl_module, step))
+
+    def summary(self) -> dict[str, Any]:
+        """Latest numbers per layer (with TSS, first utilization and warnings raised) and model totals."""
+        out: dict[str, Any] = {"step": None, "total": None, "per_kv": None, "layers": {}}
+        if self.totals["steps"]:
+            out["step"] = self.totals["steps"][-1]
+            out["total"] = self.totals["total"][-1]
+            out["per_kv"] = self.totals["per_kv"][-1]
+        for name, hist in self.history.items():
+            if not hist["steps"]:
+                continue
+            layer: dict[str, Any] = {k: hist[k][-1] for k in SUMMARY_KEYS if k in hist}
+            if not math.isfinite(layer.get("per_kv", 0.0)) and all(
+                not math.isfinite(v) for v in hist["per_kv"]
+            ):
+                layer.pop("per_kv")  # not a recall task
+            layer["initial_utilization"] = hist["utilization"][0]
+            if name in self.tss:
+                layer["tss"] = self.tss[name]["total"]
+                layer["tss_per_operator"] = self.tss[name]["per_operator"]
+            layer["flags"] = list(self.flags.get(name, []))
+            out["layers"][name] = layer
+        return out
+
+    def save_plots(self, directory: str | Path) -> list[Path]:
+        """Write, per layer, ``<layer>_heatmap.png`` (ESS by position and step) and ``<layer>_profile.png``
+        (first and last ESS-by-position profiles), plus ``utilization.png`` (all layers over steps)."""
+        import numpy as np
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        paths: list[Path] = []
+        for name, hist in self.history.items():
+            if not hist["steps"] or not hist["positions"]:
+                continue
+            stem = name.replace("/", "_") or "model"
+            image = render_heatmap(name, hist["steps"], hist["positions"], hist["profiles"])
+            fig = Figure(figsize=(image.shape[1] / 80, image.shape[0] / 80), dpi=80)
+            fig.figimage(image)
+            FigureCanvasAgg(fig).print_png(str(out / f"{stem}_heatmap.png"))
+            paths.append(out / f"{stem}_heatmap.png")
+            fig = Figure(figsize=(6, 3.5), dpi=80)
+            ax = fig.add_subplot(1, 1, 1)
+            for i in sorted({0, len(hist["steps"]) - 1}):
+                ax.plot(hist["positions"], np.asarray(hist["profiles"][i]), label=f"step {hist['steps'][i]}")
+            ax.set_xlabel("position")
+            ax.set_ylabel("entropy-ESS")
+            ax.set_title(f"{name}: ESS by position")
+            ax.legend()
+            fig.tight_layout()
+            FigureCanvasAgg(fig).print_png(str(out / f"{stem}_profile.png"))
+            paths.append(out / f"{stem}_profile.png")
+        if self.history:
+            fig = Figure(figsize=(6, 3.5), dpi=80)
+            ax = fig.add_subplot(1, 1, 1)
+            for name, hist in self.history.items():
+                ax.plot(hist["steps"], hist["utilization"], marker=".", label=name)
+            ax.set_xlabel("training step")
+            ax.set_ylabel("utilization (ESS / TSS)")
+            ax.legend(fontsize="small")
+            fig.tight_layout()
+            FigureCanvasAgg(fig).print_png(str(out / "utilization.png"))
+            paths.append(out / "utilization.png")
+        return paths
+
+    # ---------------------------------------------------------------------------------------- internals
+    def _guarded(self, trainer: pl.Trainer, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:
+            if self.strict:
+                raise
+            key = f"error:{type(exc).__name__}:{exc}"
+            self._warn_once(
+                key,
+                f"ESSMonitor failed at step {trainer.global_step} and is skipping this measurement "
+                f"(training continues; pass strict=True to raise): {short_traceback(exc)}",
+            )
+            return None
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        rank_zero_warn(message, category=ESSWarning)
+
+    def _get_probe(self, trainer: pl.Trainer) -> tuple[Tensor, Tensor | None] | None:
+        if self._probe is None:
+            self._probe = fetch_probe(trainer, self.probe_size, self.input_key)
+        return self._probe
+
+    def _log_tss(self, trainer: pl.Trainer) -> None:
+        if self._tss_logged:
+            return
+        probe = self._get_probe(trainer)
+        if probe is None:
+            return
+        seq_len = int(probe[0].shape[1])
+        metrics: dict[str, float] = {}
+        for name, layer in self.layers.items():
+            size = layer.state_size(seq_len)
+            self.tss[name] = {
+                "total": int(size.total),
+                "per_operator": int(size.per_operator),
+                "multiplicity": int(size.multiplicity),
+                "seq_len": seq_len,
+            }
+            metrics[f"tss/{name}"] = float(size.total)
+        metrics["tss/total"] = float(sum(v["total"] for v in self.tss.values()))
+        log_to_loggers(trainer, metrics, step=trainer.global_step)
+        self._tss_logged = True
+
+    def _forward(self, pl_module: pl.LightningModule, inputs: Tensor) -> None:
+        if self.forward_fn is not None:
+            self.forward_fn(pl_module, inputs)
+        else:
+            pl_module(inputs)
+
+    def _measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
+    ) -> dict[str, float] | None:
+        probe = self._get_probe(trainer)
+        if probe is None:
+            self._warn_once(
+                "no-probe",
+                "ESSMonitor: no probe batch (pass probe_batch= or give the trainer validation/training "
+                "data); skipping.",
+            )
+            return None
+        self._log_tss(trainer)
+        inputs = probe[0].to(pl_module.device)
+        kv = kv_pairs_for(getattr(trainer, "datamodule", None), probe[1])
+        with torch.no_grad(), eval_mode(pl_module), capture_operators(self.layers) as captured:
+            with trainer.precision_plugin.forward_context():
+                self._forward(pl_module, inputs)
+        views = dict(captured)
+
+        metrics: dict[str, float] = {}
+        totals: list[float] = []
+        per_kvs: list[float] = []
+        missing = 0
+        for name, layer in self.layers.items():
+            view = views.get(name)
+            hist = self.history.setdefault(name, {"steps": [], "positions": [], "profiles": []})
+            if view is None:
+                missing += 1
+                self._warn_once(
+                    f"not-called:{name}", f"ESSMonitor: layer {name!r} was not called by the forward."
+                )
+                self._record(hist, step, None)
+                continue
+            seq_len = view.op.seq_len
+            positions = resolve_positions(self.positions, seq_len)
+            size = layer.state_size(seq_len)
+            try:
+                stats = layer_ess(
+                    view,
+                    size,
+                    positions,
+                    rtol=self.tolerance_rtol,
+                    atol=self.tolerance_atol,
+                    kv_pairs=kv,
+                    max_operators=self.max_operators,
+                )
+            except ValueError as exc:  # non-finite operator (check_finite)
+                missing += 1
+                self._warn_once(
+                    f"nonfinite:{name}",
+                    f"ESSMonitor: ESS of layer {name!r} is missing at step {step}: {exc}. Its metrics "
+                    "are not logged while this lasts (history holds NaN).",
+                )
+                self._record(hist, step, None)
+                continue
+            self._record(hist, step, stats)
+            for key, value in stats.metrics().items():
+                metrics[f"ess/{name}/{key}"] = value
+            totals.append(stats.total)
+            if stats.per_kv is not None:
+                per_kvs.append(stats.per_kv)
+            self._check_thresholds(name, stats.utilization, step)
+
+        total = float(sum(totals)) if totals else math.nan
+        per_kv = float(sum(per_kvs)) if per_kvs else math.nan
+        self.totals["steps"].append(step)
+        self.totals["total"].append(total)
+        self.totals["per_kv"].append(per_kv)
+        if totals:
+            metrics["ess/total"] = total
+        if per_kvs:
+            metrics["ess/per_kv"] = per_kv
+        if missing:
+            metrics["ess/missing_layers"] = float(missing)
+        log_to_loggers(trainer, metrics, step=step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        if self.log_heatmap:
+            self._log_profiles(trainer, step)
+        return metrics
+
+    def _record(self, hist: dict[str, list], step: int, stats: Any) -> None:
+        hist["steps"].append(step)
+        if stats is None:
+            width = len(hist["positions"]) or 1
+            hist["profiles"].append([math.nan] * width)
+            for key in SUMMARY_KEYS:
+                hist.setdefault(key, []).append(math.nan)
+            return
+        if hist["positions"] != stats.positions:  # first record, or the probe length changed
+            hist["positions"] = list(stats.positions)
+            hist["profiles"] = [[math.nan] * len(stats.positions) for _ in hist["profiles"]]
+        hist["profiles"].append(stats.profile)
+        values = stats.metrics()
+        for key in SUMMARY_KEYS:
+            hist.setdefault(key, []).append(values.get(key, math.nan))
+
+    def _check_thresholds(self, name: str, utilization: float, step: int) -> None:
+        flags = self.flags.setdefault(name, [])
+        if utilization < self.collapse_threshold and "collapse" not in flags:
+            flags.append("collapse")
+            self._warn_once(
+                f"collapse:{name}",
+                f"ESSMonitor: state collapse in {name!r} at step {step}: utilization {utilization:.3g} < "
+                f"{self.collapse_threshold} (ESS uses little of the layer's state).",
+            )
+        if utilization > self.saturation_threshold and "saturation" not in flags:
+            flags.append("saturation")
+            self._warn_once(
+                f"saturation:{name}",
+                f"ESSMonitor: state saturation in {name!r} at step {step}: utilization {utilization:.3g} > "
+                f"{self.saturation_threshold} (the layer's state is full).",
+            )
+
+    # ------------------------------------------------------------------------------------------ media
+    def _media_loggers(self, trainer: pl.Trainer) -> tuple[list[WandbLogger], list[TensorBoardLogger]]:
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        tb_loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        others = [type(lg).__name__ for lg in trainer.loggers if not isinstance(lg, WandbLogger)]
+        if others:
+            self._warn_once(
+                "media",
+                f"ESSMonitor: ESS-by-position line plots are W&B media and heatmaps need W&B or TensorBoard; "
+                f"skipped on {', '.join(others)} (heatmaps are logged as images on TensorBoard). Scalars are "
+                "logged everywhere; the full profiles are in ESSMonitor.history and in checkpoints.",
+            )
+        return wandb_loggers, tb_loggers
+
+    def _log_profiles(self, trainer: pl.Trainer, step: int) -> None:
+        wandb_loggers, _ = self._media_loggers(trainer)
+        if not wandb_loggers:
+            return
+        import wandb
+
+        payload = {}
+        for name, hist in self.history.items():
+            if not hist["steps"] or hist["steps"][-1] != step or not hist["positions"]:
+                continue
+            profile = hist["profiles"][-1]
+            if not all(math.isfinite(v) for v in profile):
+                continue
+            table = wandb.Table(
+                columns=["position", "entropy_ess"], data=[list(r) for r in zip(hist["positions"], profile)]
+            )
+            payload[f"ess/{name}/profile"] = wandb.plot.line(
+                table, "position", "entropy_ess", title=f"{name}: entropy-ESS by position (step {step})"
+            )
+        for logger in wandb_loggers:
+            logger.log_metrics(payload, step=step)
+
+    def _log_heatmaps(self, trainer: pl.Trainer) -> None:
+        wandb_loggers, tb_loggers = self._media_loggers(trainer)
+        if not (wandb_loggers or tb_loggers):
+            return
+        step = trainer.global_step
+        for name, hist in self.history.items():
+            if not hist["steps"] or not hist["positions"]:
+                continue
+            image = render_heatmap(name, hist["steps"], hist["positions"], hist["profiles"])
+            for logger in tb_loggers:
+                logger.experiment.add_image(f"ess/{name}/heatmap", image, step, dataformats="HWC")
+            if wandb_loggers:
+                import wandb
+
+                for logger in wandb_loggers:
+                    logger.log_metrics({f"ess/{name}/heatmap": wandb.Image(image)}, step=step)
+        rank_zero_info(f"ESSMonitor: logged ESS heatmaps for {len(self.history)} layer(s) at step {step}")
+
+
+def render_heatmap(name: str, steps: list[int], positions: list[int], profiles: list[list[float]]) -> Any:
+    """An RGB ``uint8`` image ``[H, W, 3]``: entropy-ESS by position (y) and training step (x)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    data = np.asarray(profiles, dtype=float).T  # [P, steps]
+    fig = Figure(figsize=(6, 3.5), dpi=80)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.asarray(steps, dtype=float)
+    y = np.asarray(positions, dtype=float)
+    if len(x) > 1 and len(y) > 1:
+        mesh = ax.pcolormesh(x, y, np.ma.masked_invalid(data), shading="nearest")
+    else:
+        mesh = ax.imshow(np.ma.masked_invalid(data), aspect="auto", origin="lower")
+    fig.colorbar(mesh, ax=ax, label="entropy-ESS")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("position")
+    ax.set_title(f"{name}: ESS by position")
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -1,0 +1,282 @@
+"""``ESSRegularizer``: add an ESS penalty to the training loss of any LightningModule."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+
+from ess_train.callbacks._common import (
+    ESSWarning,
+    compute_copy,
+    entropy_profile,
+    no_autocast,
+    resolve_positions,
+)
+from ess_train.ess import RecurrentOperator
+from ess_train.models.protocol import OperatorView, capture_operators, find_ess_layers
+
+__all__ = ["ESSRegularizer", "ess_penalty"]
+
+Mode = Literal["floor", "ceiling", "decay_identity"]
+MODES = ("floor", "ceiling", "decay_identity")
+
+
+def ess_penalty(
+    views: Mapping[str, OperatorView],
+    layers: Mapping[str, nn.Module],
+    mode: Mode = "floor",
+    target: float | None = None,
+    num_positions: int | None = 16,
+    batch_rows: int | None = 2,
+    max_operators: int | None = 8,
+    offset: int = 0,
+) -> Tensor | None:
+    """The differentiable penalty of ``mode`` over the captured ``views`` (``None`` when nothing applies).
+
+    - ``floor``: ``mean over layers of relu(target - utilization)^2`` with utilization
+      ``= mean entropy-ESS / StateSize.per_operator`` (``target`` default 0.5);
+    - ``ceiling``: ``mean over layers of relu(mean entropy-ESS - target)``
+      (``target``: ESS budget per operator);
+    - ``decay_identity``: mean over recurrent layers of ``mean((1 - a)^2)`` (diagonal transitions) or
+      ``mean_t ||A_t - I||_F^2 / N`` (full), which pulls transitions towards the identity (longer memory).
+
+    Entropy-ESS runs in float32 with autocast off, on the first ``batch_rows`` rows, ``max_operators``
+    operators (stride ``G // max_operators``, starting at ``offset``) and ``num_positions`` evenly spaced
+    positions in ``[1, L-1]`` (``None``: all).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    terms: list[Tensor] = []
+    for name, view in views.items():
+        if name not in layers:
+            continue
+        op = view.op
+        with no_autocast(op):
+            if mode == "decay_identity":
+                if not isinstance(op, RecurrentOperator):
+                    continue
+                a = op.a.float() if op.a.dtype != torch.float64 else op.a
+                if op.diagonal:
+                    terms.append((1.0 - a).square().mean())
+                else:
+                    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+                    terms.append((a - eye).square().sum((-2, -1)).mean() / a.shape[-1])
+                continue
+            small = compute_copy(op, rows=batch_rows, operators=max_operators, offset=offset)
+            positions = resolve_positions(num_positions, small.seq_len)
+            avg = entropy_profile(small, positions).mean()
+            if mode == "floor":
+                per_op = layers[name].state_size(small.seq_len).per_operator
+                util = avg / per_op
+                terms.append(torch.relu((0.5 if target is None else target) - util).square())
+            else:
+                if target is None:
+                    raise ValueError("mode='ceiling' needs target= (ESS budget per operator)")
+                terms.append(torch.relu(avg - target))
+    if not terms:
+        return None
+    return torch.stack(terms).mean()
+
+
+class ESSRegularizer(Callback):
+    """Add ``weight * penalty`` to the training loss, computed on the training batch itself.
+
+    At ``setup`` the module's ``training_step`` is wrapped (an instance attribute, removed at
+    ``teardown``): the step runs inside ``capture_operators(layers)``, and the loss it returns (a Tensor or
+    a dict with ``"loss"``) gets ``+ weight_t * ess_penalty(...)``. Lightning then handles the combined loss,
+    so gradient accumulation, AMP/bf16 and DDP behave as for the user's own loss. No extra forward pass
+    for ``ESSMixer`` layers; other protocol layers are captured by a pre-hook that calls ``operator()``.
+
+    ``weight_t = weight * min(1, (step + 1) / warmup_steps)`` (``step``: the global step); the penalty is
+    applied when ``step % every_n_steps == 0``. Logs ``ess/reg_loss`` (the unweighted penalty) and
+    ``ess/reg_weight`` through ``pl_module.log`` (step-level, ``log_every_n_steps`` cadence).
+    Manual optimization is not supported (the callback warns and stands aside).
+
+    Args:
+        weight: penalty weight.
+        mode: ``"floor"``, ``"ceiling"`` or ``"decay_identity"`` (see :func:`ess_penalty`).
+        target: utilization target for ``floor`` (default 0.5), ESS budget per operator for ``ceiling``.
+        include, exclude: ``fnmatch`` patterns on layer names.
+        every_n_steps: regularize one step in ``every_n_steps``.
+        num_positions: positions for the ESS estimate (``None``: all).
+        batch_rows: batch rows for the ESS estimate (``None``: all).
+        max_operators: operators (heads/channels) per layer for the estimate (``None``: all); the subset
+            rotates from step to step so that every operator is regularized in turn.
+        warmup_steps: linear warm-up of the weight.
+        log: log ``ess/reg_loss`` and ``ess/reg_weight``.
+    """
+
+    def __init__(
+        self,
+        weight: float = 1e-2,
+        mode: Mode = "floor",
+        target: float | None = None,
+        include: Iterable[str] | None = None,
+        exclude: Iterable[str] | None = None,
+        every_n_steps: int = 1,
+        num_positions: int | None = 16,
+        batch_rows: int | None = 2,
+        max_operators: int | None = 8,
+        warmup_steps: int = 0,
+        log: bool = True,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "ceiling" and target is None:
+            raise ValueError("mode='ceiling' needs target= (an ESS budget per operator)")
+        if mode == "floor" and target is not None and not 0 < target <= 1:
+            raise ValueError(f"mode='floor' takes a utilization target in (0, 1], got {target}")
+        if weight < 0:
+            raise ValueError(f"weight must be >= 0, got {weight}")
+        if every_n_steps < 1 or warmup_steps < 0:
+            raise ValueError("every_n_steps must be >= 1 and warmup_steps >= 0")
+        self.weight = weight
+        self.mode = mode
+        self.target = target
+        self.include = list(include) if include else None
+        self.exclude = list(exclude) if exclude else None
+        self.every_n_steps = every_n_steps
+        self.num_positions = num_positions
+        self.batch_rows = batch_rows
+        self.max_operators = max_operators
+        self.warmup_steps = warmup_steps
+        self.log = log
+        self.layers: dict[str, nn.Module] = {}
+        #: schedule state (saved in checkpoints): global step of the last regularized step, calls made.
+        self.step = 0
+        self.num_calls = 0
+        self._last_penalty: Tensor | None = None
+        self._module: pl.LightningModule | None = None
+        self._had_instance_attr = False
+        self._previous: Any = None
+        self._warned: set[str] = set()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(mode=self.mode, include=self.include, exclude=self.exclude)
+
+    # ------------------------------------------------------------------------------------------ schedule
+    def weight_at(self, step: int) -> float:
+        """The weight used at global step ``step`` (0 on steps that are not regularized)."""
+        if step % self.every_n_steps:
+            return 0.0
+        if self.warmup_steps:
+            return self.weight * min(1.0, (step + 1) / self.warmup_steps)
+        return self.weight
+
+    # ------------------------------------------------------------------------------------------ lightning
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self._module is not None:
+            return
+        if not pl_module.automatic_optimization:
+            self._warn_once("manual", "ESSRegularizer: manual optimization is not supported; standing aside.")
+            return
+        self.layers = find_ess_layers(pl_module, include=self.include, exclude=self.exclude)
+        if not self.layers:
+            self._warn_once(
+                "no-layers",
+                f"ESSRegularizer: {type(pl_module).__name__} has no layer implementing the ESS protocol "
+                f"matching include={self.include} exclude={self.exclude}; standing aside.",
+            )
+            return
+        self._had_instance_attr = "training_step" in vars(pl_module)
+        self._previous = vars(pl_module).get("training_step")
+        original = pl_module.training_step
+
+        @functools.wraps(original)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            return self._regularized_step(trainer, pl_module, original, *args, **kwargs)
+
+        pl_module.training_step = training_step  # type: ignore[method-assign]
+        self._module = pl_module
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._module is None:
+            return
+        if self._had_instance_attr:
+            self._module.training_step = self._previous  # type: ignore[method-assign]
+        else:
+            vars(self._module).pop("training_step", None)
+        self._module = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "num_calls": self.num_calls, "last_penalty": self.last_penalty}
+
+    @property
+    def last_penalty(self) -> float | None:
+        """The unweighted penalty of the last regularized step."""
+        return None if self._last_penalty is None else float(self._last_penalty)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step = int(state_dict.get("step", 0))
+        self.num_calls = int(state_dict.get("num_calls", 0))
+        last = state_dict.get("last_penalty")
+        self._last_penalty = None if last is None else torch.tensor(float(last))
+
+    # ---------------------------------------------------------------------------------------- internals
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message, category=ESSWarning)
+
+    def _regularized_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, original: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        step = trainer.global_step
+        weight = self.weight_at(step)
+        if weight == 0.0:
+            return original(*args, **kwargs)
+        with capture_operators(self.layers) as views:
+            out = original(*args, **kwargs)
+        if out is None:  # the user skipped this batch
+            return out
+        loss = out["loss"] if isinstance(out, Mapping) else out
+        if not isinstance(loss, Tensor):
+            self._warn_once(
+                "loss-type", f"ESSRegularizer: training_step returned {type(out).__name__}; skipped."
+            )
+            return out
+        try:
+            penalty = ess_penalty(
+                views,
+                self.layers,
+                self.mode,
+                self.target,
+                self.num_positions,
+                self.batch_rows,
+                self.max_operators,
+                offset=self.num_calls,
+            )
+        except ValueError as exc:  # non-finite operator (the engine's check): leave the user's loss alone
+            self._warn_once(
+                "nonfinite", f"ESSRegularizer: no penalty at step {step} (and while this lasts): {exc}"
+            )
+            return out
+        if penalty is None:
+            self._warn_once(
+                "no-views",
+                f"ESSRegularizer: no operator applies to mode={self.mode!r} in this step's forward "
+                "(layers not called, or no recurrent transitions for decay_identity); nothing added.",
+            )
+            return out
+        self.step = step
+        self.num_calls += 1
+        self._last_penalty = penalty.detach()  # no host sync here; read through ``last_penalty``
+        total = loss + weight * penalty.to(loss.dtype)
+        if self.log:
+            bs = next(iter(views.values())).u.shape[0]
+            pl_module.log("ess/reg_loss", penalty.detach(), on_step=True, on_epoch=False, batch_size=bs)
+            pl_module.log("ess/reg_weight", weight, on_step=True, on_epoch=False, batch_size=bs)
+        if isinstance(out, Mapping):
+            out = dict(out)
+            out["loss"] = total
+            return out
+        return total

@@ -1,0 +1,297 @@
+"""Hankel singular values of a recurrent realization from its Gramians (``O(L N^3)``, no ``T``).
+
+For ``h_t = A_t h_{t-1} + b_t u_t``, ``y_t = c_t . h_t`` the Hankel block factors as
+``H_i = T[i:, :i] = O_i R_i`` with reachability Gramian ``P_i = R_i R_i^T`` and observability
+Gramian ``Q_i = O_i^T O_i``:
+
+    P_0 = 0,   P_i = A_{i-1} P_{i-1} A_{i-1}^T + b_{i-1} b_{i-1}^T
+    Q_L = 0,   Q_i = A_i^T (c_i c_i^T + Q_{i+1}) A_i
+
+and the non-zero singular values of ``H_i`` are ``sqrt(eig(P_i Q_i))``. They are computed in the
+symmetric form ``eigvalsh(F_i^T Q_i F_i)`` with ``F_i F_i^T = P_i + diag(J_i)`` (Cholesky of ``P_i``
+plus a tiny, detached, diagonal jitter ``J_i``). The jitter raises every eigenvalue by at most
+``tau_J = ||diag(J)^1/2 Q diag(J)^1/2||_F`` (Weyl), so ``tau_J`` plus the eigensolver's round-off
+``eps * ||eig||_2`` is subtracted and the result clamped at 0: directions that ``H_i`` does not
+have come out exactly 0 (rank deficiency is exact, and their gradients are 0), the others are
+biased by at most ``tau``, i.e. singular values below about ``sqrt(eps) * sigma_max`` are lost,
+the resolution of any method that squares singular values.
+
+Gradients never go through eigenvectors (``eigvalsh`` backward is ``V diag(g) V^T``, finite for
+repeated eigenvalues) nor through a square root at 0.
+
+Both Gramian recursions are affine scans ``X_t = alpha_t X_{t-1} alpha_t^T + beta_t beta_t^T``
+run as a two-level (square-root decomposition) scan: a loop over the ``S ~ sqrt(C)`` offsets
+inside chunks, vectorized over all chunks, then a loop over the ``C / S`` chunk carries, then one
+vectorized fix-up; ``O(sqrt(L))`` Python steps, no division of cumulative products.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["gramian_hankel_singular_values", "affine_scan", "singular_values_from_gramians"]
+
+
+def _outer(x: Tensor) -> Tensor:
+    return x.unsqueeze(-1) * x.unsqueeze(-2)
+
+
+def affine_scan(
+    alpha: Tensor,
+    beta: Tensor,
+    carry: Tensor | None = None,
+    *,
+    diagonal: bool,
+    reverse: bool = False,
+) -> Tensor:
+    """All states of ``X_t = alpha_t X_{t-1} alpha_t^T + beta_t beta_t^T`` (``X_{-1} = carry``).
+
+    Args:
+        alpha: ``[B, C, N]`` (diagonal ``alpha_t``) or ``[B, C, N, N]``.
+        beta: ``[B, C, N]``.
+        carry: ``[B, N, N]`` state before the first step (zero when ``None``).
+        reverse: run from ``t = C-1`` down to ``0`` (``X_t = alpha_t X_{t+1} alpha_t^T + ...``,
+            ``X_C = carry``).
+
+    Returns:
+        ``[B, C, N, N]``, the state after each step.
+    """
+    if reverse:
+        alpha, beta = alpha.flip(1), beta.flip(1)
+    B, C, N = beta.shape
+    if C == 0:
+        return beta.new_zeros(B, 0, N, N)
+    scan = _diagonal_chunks if diagonal else _full_chunks
+    S = max(1, math.isqrt(C - 1) + 1)  # ceil(sqrt(C))
+    if diagonal:
+        S = min(S, max(N, 16))  # the intra-chunk weights hold S * N numbers per position
+    nC = -(-C // S)
+    pad = nC * S - C
+    if pad:
+        alpha = torch.cat([alpha, alpha.new_zeros(B, pad, *alpha.shape[2:])], 1)
+        beta = torch.cat([beta, beta.new_zeros(B, pad, N)], 1)
+    alpha = alpha.reshape(B, nC, S, *alpha.shape[2:])
+    beta = beta.reshape(B, nC, S, N)
+    X, Phi = scan(alpha, beta)  # local states (zero carry) [B, nC, S, N, N], transitions so far
+
+    # carries between chunks (a loop over C / S chunks)
+    cur = carry if carry is not None else beta.new_zeros(B, N, N)
+    carries = []
+    for j in range(nC):
+        carries.append(cur)
+        if j + 1 < nC:
+            p = Phi[:, j, -1]
+            if diagonal:
+                cur = torch.addcmul(X[:, j, -1], _outer(p), cur)
+            else:
+                cur = p @ cur @ p.mT + X[:, j, -1]
+    Cin = torch.stack(carries, 1).unsqueeze(2)  # [B, nC, 1, N, N]
+
+    # fix-up: X_t += Phi_t X_carry Phi_t^T (X is a fresh matmul output: safe to update in place)
+    if diagonal:
+        X = X.addcmul_(Phi.unsqueeze(-1) * Cin, Phi.unsqueeze(-2))
+    else:
+        X = X.add_(Phi @ Cin @ Phi.mT)
+    X = X.reshape(B, nC * S, N, N)[:, :C]
+    return X.flip(1) if reverse else X
+
+
+def _diagonal_chunks(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero-carry states inside chunks for diagonal ``alpha`` ``[B, nC, S, N]``, as one batched matmul.
+
+    ``X_t = W_t^T W_t`` with rows ``W_t[s] = (prod_{s < r <= t} alpha_r) * beta_s`` (``s <= t``, 0
+    after), built by a loop over the S offsets: ``W_t = alpha_t * W_{t-1}`` plus row ``t = beta_t``
+    (products only, no division: ``alpha`` may hold zeros).
+    """
+    S = alpha.shape[2]
+    w = torch.zeros_like(beta)  # [B, nC, S(s), N]
+    ws = []
+    for t in range(S):
+        w = alpha[:, :, t : t + 1] * w if t else w.clone()
+        w[:, :, t] = beta[:, :, t]
+        ws.append(w)
+    W = torch.stack(ws, 2)  # [B, nC, S(t), S(s), N]
+    return W.mT @ W, torch.cumprod(alpha, dim=2)
+
+
+def _full_chunks(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero-carry states inside chunks for full ``alpha`` ``[B, nC, S, N, N]``: a loop over the S offsets."""
+    B, nC, S, N = beta.shape
+    xs: list[Tensor] = []
+    phis: list[Tensor] = []
+    x = phi = None
+    for k in range(S):
+        ak, bk = alpha[:, :, k], beta[:, :, k]
+        if x is None:
+            x, phi = _outer(bk), ak
+        else:
+            x = torch.baddbmm(_outer(bk).flatten(0, 1), (ak @ x).flatten(0, 1), ak.mT.flatten(0, 1)).view(B, nC, N, N)
+            phi = ak @ phi
+        xs.append(x)
+        phis.append(phi)
+    return torch.stack(xs, 2), torch.stack(phis, 2)
+
+
+# Cholesky jitter J = JITTER_EPS * eps * (diag(P) + tr(P) / N) first; for the (rare) matrices
+# where round-off still leaves P + J indefinite, JITTER_GROWTH times more, until it factors.
+JITTER_EPS = 4.0
+JITTER_GROWTH = 10.0
+
+
+def _jitter_ladder(A: Tensor, J: Tensor, base: Tensor, bad: Tensor, eps_j: float) -> Tensor:
+    """Raise the jitter ``J`` (already in ``A``) of the ``bad`` matrices until ``A`` factors (no grad)."""
+    J0 = J
+    while bool(bad.any()):
+        eps_j = max(eps_j * JITTER_GROWTH, torch.finfo(A.dtype).eps)
+        J = torch.where(bad.unsqueeze(-1), eps_j * base, J)
+        if eps_j >= 1.0:  # jitter of the size of tr(P): positive definite whatever the round-off
+            break
+        _, info = torch.linalg.cholesky_ex(A[bad] + torch.diag_embed((J - J0)[bad]))
+        bad = bad.clone()
+        bad[bad.clone()] = info > 0
+    return J
+
+
+def singular_values_from_gramians(P: Tensor, Q: Tensor) -> Tensor:
+    """Non-zero singular values of ``O R`` from ``P = R R^T`` and ``Q = O^T O``: ``[..., N, N] -> [..., N]``.
+
+    Sorted descending; exactly 0 where the product has no such direction (see module docstring).
+    """
+    N = P.shape[-1]
+    if P.numel() == 0:
+        return P.new_zeros(P.shape[:-1])
+    finfo = torch.finfo(P.dtype)
+    eps_j = JITTER_EPS * finfo.eps
+    with torch.no_grad():
+        d = torch.diagonal(P, dim1=-2, dim2=-1).clamp_min(0)
+        trP = d.sum(-1, keepdim=True)
+        trQ = torch.diagonal(Q, dim1=-2, dim2=-1).sum(-1)
+        empty = trP.squeeze(-1) <= 0  # no past reaches the state: H_i = 0
+        base = d + trP / N + finfo.tiny
+    A = P.clone()
+    if bool(empty.any()):  # factor I there instead (no denormal pivots); results are masked to 0
+        A[empty] = torch.eye(N, dtype=P.dtype, device=P.device)
+        base = torch.where(empty.unsqueeze(-1), torch.ones_like(base), base)
+    J = eps_j * base
+    A.diagonal(dim1=-2, dim2=-1).add_(J)
+    F, info = torch.linalg.cholesky_ex(A)
+    bad = info > 0
+    if bool(bad.any()):
+        with torch.no_grad():
+            J_new = _jitter_ladder(A.detach(), J, base, bad, eps_j)
+        A = A.clone()
+        A.diagonal(dim1=-2, dim2=-1).add_(J_new - J)
+        J = J_new
+        if torch.is_grad_enabled() and A.requires_grad:
+            # factor the whole batch again (a failed factor must not enter the backward pass)
+            F, _ = torch.linalg.cholesky_ex(A)
+        else:
+            F = F.clone()
+            F[bad] = torch.linalg.cholesky_ex(A[bad])[0]
+    M = F.mT @ (Q @ F)
+    lam = torch.linalg.eigvalsh(M).flip(-1)
+    with torch.no_grad():
+        # Weyl: the jitter raises each eigenvalue by at most ||J^1/2 Q J^1/2||_2 <= ||.||_F, computed
+        # as tr(Q) * sqrt(J^T (Q / tr Q)^2 J) (no underflow); the eigensolver's round-off ~ eps ||M||.
+        trQ_safe = torch.where(trQ > 0, trQ, torch.ones_like(trQ))
+        Qn = Q / trQ_safe[..., None, None]
+        Jn = J / J.amax(-1, keepdim=True)
+        tau_j = ((Qn * Qn) @ Jn.unsqueeze(-1)).squeeze(-1).mul(Jn).sum(-1).sqrt() * trQ * J.amax(-1)
+        tau = tau_j + finfo.eps * _norm(lam, (-1,))
+        tau = torch.where(~empty & (trQ > 0), tau, torch.inf)
+    lam = (lam - tau.unsqueeze(-1)).clamp_min(0)
+    return safe_sqrt(lam)
+
+
+def _norm(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Euclidean norm over ``dims``, scaled so that tiny entries do not underflow when squared."""
+    m = x.abs().amax(dims, keepdim=True)
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    return (x / m).square().sum(dims).sqrt() * m.reshape(m.shape[: m.dim() - len(dims)])
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` for ``x >= 0`` with gradient 0 (instead of inf) where ``x == 0``."""
+    pos = x > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def gramian_hankel_singular_values(
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    *,
+    diagonal: bool,
+    positions: Tensor,
+    chunk_elements: int,
+) -> Tensor:
+    """Hankel singular values at sorted, unique ``positions`` (LongTensor on CPU).
+
+    ``a``: ``[B, L, N]`` or ``[B, L, N, N]``; ``b``, ``c``: ``[B, L, N]`` (one dtype). Returns
+    ``[B, len(positions), N]``. Intermediate ``[bb, C, N, N]`` tensors hold at most about
+    ``chunk_elements`` elements: operators are processed ``bb`` at a time and, when one operator
+    alone is too large, positions ``C`` at a time (the observability scan then runs twice: once to
+    checkpoint ``Q`` at chunk boundaries, once chunk by chunk).
+    """
+    Bt, L, N = b.shape
+    n_pos = positions.numel()
+    if Bt == 0 or n_pos == 0 or L == 0:
+        return b.new_zeros(Bt, n_pos, N)
+    per_pos = N * N if not diagonal else N * max(N, 16)  # the larger of X_t and the scan weights W_t
+    per_op = L * per_pos
+    if per_op <= chunk_elements:
+        bb, C = max(1, min(Bt, chunk_elements // per_op)), L
+    else:
+        bb, C = 1, max(1, chunk_elements // per_pos)
+    bounds = [(p0, min(p0 + C, L)) for p0 in range(0, L, C)]
+    pos_list = positions.tolist()
+    # requested positions per chunk, as (start, stop) into ``positions`` (sorted).
+    sel = []
+    for p0, p1 in bounds:
+        lo = int(torch.searchsorted(positions, p0))
+        hi = int(torch.searchsorted(positions, p1))
+        sel.append((lo, hi))
+    last_needed = max(j for j, (lo, hi) in enumerate(sel) if hi > lo)
+
+    out = []
+    for b0 in range(0, Bt, bb):
+        A, Bv, Cv = a[b0 : b0 + bb], b[b0 : b0 + bb], c[b0 : b0 + bb]
+        # forward (reachability) sequence, shifted: alpha_i = A_{i-1}, beta_i = b_{i-1}; P_0 = 0.
+        af = torch.cat([torch.zeros_like(A[:, :1]), A[:, :-1]], 1)
+        bf = torch.cat([torch.zeros_like(Bv[:, :1]), Bv[:, :-1]], 1)
+        # backward (observability): Q_i = A_i^T Q_{i+1} A_i + (A_i^T c_i)(A_i^T c_i)^T.
+        if diagonal:
+            ar, br = A, A * Cv
+        else:
+            ar, br = A.mT, (A.mT @ Cv.unsqueeze(-1)).squeeze(-1)
+
+        q_carry: list[Tensor | None] = [None] * len(bounds)
+        if len(bounds) > 1:
+            cur = None
+            for j in range(len(bounds) - 1, 0, -1):
+                p0, p1 = bounds[j]
+                q_carry[j] = cur
+                cur = affine_scan(ar[:, p0:p1], br[:, p0:p1], cur, diagonal=diagonal, reverse=True)[:, 0]
+            q_carry[0] = cur
+
+        p_carry = None
+        pieces = []
+        for j, (p0, p1) in enumerate(bounds[: last_needed + 1]):
+            lo, hi = sel[j]
+            Pc = affine_scan(af[:, p0:p1], bf[:, p0:p1], p_carry, diagonal=diagonal)
+            p_carry = Pc[:, -1]
+            if hi == lo:
+                continue
+            Qc = affine_scan(ar[:, p0:p1], br[:, p0:p1], q_carry[j], diagonal=diagonal, reverse=True)
+            first, last = pos_list[lo] - p0, pos_list[hi - 1] - p0
+            if last - first + 1 == hi - lo:  # a contiguous range: slice, no copy
+                Pi, Qi = Pc[:, first : last + 1], Qc[:, first : last + 1]
+            else:
+                idx = positions[lo:hi].to(Pc.device) - p0
+                Pi, Qi = Pc[:, idx], Qc[:, idx]
+            pieces.append(singular_values_from_gramians(Pi, Qi))
+        out.append(torch.cat(pieces, 1))
+    return torch.cat(out, 0)

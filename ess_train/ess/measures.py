@@ -1,0 +1,275 @@
+"""Effective state-size measures (definitions: ``shared/ESS.md``).
+
+Public entry points take an operator (``DenseOperator``, ``RecurrentOperator``, or a raw causal
+``T`` tensor, wrapped in a ``DenseOperator``) and return one value per position
+``i`` of the Hankel block ``H_i = T[i:, :i]``:
+
+- :func:`hankel_singular_values` ``-> [..., P, K]``;
+- :func:`entropy_ess` (differentiable) and :func:`tolerance_ess` ``-> [..., P]``;
+- aggregates :func:`average_ess`, :func:`max_ess`, :func:`state_utilization`.
+
+``P = len(positions)`` (all ``L`` positions by default, ``ESS_0 = 0``). ``method="auto"`` runs the
+Gramian path for a ``RecurrentOperator`` (``O(L N^3)``) and the dense path for a ``DenseOperator``
+(one ``svdvals`` per position, ``O(L^4)``); ``method="dense"`` on a ``RecurrentOperator``
+materializes ``T``. Math runs in float64 for float64 operators and in float32 otherwise
+(float16/bfloat16 are upcast and results cast back to the operator's dtype).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ess_train.ess.dense import dense_hankel_singular_values
+from ess_train.ess.gramian import gramian_hankel_singular_values
+from ess_train.ess.operators import DenseOperator, RecurrentOperator, check_finite, compute_dtype
+
+__all__ = [
+    "DEFAULT_CHUNK_ELEMENTS",
+    "hankel_singular_values",
+    "entropy_ess",
+    "tolerance_ess",
+    "entropy_ess_from_singular_values",
+    "tolerance_ess_from_singular_values",
+    "default_rtol",
+    "average_ess",
+    "max_ess",
+    "state_utilization",
+]
+
+Method = Literal["auto", "dense", "gramian"]
+Positions = int | Sequence[int] | Tensor | None
+
+# Largest intermediate tensor (elements) the engine builds per chunk: 2**24 is 64 MiB in float32.
+DEFAULT_CHUNK_ELEMENTS = 2**24
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """Default relative threshold of :func:`tolerance_ess`: ``max(1e-6, 10 * sqrt(eps))`` of the compute dtype.
+
+    That is 1e-6 for float64 and about 3.5e-3 for float32 (also used for float16/bfloat16, which are
+    computed in float32). The Gramian path squares singular values, so it resolves ``sigma`` only down
+    to about ``sqrt(eps) * sigma_max`` (1.5e-8 in float64, 3.5e-4 in float32); a threshold well above
+    that floor makes both paths count the same singular values.
+    """
+    eps = torch.finfo(compute_dtype(dtype)).eps
+    return max(1e-6, 10.0 * eps**0.5)
+
+
+def _as_operator(op: object) -> DenseOperator | RecurrentOperator:
+    if isinstance(op, (DenseOperator, RecurrentOperator)):
+        return op
+    if isinstance(op, Tensor):
+        return DenseOperator(op)
+    raise TypeError(
+        f"op must be a DenseOperator, a RecurrentOperator or a causal tensor T [..., L, L]; got {type(op).__name__}"
+    )
+
+
+def _parse_positions(positions: Positions, L: int) -> Tensor:
+    """Requested positions as a CPU LongTensor (order kept, duplicates allowed); validates range."""
+    if positions is None:
+        return torch.arange(L)
+    if isinstance(positions, bool):
+        raise TypeError("positions must be ints, a sequence of ints or an integer tensor, got a bool")
+    if isinstance(positions, int):
+        pos = torch.tensor([positions])
+    elif isinstance(positions, Tensor):
+        if positions.dtype == torch.bool or positions.is_floating_point() or positions.is_complex():
+            raise TypeError(f"positions must be an integer tensor, got dtype {positions.dtype}")
+        if positions.dim() > 1:
+            raise ValueError(f"positions must be 1-D, got shape {tuple(positions.shape)}")
+        pos = positions.detach().reshape(-1).to("cpu", torch.long)
+    else:
+        items = list(positions)
+        for p in items:
+            if isinstance(p, bool) or not isinstance(p, int):
+                raise TypeError(f"positions must be ints, got {p!r} ({type(p).__name__})")
+        pos = torch.tensor(items, dtype=torch.long)
+    if pos.numel():
+        lo, hi = int(pos.min()), int(pos.max())
+        bad = lo if lo < 0 else hi if hi >= L else None
+        if bad is not None:
+            raise ValueError(f"position {bad} is out of range for a sequence of length L={L} (need 0 <= i < {L})")
+    return pos
+
+
+def _check_method(method: str, op: DenseOperator | RecurrentOperator) -> str:
+    if method not in ("auto", "dense", "gramian"):
+        raise ValueError(f"method must be 'auto', 'dense' or 'gramian', got {method!r}")
+    if method == "auto":
+        return "gramian" if isinstance(op, RecurrentOperator) else "dense"
+    if method == "gramian" and not isinstance(op, RecurrentOperator):
+        raise ValueError("method='gramian' needs a RecurrentOperator (a state-space realization); got a DenseOperator")
+    return method
+
+
+def _svals(
+    op: object, positions: Positions, method: str, chunk_elements: int | None
+) -> tuple[Tensor, torch.dtype]:
+    """Hankel singular values in the compute dtype, and the operator's dtype."""
+    op = _as_operator(op)
+    method = _check_method(method, op)
+    budget = DEFAULT_CHUNK_ELEMENTS if chunk_elements is None else int(chunk_elements)
+    if budget < 1:
+        raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements}")
+    L = op.seq_len
+    pos = _parse_positions(positions, L)
+    uniq, inverse = torch.unique(pos, sorted=True, return_inverse=True)
+    cd = compute_dtype(op.dtype)
+    batch = op.batch_shape
+    B = batch.numel()
+    if isinstance(op, RecurrentOperator):
+        for name, x in (("a", op.a), ("b", op.b), ("c", op.c)):
+            check_finite(name, x)
+        N = op.state_dim
+        a, b, c = (x.to(cd) for x in (op.a, op.b, op.c))
+        if method == "gramian":
+            a = a.reshape(B, *a.shape[len(batch) :])
+            s = gramian_hankel_singular_values(
+                a,
+                b.reshape(B, L, N),
+                c.reshape(B, L, N),
+                diagonal=op.diagonal,
+                positions=uniq,
+                chunk_elements=budget,
+            )
+        else:
+            T = RecurrentOperator(a, b, c, validate=False).dense().reshape(B, L, L)
+            s = dense_hankel_singular_values(T, positions=uniq, K=N, chunk_elements=budget)
+        K = N
+    else:
+        check_finite("T", op.T)
+        K = L // 2
+        T = op.T.to(cd).reshape(B, L, L)
+        s = dense_hankel_singular_values(T, positions=uniq, K=K, chunk_elements=budget)
+    if uniq.numel() != pos.numel() or not torch.equal(uniq, pos):
+        s = s[:, inverse.to(s.device)]
+    return s.reshape(*batch, pos.numel(), K), op.dtype
+
+
+def hankel_singular_values(
+    op: DenseOperator | RecurrentOperator | Tensor,
+    positions: Positions = None,
+    *,
+    method: Method = "auto",
+    chunk_elements: int | None = None,
+) -> Tensor:
+    """Singular values of ``H_i = T[i:, :i]`` at each position: ``[..., len(positions), K]``.
+
+    Sorted descending and zero-padded; ``K = N`` for a ``RecurrentOperator``, ``L // 2`` for a
+    ``DenseOperator``. ``H_0`` is empty: all zeros. ``positions``: ints in ``[0, L)`` (default all);
+    ``chunk_elements`` bounds intermediate tensors (default :data:`DEFAULT_CHUNK_ELEMENTS`) and does
+    not change results. Differentiable; returned in the operator's dtype.
+    """
+    s, dtype = _svals(op, positions, method, chunk_elements)
+    return s.to(dtype)
+
+
+def entropy_ess_from_singular_values(sigma: Tensor) -> Tensor:
+    """Effective rank ``exp(-sum p log p)``, ``p = sigma / sum(sigma)``, over the last dim; 0 when all 0.
+
+    Gradients are finite everywhere (``p log p`` is taken as 0, with gradient 0, at ``p = 0``).
+    """
+    total = sigma.sum(-1, keepdim=True)
+    nz = total > 0
+    p = sigma / torch.where(nz, total, torch.ones_like(total))
+    pos = p > 0
+    plogp = torch.where(pos, p * torch.log(torch.where(pos, p, torch.ones_like(p))), torch.zeros_like(p))
+    ess = torch.exp(-plogp.sum(-1))
+    return torch.where(nz.squeeze(-1), ess, torch.zeros_like(ess))
+
+
+def entropy_ess(
+    op: DenseOperator | RecurrentOperator | Tensor,
+    positions: Positions = None,
+    *,
+    method: Method = "auto",
+    chunk_elements: int | None = None,
+) -> Tensor:
+    """Entropy-ESS (effective rank of ``H_i``) per position: ``[..., len(positions)]``.
+
+    ``exp(-sum_k p_k log p_k)`` with ``p_k = sigma_k / sum_j sigma_j`` (singular values, not their
+    squares); 0 where ``H_i = 0`` (so ``ESS_0 = 0``). Differentiable with finite gradients on both
+    paths, also for zero, rank-deficient and degenerate operators. Returned in the operator's dtype.
+    """
+    s, dtype = _svals(op, positions, method, chunk_elements)
+    return entropy_ess_from_singular_values(s).to(dtype)
+
+
+def tolerance_ess_from_singular_values(
+    sigma: Tensor,
+    rtol: float | None = None,
+    atol: float = 0.0,
+    *,
+    scale: Tensor | float | None = None,
+) -> Tensor:
+    """``#{k : sigma_k > max(atol, rtol * scale)}`` over the last dim of ``sigma [..., P, K]`` (int64).
+
+    ``scale`` defaults to the largest value of ``sigma`` per operator (over ``P`` and ``K``);
+    ``rtol`` defaults to :func:`default_rtol` of ``sigma.dtype``.
+    """
+    if rtol is None:
+        rtol = default_rtol(sigma.dtype)
+    if not (rtol >= 0 and atol >= 0):
+        raise ValueError(f"rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
+    sigma = sigma.detach()
+    if scale is None:
+        if sigma.numel():
+            scale = sigma.amax(dim=(-2, -1), keepdim=True)
+        else:
+            scale = sigma.new_zeros(*sigma.shape[:-2], 1, 1)
+    else:
+        scale = torch.as_tensor(scale, dtype=sigma.dtype, device=sigma.device)
+        if bool((scale < 0).any()) or not bool(torch.isfinite(scale).all()):
+            raise ValueError(f"scale must be finite and >= 0, got {scale}")
+        scale = scale.reshape(*scale.shape, 1, 1) if scale.dim() else scale
+    thr = torch.clamp_min(rtol * scale, atol)
+    return (sigma > thr).sum(-1)
+
+
+def tolerance_ess(
+    op: DenseOperator | RecurrentOperator | Tensor,
+    positions: Positions = None,
+    rtol: float | None = None,
+    atol: float = 0.0,
+    *,
+    scale: Tensor | float | None = None,
+    method: Method = "auto",
+    chunk_elements: int | None = None,
+) -> Tensor:
+    """Tolerance-ESS per position: ``#{k : sigma_k(H_i) > max(atol, rtol * scale)}``, int64 ``[..., P]``.
+
+    ``scale`` (per operator, batch-shaped or scalar) defaults to the largest Hankel singular value
+    of that operator over the requested positions (all by default: pass ``scale`` when querying a
+    subset, to threshold against the whole sequence). So the default is invariant to scaling ``T``,
+    and a block that has decayed below ``rtol`` of the operator's peak counts 0. ``rtol`` defaults
+    to :func:`default_rtol` (1e-6 for float64, 1e-3 for float32/float16/bfloat16); ``atol`` is an
+    absolute floor (default 0: a zero operator has ESS 0). Not differentiable (a count).
+    """
+    s, dtype = _svals(op, positions, method, chunk_elements)
+    return tolerance_ess_from_singular_values(s, default_rtol(dtype) if rtol is None else rtol, atol, scale=scale)
+
+
+def _floating(x: Tensor) -> Tensor:
+    return x if x.is_floating_point() else x.to(torch.get_default_dtype())
+
+
+def average_ess(ess: Tensor, dim: int = -1) -> Tensor:
+    """Mean ESS over positions (``dim``), ``ESS_0 = 0`` included; integer input gives a float result."""
+    return _floating(ess).mean(dim)
+
+
+def max_ess(ess: Tensor, dim: int = -1) -> Tensor:
+    """Maximum ESS over positions (``dim``)."""
+    return ess.amax(dim)
+
+
+def state_utilization(ess: Tensor, tss: Tensor | float) -> Tensor:
+    """State utilization ``ESS / TSS`` (broadcasting); ``tss`` must be positive."""
+    tss_t = torch.as_tensor(tss, device=ess.device)
+    if bool((tss_t <= 0).any()):
+        raise ValueError(f"tss (theoretical state size) must be > 0, got {tss}")
+    return _floating(ess) / tss_t

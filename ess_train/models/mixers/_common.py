@@ -1,0 +1,286 @@
+"""Shared helpers of the attention-family mixers.
+
+- argument checks that raise ``ValueError`` naming the argument (Hydra passes plain keywords);
+- head split/merge, an RMSNorm over the last dim, rotary position embedding;
+- the fast forwards: :func:`chunk_linear_attention` (linear attention with optional per-channel
+  data-dependent decay, computed in log space) and :func:`chunk_delta_rule` (the chunkwise delta rule).
+
+Both kernels loop over chunks only (never over tokens) and upcast half precision to float32 inside.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "check_positive_int",
+    "check_positive_float",
+    "check_bool",
+    "check_choice",
+    "check_open_unit",
+    "head_dims",
+    "split_heads",
+    "merge_heads",
+    "RMSNorm",
+    "rotary_embedding",
+    "chunk_linear_attention",
+    "chunk_delta_rule",
+    "sub_chunk_for",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# argument checks
+def check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_positive_float(name: str, value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_open_unit(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be a number in the open interval (0, 1), got {value!r}")
+    return float(value)
+
+
+def head_dims(d_model: Any, num_heads: Any, expand: Any = 1.0, expand_name: str = "expand") -> int:
+    """Per-head dim of a projection of width ``int(d_model * expand)`` split over ``num_heads``."""
+    check_positive_int("d_model", d_model)
+    check_positive_int("num_heads", num_heads)
+    check_positive_float(expand_name, expand)
+    width = int(d_model * expand)
+    if width <= 0 or width % num_heads:
+        raise ValueError(
+            f"int(d_model * {expand_name}) = {width} (d_model={d_model}, {expand_name}={expand}) must be a "
+            f"positive multiple of num_heads={num_heads}"
+        )
+    return width // num_heads
+
+
+# ----------------------------------------------------------------------------------------------------
+# layout and small modules
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """``[B, L, H * d] -> [B, H, L, d]``."""
+    B, L, D = x.shape
+    return x.view(B, L, num_heads, D // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """``[B, H, L, d] -> [B, L, H * d]``."""
+    B, H, L, d = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * d)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalization over the last dim with a learnable gain (``torch.nn.RMSNorm`` needs torch>=2.4)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(dtype)
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.to(dtype)).to(x.dtype)
+
+
+def rotary_embedding(x: Tensor, base: float = 10000.0) -> Tensor:
+    """Rotary position embedding (GPT-NeoX half split) of ``x: [..., L, d]`` (``d`` even), position = index.
+
+    ``rotary(q)_t . rotary(k)_s`` depends on ``t - s`` only.
+    """
+    L, d = x.shape[-2], x.shape[-1]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    inv_freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=dtype) / d)
+    angle = torch.arange(L, device=x.device, dtype=dtype)[:, None] * inv_freq[None, :]  # [L, d/2]
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = x[..., : d // 2].to(dtype), x[..., d // 2 :].to(dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# chunked kernels
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _kernel_dtype(*xs: Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for x in xs:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+def _pad_len(x: Tensor, pad: int) -> Tensor:
+    """Zero-pad dim -2 (sequence) of ``[..., L, d]`` at the end."""
+    return F.pad(x, (0, 0, 0, pad)) if pad else x
+
+
+def sub_chunk_for(chunk_size: int) -> int:
+    """Sub-chunk length paired with ``chunk_size`` in :func:`chunk_linear_attention` (16 when it divides)."""
+    return 16 if chunk_size % 16 == 0 else chunk_size
+
+
+def chunk_linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_gate: Tensor | None = None,
+    *,
+    chunk_size: int = 64,
+    sub_chunk_size: int = 16,
+) -> Tensor:
+    """Causal (gated) linear attention, chunkwise.
+
+    ``y_t = sum_{s <= t} (q_t * exp(G_t - G_s)) . k_s  v_s`` with ``G_t = sum_{r <= t} log_gate_r``, i.e. the
+    recurrence ``S_t = diag(exp(log_gate_t)) S_{t-1} + k_t v_t^T``, ``y_t = S_t^T q_t``. Without
+    ``log_gate`` there is no decay (plain linear attention).
+
+    Args:
+        q, k: ``[..., L, d_k]``; v: ``[..., L, d_v]``;
+        log_gate: ``[..., L, d_k]`` with entries ``<= 0``, or None.
+        chunk_size: tokens per chunk (a recurrent state is carried across chunks, a Python loop over chunks).
+        sub_chunk_size: within a chunk, decays between different sub-chunks are factored through the
+            start of the query's sub-chunk (both factors ``<= 1``); within a sub-chunk they are computed
+            pairwise as ``exp(G_t - G_s)`` (subtraction before ``exp``): nothing overflows whatever the gates.
+
+    Returns ``y: [..., L, d_v]`` in ``v``'s dtype.
+    """
+    L = q.shape[-2]
+    lead = q.shape[:-2]
+    dk, dv = q.shape[-1], v.shape[-1]
+    if L == 0:
+        return v.new_zeros(v.shape)
+    c = min(sub_chunk_size, chunk_size)
+    if chunk_size % c:
+        raise ValueError(f"chunk_size={chunk_size} must be a multiple of sub_chunk_size={sub_chunk_size}")
+    C = min(chunk_size, _round_up(L, c))
+    Lp = _round_up(L, C)
+    n = Lp // C
+    out_dtype = v.dtype
+    tensors = (q, k, v) if log_gate is None else (q, k, v, log_gate)
+    dtype = _kernel_dtype(*tensors)
+    q, k, v = (_pad_len(x.to(dtype), Lp - L).reshape(*lead, n, C, x.shape[-1]) for x in (q, k, v))
+    kt = k.transpose(-1, -2)
+
+    if log_gate is None:
+        y = torch.tril(q @ kt) @ v
+        kv = kt @ v  # [..., n, dk, dv]
+        S = torch.cat([torch.zeros_like(kv[..., :1, :, :]), kv[..., :-1, :, :].cumsum(-3)], dim=-3)
+        y = y + q @ S
+    else:
+        # padded gates are 0 (no decay): padded tokens have k = 0, so they add nothing
+        G = _pad_len(log_gate.to(dtype), Lp - L).reshape(*lead, n, C, dk).cumsum(-2)  # local, non-increasing
+        y = _intra_chunk_gated(q, k, G, c) @ v
+        G_end = G[..., -1:, :]  # [..., n, 1, dk]
+        kv = (k * torch.exp(G_end - G)).transpose(-1, -2) @ v  # [..., n, dk, dv]; exponents <= 0
+        decay = torch.exp(G_end).transpose(-1, -2)  # [..., n, dk, 1]
+        S = torch.zeros_like(kv[..., 0, :, :])
+        states = []
+        for i in range(n):
+            states.append(S)
+            S = decay[..., i, :, :] * S + kv[..., i, :, :]
+        y = y + (q * torch.exp(G)) @ torch.stack(states, dim=-3)
+    return y.reshape(*lead, Lp, dv)[..., :L, :].to(out_dtype)
+
+
+def _intra_chunk_gated(q: Tensor, k: Tensor, G: Tensor, c: int) -> Tensor:
+    """Intra-chunk matrix ``A[t, s] = sum_d q_td k_sd exp(G_td - G_sd)`` for ``s <= t``, 0 above.
+
+    ``q, k, G: [..., n, C, dk]`` with ``C`` a multiple of ``c``; returns ``[..., n, C, C]``.
+    """
+    *lead, C, dk = q.shape
+    ns = C // c
+    qs, ks, Gs = (x.reshape(*lead, ns, c, dk) for x in (q, k, G))
+    # diagonal sub-blocks, pairwise: exp(G_t - G_s) with the difference taken before exp
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    diff = (Gs[..., :, None, :] - Gs[..., None, :, :]).masked_fill(~causal[..., None], float("-inf"))
+    A_diag = (qs[..., :, None, :] * ks[..., None, :, :] * diff.exp()).sum(-1)  # [..., ns, c, c]
+    if ns == 1:
+        return A_diag.reshape(*lead, C, C)
+    # off-diagonal: query sub-chunk i >= 1, keys s < i * c, through the reference G_ref = G[i * c - 1]
+    G_ref = Gs[..., :-1, -1, :]  # [..., ns - 1, dk]
+    q_off = qs[..., 1:, :, :] * torch.exp(Gs[..., 1:, :, :] - G_ref[..., None, :])  # [..., ns-1, c, dk]
+    pos = torch.arange(C, device=q.device)
+    valid = pos[None, :] < (torch.arange(1, ns, device=q.device)[:, None] * c)  # [ns - 1, C]
+    expo = (G_ref[..., :, None, :] - G[..., None, :, :]).masked_fill(~valid[..., None], float("-inf"))
+    k_off = k[..., None, :, :] * expo.exp()  # [..., ns - 1, C, dk]
+    A_off = q_off @ k_off.transpose(-1, -2)  # [..., ns - 1, c, C]
+    A = torch.cat([torch.zeros_like(A_off[..., :1, :, :]), A_off], dim=-3).reshape(*lead, ns, c, ns, c)
+    eye = torch.eye(ns, dtype=A.dtype, device=A.device)
+    A = A + A_diag[..., :, :, None, :] * eye[:, None, :, None]
+    return A.reshape(*lead, C, C)
+
+
+def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, chunk_size: int = 64) -> Tensor:
+    """Delta rule, chunkwise (WY/UT form).
+
+    ``S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``, ``y_t = S_t^T q_t``.
+
+    Within a chunk, ``U = M^{-1} (beta V)``, ``W = M^{-1} (beta K)`` with
+    ``M = I + tril(diag(beta) K K^T, -1)`` (a unit lower-triangular solve); across chunks the state ``S`` is
+    carried (a Python loop over chunks).
+
+    Args: q, k ``[..., L, d_k]``; v ``[..., L, d_v]``; beta ``[..., L]``. Returns ``y: [..., L, d_v]``.
+    """
+    L = q.shape[-2]
+    lead = q.shape[:-2]
+    dk, dv = q.shape[-1], v.shape[-1]
+    if L == 0:
+        return v.new_zeros(v.shape)
+    out_dtype = v.dtype
+    dtype = _kernel_dtype(q, k, v, beta)
+    C = min(chunk_size, L)
+    Lp = _round_up(L, C)
+    n = Lp // C
+    # padded tokens: beta = 0, k = 0 -> identity transition, no input
+    beta = F.pad(beta.to(dtype), (0, Lp - L)).reshape(*lead, n, C, 1)
+    q, k, v = (_pad_len(x.to(dtype), Lp - L).reshape(*lead, n, C, x.shape[-1]) for x in (q, k, v))
+    kb, vb = k * beta, v * beta
+    kt = k.transpose(-1, -2)
+    eye = torch.eye(C, dtype=dtype, device=q.device)
+    M = eye + torch.tril(kb @ kt, diagonal=-1)
+    W = torch.linalg.solve_triangular(M, kb, upper=False, unitriangular=True)
+    U = torch.linalg.solve_triangular(M, vb, upper=False, unitriangular=True)
+    A_qk = torch.tril(q @ kt)
+    S = q.new_zeros(*lead, dk, dv)
+    outs = []
+    for i in range(n):
+        u_i = U[..., i, :, :] - W[..., i, :, :] @ S
+        outs.append(q[..., i, :, :] @ S + A_qk[..., i, :, :] @ u_i)
+        S = S + kt[..., i, :, :] @ u_i
+    y = torch.stack(outs, dim=-3).reshape(*lead, Lp, dv)[..., :L, :]
+    return y.to(out_dtype)

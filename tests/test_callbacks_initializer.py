@@ -1,0 +1,105 @@
+"""ESSInitializer: deterministic greedy search over init settings that changes ESS."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from ess_train.callbacks import ESSInitializer, ESSMonitor
+from tests.toy_modules import ToyDataModule, ToyLM, make_trainer, read_metrics_csv
+
+DEFAULT = {"decay_low": 0.0, "decay_high": 0.3}
+
+
+def fit_with_initializer(tmp_path=None, seed: int = 0, **kwargs):
+    pl.seed_everything(123)  # the model's own init
+    model = ToyLM()
+    init = ESSInitializer(seed=seed, **kwargs)
+    trainer = make_trainer(tmp_path, [init], max_steps=1, limit_val_batches=0)
+    trainer.fit(model, ToyDataModule())
+    return init, model, trainer
+
+
+def test_changes_ess_deterministically_and_logs(tmp_path):
+    init, model, trainer = fit_with_initializer(tmp_path / "a")
+    again, model2, _ = fit_with_initializer(tmp_path / "b")
+    assert set(init.report) == {"layers.0", "layers.1"}
+    for name, entry in init.report.items():
+        assert entry["setting"] != DEFAULT  # the default (short memory) is beaten
+        assert entry["utilization_after"] > entry["utilization_before"] + 0.05
+        assert entry["ess_after"] > entry["ess_before"]
+        assert len(entry["trials"]) == 9 and entry["trials"][0]["setting"] == DEFAULT
+        assert entry["utilization_after"] == pytest.approx(
+            max(t["utilization"] for t in entry["trials"]), rel=1e-5
+        )
+        assert again.report[name]["setting"] == entry["setting"]
+    for (n1, p1), (_, p2) in zip(model.named_parameters(), model2.named_parameters()):
+        assert torch.equal(p1, p2), n1
+    row = next(r for r in read_metrics_csv(trainer) if r.get("init/layers.0/ess_after"))
+    assert float(row["init/layers.0/ess_after"]) == pytest.approx(
+        init.report["layers.0"]["ess_after"], rel=1e-5
+    )
+    assert "init/layers.1/utilization_before" in row
+
+
+def test_target_user_space_and_max_trials():
+    # a target: the setting closest to it
+    init, _, _ = fit_with_initializer(target=0.3)
+    for entry in init.report.values():
+        errs = [abs(t["utilization"] - 0.3) for t in entry["trials"]]
+        assert abs(entry["utilization_after"] - 0.3) == pytest.approx(min(errs), abs=1e-5)
+    # user search space overrides the layer's (per layer pattern)
+    space = {"layers.1": {"decay_low": [0.2], "decay_high": [0.25, 0.95]}}
+    init, _, _ = fit_with_initializer(search_space=space)
+    assert [t["setting"] for t in init.report["layers.1"]["trials"]] == [
+        {"decay_low": 0.2, "decay_high": 0.25},
+        {"decay_low": 0.2, "decay_high": 0.95},
+    ]
+    assert init.report["layers.1"]["setting"] == {"decay_low": 0.2, "decay_high": 0.95}
+    assert len(init.report["layers.0"]["trials"]) == 9
+    # a random subset of the grid: defaults first, same subset for the same seed
+    a, _, _ = fit_with_initializer(max_trials=4, seed=3)
+    b, _, _ = fit_with_initializer(max_trials=4, seed=3)
+    trials = [t["setting"] for t in a.report["layers.0"]["trials"]]
+    assert len(trials) == 4 and trials[0] == DEFAULT
+    assert trials == [t["setting"] for t in b.report["layers.0"]["trials"]]
+
+
+def test_skipped_on_resume_and_before_monitor(tmp_path):
+    init, model, trainer = fit_with_initializer()
+    ckpt = tmp_path / "i.ckpt"
+    trainer.save_checkpoint(ckpt)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    init2 = ESSInitializer()
+    model2 = ToyLM()
+    captured = {}
+
+    class Snapshot(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            captured.update({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+    make_trainer(None, [init2, Snapshot()], max_steps=2, limit_val_batches=0).fit(
+        model2, ToyDataModule(), ckpt_path=ckpt
+    )
+    assert init2.done and init2.report.keys() == init.report.keys()
+    for n, p in trained.items():
+        assert torch.equal(captured[n], p), n  # the checkpoint's weights, not re-initialized
+
+    # the monitor's first measurement (train start) sees the initialized layers
+    pl.seed_everything(123)
+    monitor = ESSMonitor(every_n_steps=100)
+    init3 = ESSInitializer()
+    make_trainer(None, [init3, monitor], max_steps=1, limit_val_batches=0).fit(ToyLM(), ToyDataModule())
+    first = monitor.history["layers.1"]["utilization"][0]
+    assert first == pytest.approx(init3.report["layers.1"]["utilization_after"], rel=1e-3)
+
+
+def test_without_trainer_and_no_space():
+    model = ToyLM()
+    probe = torch.randint(0, 16, (4, 12))
+    report = ESSInitializer(probe_batch=probe, include=["layers.0"]).initialize(model)
+    assert list(report) == ["layers.0"]
+    with pytest.warns(UserWarning, match="no layer with apply_init"):
+        ESSInitializer(probe_batch=probe).initialize(ToyLM(layer="mlp"))

@@ -1,0 +1,279 @@
+"""ESSMonitor on a user-written LightningModule (tests/toy_modules.py)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from ess_train.callbacks import ESSMonitor, ESSWarning
+from ess_train.callbacks._common import extract_inputs, resolve_positions
+from tests.toy_modules import ToyDataModule, ToyLM, make_trainer, read_metrics_csv
+
+KEYS = ("avg_entropy", "max_entropy", "avg_tolerance", "utilization", "total", "per_kv")
+
+
+def ess_warnings(record: list[warnings.WarningMessage], text: str = "") -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, ESSWarning) and text in str(w.message)]
+
+
+def test_metrics_logged_to_csv_and_callback_metrics(tmp_path):
+    pl.seed_everything(0)
+    monitor = ESSMonitor(every_n_steps=3)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=6, val_check_interval=4)
+    trainer.fit(ToyLM(), ToyDataModule(num_kv_pairs=3))
+
+    rows = read_metrics_csv(trainer)
+    ess_rows = [r for r in rows if r.get("ess/total")]
+    # steps: 0 (train start), 3, 4 (validation end), 6
+    assert [int(r["step"]) for r in ess_rows] == [0, 3, 4, 6] == monitor.totals["steps"]
+    for layer in ("layers.0", "layers.1"):
+        for key in KEYS:
+            assert all(r[f"ess/{layer}/{key}"] for r in ess_rows), key
+        assert float(next(r for r in rows if r.get(f"tss/{layer}"))[f"tss/{layer}"]) == 8 * 4
+    last = ess_rows[-1]
+    per_op = 4
+    for layer in ("layers.0", "layers.1"):
+        avg = float(last[f"ess/{layer}/avg_entropy"])
+        assert 0 < avg <= per_op
+        assert float(last[f"ess/{layer}/max_entropy"]) >= avg
+        assert float(last[f"ess/{layer}/avg_tolerance"]) <= per_op
+        assert float(last[f"ess/{layer}/utilization"]) == pytest.approx(avg / per_op, rel=1e-5)
+        # 8 channels, multiplicity 1; per_kv = total / 3 kv pairs
+        assert float(last[f"ess/{layer}/total"]) == pytest.approx(8 * avg, rel=1e-4)
+        assert float(last[f"ess/{layer}/per_kv"]) == pytest.approx(
+            float(last[f"ess/{layer}/total"]) / 3, rel=1e-4
+        )
+    assert float(last["ess/total"]) == pytest.approx(
+        float(last["ess/layers.0/total"]) + float(last["ess/layers.1/total"]), rel=1e-5
+    )
+    cm = trainer.callback_metrics
+    assert "ess/layers.1/utilization" in cm and "ess/total" in cm
+    # history and summary
+    hist = monitor.history["layers.0"]
+    assert hist["steps"] == [0, 3, 4, 6]
+    assert len(hist["profiles"]) == 4 and len(hist["profiles"][0]) == len(hist["positions"]) == 12
+    assert hist["profiles"][0][0] == 0.0  # ESS_0 = 0
+    paths = monitor.save_plots(tmp_path / "plots")
+    assert {p.name for p in paths} == {
+        "layers.0_heatmap.png",
+        "layers.0_profile.png",
+        "layers.1_heatmap.png",
+        "layers.1_profile.png",
+        "utilization.png",
+    }
+    assert all(p.stat().st_size > 1000 for p in paths)
+    summary = monitor.summary()
+    assert summary["step"] == 6 and summary["layers"]["layers.1"]["tss"] == 32
+    assert summary["total"] == pytest.approx(float(last["ess/total"]), rel=1e-6)
+
+
+def test_positions_probe_batch_and_train_fallback(tmp_path):
+    """A given probe batch (tuple) and a position count; no val data needed."""
+    probe = (torch.randint(0, 16, (5, 12)), torch.zeros(5))
+    monitor = ESSMonitor(every_n_steps=2, probe_batch=probe, probe_size=3, positions=4)
+    trainer = make_trainer(None, [monitor], max_steps=2, limit_val_batches=0)
+    model = ToyLM()
+    trainer.fit(model, train_dataloaders=ToyDataModule().train_dataloader())
+    assert monitor.history["layers.0"]["positions"] == [1, 4, 8, 11]
+    assert monitor._probe[0].shape == (3, 12) and torch.equal(monitor._probe[0], probe[0][:3])
+    # no probe given, no datamodule, no val loader: falls back to the training loader
+    monitor2 = ESSMonitor(every_n_steps=2)
+    make_trainer(None, [monitor2], max_steps=2, limit_val_batches=0).fit(
+        ToyLM(), train_dataloaders=ToyDataModule().train_dataloader()
+    )
+    assert monitor2.totals["steps"] == [0, 2] and monitor2._probe[0].shape == (8, 12)
+
+
+def test_operator_subset_scales_total():
+    monitor = ESSMonitor(every_n_steps=2, max_operators=3)
+    make_trainer(None, [monitor], max_steps=2).fit(ToyLM(), ToyDataModule())
+    hist = monitor.history["layers.0"]
+    assert hist["total"][-1] == pytest.approx(8 * hist["avg_entropy"][-1], rel=1e-5)  # 8 channels
+
+
+def test_helpers():
+    assert resolve_positions(None, 10) is None
+    assert resolve_positions(3, 10) == [1, 5, 9]
+    assert resolve_positions(50, 5) == [1, 2, 3, 4]
+    assert resolve_positions([3, 1, 3], 5) == [1, 3]
+    with pytest.raises(ValueError):
+        resolve_positions([7], 5)
+    x = torch.zeros(2, 3)
+    assert extract_inputs({"tokens": x}, "tokens") is x and extract_inputs((x, 1)) is x
+    with pytest.raises(KeyError, match="input_key"):
+        extract_inputs({"x": x})
+
+
+def test_no_supported_layer_stands_aside(tmp_path):
+    monitor = ESSMonitor(every_n_steps=1)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=3, val_check_interval=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(ToyLM(layer="mlp"), ToyDataModule())
+    assert trainer.global_step == 3
+    assert len(ess_warnings(record, "no layer implementing the ESS protocol")) == 1
+    assert monitor.history == {} and monitor.summary()["layers"] == {}
+    assert not any(r.get("ess/total") for r in read_metrics_csv(trainer))
+
+
+def boom(module, inputs):
+    raise RuntimeError("probe exploded")
+
+
+class TrainModeProbe(pl.Callback):
+    """Records, after the monitor ran, whether every sub-module is back in training mode."""
+
+    def __init__(self) -> None:
+        self.modes: list[bool] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.modes.append(all(m.training for m in pl_module.modules()))
+
+
+def test_exception_does_not_kill_training():
+    monitor = ESSMonitor(every_n_steps=1, forward_fn=boom)
+    probe = TrainModeProbe()
+    trainer = make_trainer(None, [monitor, probe], max_steps=3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(ToyLM(), ToyDataModule())
+    assert trainer.global_step == 3
+    msgs = ess_warnings(record, "ESSMonitor failed")
+    assert len(msgs) == 1 and "RuntimeError: probe exploded" in msgs[0] and "boom" in msgs[0]
+    assert monitor.totals["steps"] == []
+    assert probe.modes == [True] * 3  # eval mode restored after the failed probe
+
+
+def test_exception_strict_raises():
+    trainer = make_trainer(None, [ESSMonitor(every_n_steps=1, forward_fn=boom, strict=True)], max_steps=3)
+    with pytest.raises(RuntimeError, match="probe exploded"):
+        trainer.fit(ToyLM(), ToyDataModule())
+
+
+def nan_in_last_layer(module, inputs):
+    """The probe forward with NaN in layer 1's operator (b), training itself untouched."""
+    handle = module.layers[1].b_proj.register_forward_hook(lambda m, a, out: out * math.nan)
+    try:
+        module(inputs)
+    finally:
+        handle.remove()
+
+
+def test_nan_operator_is_missing_with_warning(tmp_path):
+    monitor = ESSMonitor(every_n_steps=2, forward_fn=nan_in_last_layer)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=4)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(ToyLM(), ToyDataModule())
+    assert trainer.global_step == 4
+    msgs = ess_warnings(record, "is missing")
+    assert len(msgs) == 1 and "'layers.1'" in msgs[0] and "NaN" in msgs[0]
+    rows = [r for r in read_metrics_csv(trainer) if r.get("ess/total")]
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    assert all(float(r["ess/missing_layers"]) == 1 for r in rows)
+    assert all(r["ess/layers.0/avg_entropy"] and not r.get("ess/layers.1/avg_entropy") for r in rows)
+    assert float(rows[-1]["ess/total"]) == pytest.approx(float(rows[-1]["ess/layers.0/total"]))
+    assert all(math.isnan(v) for v in monitor.history["layers.1"]["avg_entropy"])
+    assert not any(math.isnan(v) for v in monitor.history["layers.0"]["avg_entropy"])
+
+
+def test_collapse_and_saturation_warn_once_per_layer():
+    monitor = ESSMonitor(every_n_steps=1, collapse_threshold=0.9, saturation_threshold=0.95)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make_trainer(None, [monitor], max_steps=3).fit(ToyLM(), ToyDataModule())
+    msgs = ess_warnings(record, "state collapse")
+    assert len(msgs) == 2 and {"'layers.0'" in m for m in msgs} == {True, False}
+    assert monitor.summary()["layers"]["layers.0"]["flags"] == ["collapse"]
+    monitor = ESSMonitor(every_n_steps=1, collapse_threshold=0.0, saturation_threshold=0.01)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make_trainer(None, [monitor], max_steps=3).fit(ToyLM(), ToyDataModule())
+    assert len(ess_warnings(record, "state saturation")) == 2
+    assert not ess_warnings(record, "state collapse")
+
+
+def test_resume_restores_history_and_probe(tmp_path):
+    pl.seed_everything(0)
+    monitor = ESSMonitor(every_n_steps=2)
+    trainer = make_trainer(None, [monitor], max_steps=4)
+    model = ToyLM()
+    trainer.fit(model, ToyDataModule())
+    ckpt = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert monitor.totals["steps"] == [0, 2, 4]
+
+    resumed = ESSMonitor(every_n_steps=2, probe_batch=torch.zeros(8, 12, dtype=torch.long))
+    trainer2 = make_trainer(None, [resumed], max_steps=6)
+    trainer2.fit(ToyLM(), ToyDataModule(seed=5), ckpt_path=ckpt)
+    assert resumed.totals["steps"] == [0, 2, 4, 6]
+    assert resumed.history["layers.0"]["steps"] == [0, 2, 4, 6]
+    assert resumed.history["layers.0"]["avg_entropy"][:3] == monitor.history["layers.0"]["avg_entropy"]
+    assert torch.equal(resumed._probe[0], monitor._probe[0])  # the checkpointed probe wins
+
+
+class RecordingLogger(pl.loggers.Logger):
+    """A logger that records what it is sent (stands in for W&B-style media checks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, dict]] = []
+
+    @property
+    def name(self) -> str:
+        return "rec"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+
+def test_media_warn_once_and_tensorboard_heatmap(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rec = RecordingLogger()
+    tb = TensorBoardLogger(str(tmp_path), name="tb")
+    monitor = ESSMonitor(every_n_steps=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make_trainer(None, [monitor], max_steps=4, val_check_interval=2, logger=[rec, tb]).fit(
+            ToyLM(), ToyDataModule()
+        )
+    assert len(ess_warnings(record, "W&B media")) == 1
+    logged = {k for _, m in rec.calls for k in m}
+    assert {"ess/total", "tss/total", "ess/layers.0/utilization"} <= logged
+    assert not any("heatmap" in k or "profile" in k for k in logged)
+    acc = EventAccumulator(tb.log_dir)
+    acc.Reload()
+    assert "ess/layers.0/heatmap" in acc.Tags()["images"]
+    assert "ess/total" in acc.Tags()["scalars"]
+
+
+def test_wandb_media(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(save_dir=str(tmp_path), mode="disabled")
+    sent: list[dict] = []
+    monkeypatch.setattr(logger, "log_metrics", lambda metrics, step=None: sent.append(dict(metrics)))
+    monitor = ESSMonitor(every_n_steps=2, strict=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make_trainer(None, [monitor], max_steps=2, val_check_interval=2, logger=logger).fit(
+            ToyLM(), ToyDataModule()
+        )
+    assert not ess_warnings(record, "W&B media")
+    keys = {k for m in sent for k in m}
+    assert {"ess/layers.0/profile", "ess/layers.1/heatmap", "ess/total"} <= keys
