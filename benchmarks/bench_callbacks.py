@@ -20,8 +20,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from ess_train.callbacks import ESSMonitor, ESSRegularizer
-from ess_train.models import SequenceModel
+from ess_train.callbacks import ESSMonitor, ESSRegularizer, ess_penalty
+from ess_train.models import SequenceModel, capture_operators, find_ess_layers
 from ess_train.tasks import MQARDataModule
 
 try:
@@ -114,6 +114,45 @@ def run(
     return {"wall": timer.elapsed, "per_step": median + in_monitor / args.steps, "callbacks": callbacks}
 
 
+def interleaved_penalty_cost(args: argparse.Namespace, dm: MQARDataModule, iters: int) -> tuple[float, float]:
+    """Median forward+backward time without / with the regularizer's penalty, alternating A/B each
+    iteration on one model and batch (robust to slowly varying load on a shared machine)."""
+    pl.seed_everything(0, verbose=False)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.accelerator != "cpu" else "cpu")
+    lm = build(args).to(device)
+    reg = ESSRegularizer(weight=1e-2, target=0.5)
+    layers = find_ess_layers(lm)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    inputs, labels = batch["inputs"].to(device), batch["labels"].to(device)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(2 * iters + 2):
+        with_penalty = bool(i % 2)
+        lm.zero_grad(set_to_none=True)
+        t0 = StepTimer._now()
+        with capture_operators(layers) as views:
+            logits = lm(inputs)
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100
+        )
+        if with_penalty:
+            penalty = ess_penalty(
+                views,
+                layers,
+                reg.mode,
+                reg.target,
+                reg.num_positions,
+                reg.batch_rows,
+                reg.max_operators,
+                offset=i,
+            )
+            loss = loss + reg.weight * penalty
+        loss.backward()
+        if i >= 2:  # first pair: warm-up
+            times[with_penalty].append(StepTimer._now() - t0)
+    return statistics.median(times[False]), statistics.median(times[True])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="60 steps, monitor every 20, 1 repeat")
@@ -130,9 +169,12 @@ def main() -> None:
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--monitor-positions", default="all", help="'all' or a count of positions")
+    p.add_argument(
+        "--ab-iters", type=int, default=30, help="interleaved A/B iterations of the penalty (0: skip)"
+    )
     args = p.parse_args()
     if args.quick:
-        args.steps, args.monitor_every, args.repeats = 60, 20, 1
+        args.steps, args.monitor_every, args.repeats, args.ab_iters = 60, 20, 1, 10
     positions = None if args.monitor_positions == "all" else int(args.monitor_positions)
 
     dm = MQARDataModule(
@@ -148,7 +190,7 @@ def main() -> None:
         ("no callback", lambda: []),
         (
             f"ESSMonitor every {args.monitor_every}",
-            lambda: [ESSMonitor(args.monitor_every, positions=positions)],
+            lambda: [timed_monitor(ESSMonitor(args.monitor_every, positions=positions))],
         ),
         ("ESSRegularizer every step", lambda: [ESSRegularizer(weight=1e-2, target=0.5)]),
     ]
@@ -184,6 +226,12 @@ def main() -> None:
             f"{wall_ratio:>10.3f}  {extra.get(name, '')}"
         )
     print("ms/step: median step + monitor time amortized over the run; ratio: of ms/step; wall ratio: noisy")
+    if args.ab_iters:
+        plain, penalized = interleaved_penalty_cost(args, dm, args.ab_iters)
+        print(
+            f"forward+backward, interleaved A/B x{args.ab_iters} (median): {1000 * plain:.1f} ms plain, "
+            f"{1000 * penalized:.1f} ms with the ESS penalty: ratio {penalized / plain:.3f}"
+        )
 
 
 if __name__ == "__main__":

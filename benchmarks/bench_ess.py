@@ -1,4 +1,4 @@
-"""Benchmark of the ESS engine: Gramian entropy-ESS vs the obvious per-position SVD loop vs the eigvalsh floor.
+"""ESS engine benchmark: Gramian entropy-ESS vs the obvious per-position SVD loop vs the eigvalsh floor.
 
     python benchmarks/bench_ess.py            # L in {256, 1024, 4096}, N in {16, 64}, 64 channels
     python benchmarks/bench_ess.py --quick    # seconds
@@ -14,8 +14,9 @@ Columns (all in one run, same process, same thread count):
   Gramian path alone), in channel slices when the tensor exceeds 1 GiB (the CPU kernel loops over the
   batch, so the sum of slices is the same work);
 - speedup = obvious / gramian, vs floor = gramian / floor.
-Then the peak memory of the dense path at the largest L, measured in a subprocess (``ru_maxrss`` delta)
-on its largest chunk of positions, which bounds the peak of a full run.
+Then the peak memory of the dense path at the largest L, measured in a subprocess (peak RSS, VmHWM
+after resetting it, minus the RSS before) on its largest chunk of positions, which bounds the peak
+of a full run.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def obvious_seconds(T: torch.Tensor, budget_s: float) -> tuple[float, bool]:
     """Seconds for all positions of one channel; (value, estimated?)."""
     L = T.shape[-1]
     # a few positions spread over the sequence, interpolated (cost peaks around L / 2)
-    sample = sorted({max(1, min(L - 1, round(L * f))) for f in (0.02, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 0.98)})
+    sample = sorted(
+        {max(1, min(L - 1, round(L * f))) for f in (0.02, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 0.98)}
+    )
     per = []
     for i in sample:
         per.append(timed(lambda i=i: obvious_loop(T, [i])))
@@ -106,19 +109,26 @@ def fmt_s(x: float, est: bool = False) -> str:
 
 
 MEM_SNIPPET = r"""
-import os, resource, torch
+import ctypes
+import torch
 torch.set_num_threads({threads})
 from ess_train.ess import DenseOperator, hankel_singular_values
+
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
 L = {L}
-T = torch.tril(torch.randn(L, L))
-op = DenseOperator(T)
+op = DenseOperator(torch.randn(L, L).tril_(), validate=False)
 hankel_singular_values(op, [1])  # warm-up: allocator, LAPACK
-with open("/proc/self/statm") as f:
-    rss_before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap pages back: they would hide new allocations
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+before = status("VmRSS")
 hankel_singular_values(op, {positions})
-peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(peak_after - rss_before, int(peak_after > peak_before))
+print(status("VmHWM") - before)
 """
 
 
@@ -131,8 +141,7 @@ def dense_peak_memory(L: int, threads: int) -> tuple[int, list[int]]:
     code = MEM_SNIPPET.format(L=L, threads=threads, positions=positions)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
-    delta, new_peak = out.stdout.strip().splitlines()[-1].split()
-    return (int(delta) if int(new_peak) else -1), positions
+    return int(out.stdout.strip().splitlines()[-1]), positions
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,7 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="L = 256, 8 channels, memory at L = 1024 (seconds)")
     p.add_argument("--channels", type=int, default=None, help="default 64 (8 with --quick)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fair and quiet)")
-    p.add_argument("--obvious-budget", type=float, default=600.0, help="estimate the obvious loop above this (s)")
+    p.add_argument(
+        "--obvious-budget", type=float, default=600.0, help="estimate the obvious loop above this (s)"
+    )
     p.add_argument("--no-memory", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -181,10 +192,11 @@ def main(argv: list[str] | None = None) -> None:
         peak, positions = dense_peak_memory(L, args.threads)
         T_bytes = L * L * 4
         chunk = len(positions) * (L - positions[0]) * positions[-1] * 4
-        measured = f"{peak / 2**20:.0f} MiB" if peak >= 0 else "below the import-time peak (not measurable)"
+        measured = f"{peak / 2**20:.0f} MiB"
         print(
             f"dense path, L={L}, one channel, float32: peak RSS increase {measured} on its largest "
-            f"chunk ({len(positions)} positions {positions[0]}..{positions[-1]}; chunk tensor {chunk / 2**20:.0f} MiB, "
+            f"chunk ({len(positions)} positions {positions[0]}..{positions[-1]}; "
+            f"chunk tensor {chunk / 2**20:.0f} MiB, "
             f"T {T_bytes / 2**20:.0f} MiB; a [L, L, L] tensor would be {L**3 * 4 / 2**30:.0f} GiB)"
         )
 

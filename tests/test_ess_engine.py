@@ -13,7 +13,6 @@ from ess_train.ess import (
     average_ess,
     default_rtol,
     entropy_ess,
-    entropy_ess_from_singular_values,
     hankel_singular_values,
     max_ess,
     state_utilization,
@@ -134,7 +133,9 @@ def test_causal_running_mean_has_ess_one():
     assert tolerance_ess(DenseOperator(T)).tolist() == expected.tolist()
     torch.testing.assert_close(entropy_ess(DenseOperator(T)), expected.to(F64), atol=1e-10, rtol=0)
     # recurrence: h_t = h_{t-1} + u_t, y_t = h_t / (t + 1)
-    op = RecurrentOperator(torch.ones(L, 1, dtype=F64), torch.ones(L, 1, dtype=F64), (1.0 / (t + 1)).unsqueeze(1))
+    op = RecurrentOperator(
+        torch.ones(L, 1, dtype=F64), torch.ones(L, 1, dtype=F64), (1.0 / (t + 1)).unsqueeze(1)
+    )
     torch.testing.assert_close(op.dense(), T)
     assert tolerance_ess(op).tolist() == expected.tolist()
     torch.testing.assert_close(entropy_ess(op), expected.to(F64), atol=1e-10, rtol=0)
@@ -282,7 +283,10 @@ def test_dense_operator_shapes_and_K():
 
 
 def test_zero_operator_has_zero_ess():
-    for op in (DenseOperator(torch.zeros(2, 8, 8)), RecurrentOperator(*(torch.zeros(2, 8, 3) for _ in range(3)))):
+    for op in (
+        DenseOperator(torch.zeros(2, 8, 8)),
+        RecurrentOperator(*(torch.zeros(2, 8, 3) for _ in range(3))),
+    ):
         assert bool((entropy_ess(op) == 0).all())
         assert bool((tolerance_ess(op) == 0).all())
         assert bool((hankel_singular_values(op) == 0).all())

@@ -25,7 +25,9 @@ def test_gradcheck_dense_path():
 def test_gradcheck_gramian_diagonal():
     a, b, c = _params((2, 6, 3), (2, 6, 3), (2, 6, 3), seed=1)
     a = (torch.sigmoid(a) * 0.9 + 0.05).requires_grad_()
-    assert gradcheck(lambda a, b, c: entropy_ess(RecurrentOperator(a, b, c)), (a, b.requires_grad_(), c.requires_grad_()))
+    assert gradcheck(
+        lambda a, b, c: entropy_ess(RecurrentOperator(a, b, c)), (a, b.requires_grad_(), c.requires_grad_())
+    )
 
 
 def test_gradcheck_gramian_full():
@@ -129,7 +131,11 @@ def test_rank_deficient_operators_have_finite_gradients(dtype):
 
 def test_half_precision_gradients_flow():
     a, b, c = _params((1, 10, 3), (1, 10, 3), (1, 10, 3), seed=9, dtype=torch.float32)
-    leaves = [torch.sigmoid(a).bfloat16().requires_grad_(), b.bfloat16().requires_grad_(), c.bfloat16().requires_grad_()]
+    leaves = [
+        torch.sigmoid(a).bfloat16().requires_grad_(),
+        b.bfloat16().requires_grad_(),
+        c.bfloat16().requires_grad_(),
+    ]
     ess = entropy_ess(RecurrentOperator(*leaves))
     assert ess.dtype == torch.bfloat16
     ess.float().sum().backward()

@@ -19,7 +19,9 @@ F64 = torch.float64
 def _rec(B=2, L=10, N=3, dtype=F64, seed=0):
     g = torch.Generator().manual_seed(seed)
     a = torch.rand(B, L, N, generator=g, dtype=dtype)
-    return RecurrentOperator(a, torch.randn(B, L, N, generator=g, dtype=dtype), torch.randn(B, L, N, generator=g, dtype=dtype))
+    return RecurrentOperator(
+        a, torch.randn(B, L, N, generator=g, dtype=dtype), torch.randn(B, L, N, generator=g, dtype=dtype)
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Definitions and conventions: ``shared/ESS.md`` (Parnichkun et al., ICML 2025).
 
 from ess_train.ess.measures import (
     DEFAULT_CHUNK_ELEMENTS,
+    DEFAULT_CHUNK_ELEMENTS_ACCELERATOR,
     average_ess,
     default_rtol,
     entropy_ess,
@@ -22,6 +23,7 @@ __all__ = [
     "RecurrentOperator",
     "Operator",
     "DEFAULT_CHUNK_ELEMENTS",
+    "DEFAULT_CHUNK_ELEMENTS_ACCELERATOR",
     "hankel_singular_values",
     "entropy_ess",
     "tolerance_ess",

@@ -20,9 +20,11 @@ Gradients never go through eigenvectors (``eigvalsh`` backward is ``V diag(g) V^
 repeated eigenvalues) nor through a square root at 0.
 
 Both Gramian recursions are affine scans ``X_t = alpha_t X_{t-1} alpha_t^T + beta_t beta_t^T``
-run as a two-level (square-root decomposition) scan: a loop over the ``S ~ sqrt(C)`` offsets
-inside chunks, vectorized over all chunks, then a loop over the ``C / S`` chunk carries, then one
-vectorized fix-up; ``O(sqrt(L))`` Python steps, no division of cumulative products.
+run as a two-level (square-root decomposition) scan over chunks of ``S <= sqrt(C)`` positions:
+inside every chunk at once, the zero-carry states (diagonal ``alpha``: ``X_t = W_t^T W_t`` with
+``W_t[s] = (prod_{s<r<=t} alpha_r) beta_s``, one batched matmul; full ``alpha``: a loop over the S
+offsets with matmuls), then a loop over the ``C / S`` chunk carries, then one vectorized fix-up
+``X_t += Phi_t X_carry Phi_t^T``. ``O(sqrt(L))`` Python steps, products only (``alpha`` may be 0).
 """
 
 from __future__ import annotations
@@ -128,7 +130,9 @@ def _full_chunks(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
         if x is None:
             x, phi = _outer(bk), ak
         else:
-            x = torch.baddbmm(_outer(bk).flatten(0, 1), (ak @ x).flatten(0, 1), ak.mT.flatten(0, 1)).view(B, nC, N, N)
+            x = torch.baddbmm(_outer(bk).flatten(0, 1), (ak @ x).flatten(0, 1), ak.mT.flatten(0, 1)).view(
+                B, nC, N, N
+            )
             phi = ak @ phi
         xs.append(x)
         phis.append(phi)

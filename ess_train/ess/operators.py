@@ -36,7 +36,9 @@ def _check_floating(name: str, x: Tensor) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype} (shape {tuple(x.shape)})")
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got dtype {x.dtype} (shape {tuple(x.shape)})"
+        )
 
 
 def check_finite(name: str, x: Tensor) -> None:
@@ -60,7 +62,9 @@ class DenseOperator:
     def __init__(self, T: Tensor, *, validate: bool = True) -> None:
         _check_floating("T", T)
         if T.dim() < 2 or T.shape[-1] != T.shape[-2]:
-            raise ValueError(f"T must have shape [..., L, L] (square in its last two dims), got {tuple(T.shape)}")
+            raise ValueError(
+                f"T must have shape [..., L, L] (square in its last two dims), got {tuple(T.shape)}"
+            )
         if validate:
             check_finite("T", T)
             if T.numel():
@@ -123,7 +127,9 @@ class RecurrentOperator:
         if b.dim() < 2:
             raise ValueError(f"b must have shape [..., L, N], got {tuple(b.shape)}")
         if c.shape != b.shape:
-            raise ValueError(f"b and c must have the same shape [..., L, N], got b {tuple(b.shape)} and c {tuple(c.shape)}")
+            raise ValueError(
+                f"b and c must have the same shape [..., L, N], got b {tuple(b.shape)} and c {tuple(c.shape)}"
+            )
         if a.shape == b.shape:
             self.diagonal = True
         elif a.shape == (*b.shape, b.shape[-1]):
@@ -223,5 +229,7 @@ def _check_input(u: Tensor, L: int, batch_shape: torch.Size) -> bool:
         )
     lead = u.shape[:nb]
     if torch.broadcast_shapes(lead, batch_shape) != batch_shape:
-        raise ValueError(f"u's leading dims {tuple(lead)} do not match the operator's batch shape {tuple(batch_shape)}")
+        raise ValueError(
+            f"u's leading dims {tuple(lead)} do not match the operator's batch shape {tuple(batch_shape)}"
+        )
     return vec

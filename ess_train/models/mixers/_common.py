@@ -29,6 +29,7 @@ __all__ = [
     "RMSNorm",
     "rotary_embedding",
     "chunk_linear_attention",
+    "chunk_decayed_linear_attention",
     "chunk_delta_rule",
     "sub_chunk_for",
 ]
@@ -203,18 +204,126 @@ def chunk_linear_attention(
         y = y + q @ S
     else:
         # padded gates are 0 (no decay): padded tokens have k = 0, so they add nothing
-        G = _pad_len(log_gate.to(dtype), Lp - L).reshape(*lead, n, C, dk).cumsum(-2)  # local, non-increasing
-        y = _intra_chunk_gated(q, k, G, c) @ v
+        g = _pad_len(log_gate.to(dtype), Lp - L)
+        fast = _fast_chunk_for(g, C, c, _factor_bound(dtype))
+        if fast is not None and fast != C:  # smaller chunks keep the factored exponents bounded
+            C, n = fast, Lp // fast
+            q, k, v = (x.reshape(*lead, n, C, x.shape[-1]) for x in (q, k, v))
+        G = g.reshape(*lead, n, C, dk).cumsum(-2)  # local, non-increasing
         G_end = G[..., -1:, :]  # [..., n, 1, dk]
-        kv = (k * torch.exp(G_end - G)).transpose(-1, -2) @ v  # [..., n, dk, dv]; exponents <= 0
-        decay = torch.exp(G_end).transpose(-1, -2)  # [..., n, dk, 1]
-        S = torch.zeros_like(kv[..., 0, :, :])
-        states = []
-        for i in range(n):
-            states.append(S)
-            S = decay[..., i, :, :] * S + kv[..., i, :, :]
-        y = y + (q * torch.exp(G)) @ torch.stack(states, dim=-3)
+        if fast is not None:
+            # q * exp(G) = q_f * exp(G_mid), k * exp(G_end - G) = k_f * exp(G_end - G_mid): exponents <= 0
+            q_f, k_f, G_mid = _factored(q, k, G)
+            y = _tril_(q_f @ k_f.transpose(-1, -2)) @ v
+            q_in, k_out = q_f * torch.exp(G_mid), k_f * torch.exp(G_end - G_mid)
+        else:
+            y = _intra_chunk_gated(q, k, G, c) @ v
+            q_in, k_out = q * torch.exp(G), k * torch.exp(G_end - G)
+        if n > 1:
+            kv = k_out.transpose(-1, -2) @ v  # [..., n, dk, dv]: each chunk's own contribution at its end
+            decay = torch.exp(G_end).transpose(-1, -2)  # [..., n, dk, 1]
+            S = torch.zeros_like(kv[..., 0, :, :])
+            states = [S]
+            for i in range(n - 1):
+                S = torch.addcmul(kv[..., i, :, :], decay[..., i, :, :], S)
+                states.append(S)
+            y = y + q_in @ torch.stack(states, dim=-3)
     return y.reshape(*lead, Lp, dv)[..., :L, :].to(out_dtype)
+
+
+def chunk_decayed_linear_attention(
+    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, *, chunk_size: int = 64
+) -> Tensor:
+    """Linear attention with a constant decay per head (RetNet retention), chunkwise, all matmuls.
+
+    ``y_t = sum_{s <= t} gamma^(t - s) (q_t . k_s) v_s``, i.e. :func:`chunk_linear_attention` with
+    ``log_gate = log gamma`` at every step and channel, without any ``[C, C, d_k]`` decay tensor: within a
+    chunk ``y = ((q k^T) * D) v`` with ``D[t, s] = gamma^(t - s)`` (``s <= t``, a ``[C, C]`` matrix per head);
+    the states entering the chunks are ``S_j = sum_{i < j} gamma^(C (j - 1 - i)) kv_i`` (an ``[n, n]`` matrix
+    per head, one matmul). Every exponent is ``<= 0``: nothing overflows whatever the decay.
+
+    Args:
+        q, k: ``[..., L, d_k]``; v: ``[..., L, d_v]``;
+        log_decay: ``log gamma <= 0``, shape broadcastable to ``q.shape[:-2]`` (e.g. ``[H]`` for ``[B, H]``).
+        chunk_size: tokens per chunk.
+
+    Returns ``y: [..., L, d_v]`` in ``v``'s dtype.
+    """
+    L = q.shape[-2]
+    lead = q.shape[:-2]
+    dk, dv = q.shape[-1], v.shape[-1]
+    if L == 0:
+        return v.new_zeros(v.shape)
+    out_dtype = v.dtype
+    dtype = _kernel_dtype(q, k, v, log_decay)
+    C = min(chunk_size, L)
+    Lp = _round_up(L, C)
+    n = Lp // C
+    q, k, v = (_pad_len(x.to(dtype), Lp - L).reshape(*lead, n, C, x.shape[-1]) for x in (q, k, v))
+    lg = log_decay.to(dtype)
+    lg = lg.reshape(*lg.shape, 1, 1)  # [..., 1, 1] against [..., C, C] (or [..., n, n])
+    pos = torch.arange(C, device=q.device, dtype=dtype)
+    diff = pos[:, None] - pos[None, :]  # t - s
+    causal = diff >= 0
+    D = torch.exp(lg * diff.clamp_min(0)) * causal  # [..., C, C]
+    y = ((q @ k.transpose(-1, -2)) * D[..., None, :, :]) @ v
+    if n > 1:
+        # decay from each key to its chunk's end, and from each chunk start to each query
+        to_end = torch.exp(lg[..., 0] * (C - 1 - pos))[..., None, :, None]  # [..., 1, C, 1]
+        from_start = torch.exp(lg[..., 0] * (pos + 1))[..., None, :, None]  # [..., 1, C, 1]
+        kv = (k * to_end).transpose(-1, -2) @ v  # [..., n, dk, dv]
+        j = torch.arange(n, device=q.device, dtype=dtype)
+        steps = j[:, None] - 1 - j[None, :]  # S_j collects kv_i, i < j, decayed C * (j - 1 - i) steps
+        W = torch.exp(lg * C * steps.clamp_min(0)) * (steps >= 0)  # [..., n, n]
+        S = (W @ kv.reshape(*kv.shape[:-2], dk * dv)).reshape(kv.shape)  # [..., n, dk, dv]
+        y = y + (q * from_start) @ S
+    return y.reshape(*lead, Lp, dv)[..., :L, :].to(out_dtype)
+
+
+def _factor_bound(dtype: torch.dtype) -> float:
+    """Largest ``|exponent|`` of one factor of the factored intra-chunk decays (``exp(30) ~ 1e13`` in float32)."""
+    return 300.0 if dtype == torch.float64 else 30.0
+
+
+def _fast_chunk_for(g: Tensor, C: int, c: int, bound: float) -> int | None:
+    """The largest chunk ``C' in {C, C/2, ...}`` (``C'`` a multiple of ``c``, dividing the padded length) for
+    which :func:`_intra_chunk_factored` is safe: ``|G_t - G_mid| <= bound`` in every chunk. None: none is
+    (very strong gates), use the pairwise path. ``g: [..., Lp, dk]`` log-gates (``Lp`` a multiple of ``C``).
+    """
+    *lead, Lp, dk = g.shape
+    while True:
+        G = g.reshape(*lead, Lp // C, C, dk).cumsum(-2)
+        span = (G[..., :1, :] - G[..., C // 2 : C // 2 + 1, :]).abs().amax()
+        span = torch.maximum(span, (G[..., C // 2 : C // 2 + 1, :] - G[..., -1:, :]).abs().amax())
+        if bool(span <= bound):  # (one check over the whole batch: a single sync)
+            return C
+        half = C // 2
+        if half < 8 or half % c or Lp % half:
+            return None
+        C = half
+
+
+def _factored(q: Tensor, k: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """fla's ``chunk_gla`` factoring of the intra-chunk decays: ``(q_f, k_f, G_mid)``.
+
+    ``exp(G_t - G_s) = exp(G_t - G_mid) exp(G_mid - G_s)`` with ``G_mid`` the chunk's middle row, so that the
+    intra-chunk scores ``sum_d q_td k_sd exp(G_td - G_sd)`` are ``tril(q_f @ k_f^T)`` with
+    ``q_f = q * exp(G - G_mid)``, ``k_f = k * exp(G_mid - G)``: one matmul, no ``[C, C, d_k]`` tensor. Each
+    factor is at most ``exp(span)`` (bounded by :func:`_fast_chunk_for`), their product for ``s <= t`` at
+    most 1. ``G_mid`` cancels exactly, so it is detached (its gradient is exactly 0): no output depends, even
+    numerically, on a later token's gate.
+    """
+    C = G.shape[-2]
+    G_mid = G[..., C // 2 : C // 2 + 1, :].detach()
+    e = G - G_mid
+    return q * e.exp(), k * torch.exp(-e), G_mid
+
+
+def _tril_(A: Tensor) -> Tensor:
+    """Zero the strictly upper triangle of ``A [..., C, C]`` in place (cheaper than ``torch.tril``)."""
+    C = A.shape[-1]
+    upper = torch.ones(C, C, dtype=torch.bool, device=A.device).triu(1)
+    return A.masked_fill_(upper, 0.0)
 
 
 def _intra_chunk_gated(q: Tensor, k: Tensor, G: Tensor, c: int) -> Tensor:

@@ -23,12 +23,11 @@ from ess_train.models.mixers._common import (
     check_open_unit,
     check_positive_float,
     check_positive_int,
-    chunk_linear_attention,
+    chunk_decayed_linear_attention,
     head_dims,
     merge_heads,
     rotary_embedding,
     split_heads,
-    sub_chunk_for,
 )
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
@@ -149,10 +148,7 @@ class DecayedLinearAttention(ESSMixer):
         f = self._features(x)
         q, k, v = f["q"], f["k"], f["v"]
         c = q * self.scale
-        log_a = f["log_decay"][None, :, None, None].expand(k.shape)
-        y = chunk_linear_attention(
-            c, k, v, log_a, chunk_size=self.chunk_size, sub_chunk_size=sub_chunk_for(self.chunk_size)
-        )
+        y = chunk_decayed_linear_attention(c, k, v, f["log_decay"], chunk_size=self.chunk_size)
         a = f["log_decay"].exp()[None, :, None, None].expand(k.shape)  # a view: no [B, H, L, d_k] copy
         return OperatorView(op=RecurrentOperator(a, k, c, validate=False), u=v, y=y)
 

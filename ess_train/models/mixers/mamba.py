@@ -33,6 +33,7 @@ __all__ = [
     "SelectiveSSMOperator",
     "selective_scan",
     "selective_scan_reference",
+    "mamba_scan",
     "A_INITS",
     "DT_RANGES",
     "init_a_log_",
@@ -278,6 +279,121 @@ def selective_scan_reference(log_a: Tensor, x: Tensor) -> Tensor:
     return torch.stack(states, dim=-2) if states else x.clone()
 
 
+
+# ----------------------------------------------------------------------------------------------------
+# Mamba's fast forward: the chunked cumsum form, in cache-sized blocks
+def _factor_bound(dtype: torch.dtype) -> float:
+    """Largest within-chunk ``|dt A|`` sum for :func:`_mamba_chunk_y` (``exp(40) ~ 2e17`` in float32)."""
+    return 300.0 if dtype == torch.float64 else 40.0
+
+
+def _mamba_chunk_y(dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, u: Tensor, C: int) -> Tensor:
+    """``y_t = C_t . h_t``, ``h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t``, for one block (plain autograd ops).
+
+    ``dt, u [b, d, L]``, ``A [d, N]``, ``Bm, Cm [b, L, N]``, ``L`` a multiple of ``C``. Within a chunk, with
+    ``S_t = A * sum_{r <= t} dt_r`` (from the chunk start, ``<= 0``):
+    ``h_t = exp(S_t) (h_start + sum_{s <= t} exp(-S_s) dt_s u_s B_s)``: elementwise ops and one cumsum for all
+    chunks at once; ``|S| <= bound`` keeps ``exp(-S)`` finite (checked by the caller). The states entering
+    the chunks follow from a short loop over chunks.
+    """
+    b, d, L = dt.shape
+    N = A.shape[-1]
+    n = L // C
+    S = dt.reshape(b, d, n, C, 1).cumsum(-2) * A[:, None, None, :]  # [b, d, n, C, N], <= 0
+    # factor exp(S_t - S_s) = exp(S_t - S_mid) exp(S_mid - S_s) through the chunk's middle row (both factors
+    # at most exp(bound / 2)); S_mid cancels exactly, so it is detached (its gradient is exactly 0)
+    S_mid = S[..., C // 2 : C // 2 + 1, :].detach()
+    e = S - S_mid
+    w = torch.exp(-e) * (dt * u).reshape(b, d, n, C, 1) * Bm.reshape(b, 1, n, C, N)
+    cum = w.cumsum(-2)
+    E = e.exp()
+    if n > 1:
+        local = E[..., -1, :] * cum[..., -1, :]  # each chunk's end state from a zero start
+        decay = torch.exp(S[..., -1, :])  # [b, d, n, N]: the chunk's total decay
+        h = torch.zeros_like(local[..., 0, :])
+        starts = [h]
+        for loc, dec in zip(local.unbind(-2)[:-1], decay.unbind(-2)[:-1]):
+            h = torch.addcmul(loc, dec, h)
+            starts.append(h)
+        # h_t = exp(S_t) h_start + ...: exp(S_t) = E_t exp(S_mid), folded into the start states
+        cum = cum + torch.stack(starts, dim=-2)[..., None, :] * torch.exp(S_mid)
+    return (E * cum * Cm.reshape(b, 1, n, C, N)).sum(-1).reshape(b, d, L)
+
+
+def _blocks(batch: int, D: int, L: int, N: int, target: int = 1 << 19) -> list[tuple[slice, slice]]:
+    """(batch, channel) blocks whose ``[b, d, L, N]`` temporaries hold about ``target`` numbers (cache)."""
+    d = max(1, min(D, target // max(1, L * N)))
+    b = max(1, min(batch, target // max(1, d * L * N)))
+    return [(slice(i, i + b), slice(j, j + d)) for i in range(0, batch, b) for j in range(0, D, d)]
+
+
+class _MambaScan(torch.autograd.Function):
+    """:func:`_mamba_chunk_y` block by block; the backward recomputes each block under autograd."""
+
+    @staticmethod
+    def forward(ctx: Any, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, u: Tensor, chunk: int) -> Tensor:
+        ctx.save_for_backward(dt, A, Bm, Cm, u)
+        ctx.chunk = chunk
+        y = torch.empty_like(dt)
+        for bs, ds in _blocks(dt.shape[0], dt.shape[1], dt.shape[2], A.shape[-1]):
+            y[bs, ds] = _mamba_chunk_y(dt[bs, ds], A[ds], Bm[bs], Cm[bs], u[bs, ds], chunk)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
+        dt, A, Bm, Cm, u = ctx.saved_tensors
+        grads = [torch.zeros_like(t) for t in (dt, A, Bm, Cm, u)]
+        for bs, ds in _blocks(dt.shape[0], dt.shape[1], dt.shape[2], A.shape[-1]):
+            with torch.enable_grad():
+                ins = [t.detach().requires_grad_(True) for t in (dt[bs, ds], A[ds], Bm[bs], Cm[bs], u[bs, ds])]
+                y = _mamba_chunk_y(*ins, ctx.chunk)
+                g = torch.autograd.grad(y, ins, gy[bs, ds])
+            grads[0][bs, ds] = g[0]
+            grads[1][ds] += g[1]
+            grads[2][bs] += g[2]
+            grads[3][bs] += g[3]
+            grads[4][bs, ds] = g[4]
+        return (*grads, None)
+
+
+def mamba_scan(
+    dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, u: Tensor, chunk_size: int | None = None
+) -> Tensor:
+    """Mamba's selective scan ``y [b, D, L]`` from its factors, without ``[b, D, L, N]`` tensors in memory.
+
+    ``h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t`` (``h_{-1} = 0``), ``y_t = C_t . h_t`` per channel, with
+    ``dt, u [b, D, L]`` (``dt >= 0``), ``A [D, N]`` (``<= 0``), ``Bm, Cm [b, L, N]``.
+
+    The chunked cumsum form (:func:`_mamba_chunk_y`) in cache-sized (batch, channel) blocks; the backward
+    recomputes each block (activation memory ``O(b D L)``). Chunks of at most ``chunk_size`` (default 64),
+    halved until no chunk's total ``|dt A|`` exceeds :func:`_factor_bound`; with decays too strong even for
+    chunks of 4 it falls back to the exact :func:`selective_scan` (materialized ``[b, D, L, N]``).
+    """
+    dtype = torch.promote_types(torch.promote_types(dt.dtype, A.dtype), torch.float32)
+    dt, A, Bm, Cm, u = (t.to(dtype) for t in (dt, A, Bm, Cm, u))
+    L = dt.shape[-1]
+    if L == 0:
+        return dt.clone()
+    C = min(64 if chunk_size is None else chunk_size, L)
+    rate = A.detach().abs().amax(-1)  # [D]
+    bound = _factor_bound(dtype)
+    while C >= 4 or C == L:
+        pad = (-L) % C
+        dtp = F.pad(dt.detach(), (0, pad)).reshape(*dt.shape[:-1], -1, C).sum(-1)  # [b, D, n]
+        if bool((dtp.amax(dim=(0, 2)) * rate).max() <= bound):
+            break
+        C //= 2
+    else:
+        log_a = dt[..., None] * A[:, None, :]
+        return selective_scan(log_a, (dt * u)[..., None] * Bm[:, None], chunk_size, c=Cm[:, None])
+    pad = (-L) % C
+    if pad:  # padded steps: dt = 0 and u = 0 add nothing
+        dt, u = F.pad(dt, (0, pad)), F.pad(u, (0, pad))
+        Bm, Cm = F.pad(Bm, (0, 0, 0, pad)), F.pad(Cm, (0, 0, 0, pad))
+    y = _MambaScan.apply(dt, A, Bm, Cm, u, C)
+    return y[..., :L] if pad else y
+
 # ----------------------------------------------------------------------------------------------------
 class SelectiveSSMOperator(RecurrentOperator):
     """Mamba's per-channel operator, built when read: ``a = exp(dt A)``, ``b = dt B``, ``c = C``.
@@ -462,9 +578,7 @@ class Mamba(ESSMixer):
     def operator(self, x: Tensor) -> OperatorView:
         f = self._features(x)
         u, dt, A, Bm, Cm = f["u"], f["dt"], f["A"], f["B"], f["C"]
-        log_a = dt[..., None] * A[:, None, :]  # [B, D, L, N], <= 0
-        inputs = (dt * u.to(dt.dtype))[..., None] * Bm[:, None, :, :]  # dt B u
-        y = selective_scan(log_a, inputs, self.chunk_size, c=Cm[:, None, :, :])  # [B, D, L]
+        y = mamba_scan(dt, A, Bm, Cm, u, self.chunk_size)  # [B, D, L]
         return OperatorView(op=SelectiveSSMOperator(dt, A, Bm, Cm), u=u, y=y, extras={"z": f["z"]})
 
     def readout(self, view: OperatorView, x: Tensor) -> Tensor:
