@@ -355,3 +355,16 @@ def test_recurrent_and_dense_ess_agree(name: str) -> None:
 def test_view_is_an_operator_view() -> None:
     m = make("gla")
     assert isinstance(m.operator(inputs(1, 3)), OperatorView)
+
+
+def test_gated_kernel_factored_path_shrinks_chunks_for_strong_gates() -> None:
+    """Gates down to -3 per step: the factored (matmul) intra-chunk path needs chunks of 16 (span <= 30), the
+    kernel halves the chunk and stays exact; float64 agrees with the reference to 1e-12."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 4, dtype=torch.float64) for _ in range(3))
+    g = -3.0 * torch.rand(1, 2, 64, 4, dtype=torch.float64)
+    ref = gated_reference(q, k, v, g, 1.0)
+    y64 = chunk_linear_attention(q, k, v, g, chunk_size=64, sub_chunk_size=16)
+    assert rel(y64, ref) < 1e-12
+    y32 = chunk_linear_attention(q.float(), k.float(), v.float(), g.float(), chunk_size=64, sub_chunk_size=16)
+    assert torch.isfinite(y32).all() and rel(y32.double(), ref) < 1e-5

@@ -16,27 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ess_train.models.mixers._common import RMSNorm
 from ess_train.models.protocol import OperatorView, StateSize, find_ess_layers, operators_of
 from ess_train.models.registry import build_mixer, mixer_parameters, resolve_mixer_name
 
 __all__ = ["SequenceModel", "Block", "MLP", "RMSNorm"]
-
-
-class RMSNorm(nn.Module):
-    """RMS normalization over the last dim with a learnable gain."""
-
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * self.weight.to(out.dtype)).to(x.dtype)
 
 
 def _make_norm(kind: str, dim: int, eps: float) -> nn.Module:

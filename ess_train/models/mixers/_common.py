@@ -281,7 +281,7 @@ def chunk_decayed_linear_attention(
 
 
 def _factor_bound(dtype: torch.dtype) -> float:
-    """Largest ``|exponent|`` of one factor of the factored intra-chunk decays (``exp(30) ~ 1e13`` in float32)."""
+    """Largest ``|exponent|`` of one factor in the factored intra-chunk decays (float32: ``e^30 ~ 1e13``)."""
     return 300.0 if dtype == torch.float64 else 30.0
 
 

@@ -279,7 +279,6 @@ def selective_scan_reference(log_a: Tensor, x: Tensor) -> Tensor:
     return torch.stack(states, dim=-2) if states else x.clone()
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # Mamba's fast forward: the chunked cumsum form, in cache-sized blocks
 def _factor_bound(dtype: torch.dtype) -> float:
@@ -346,7 +345,9 @@ class _MambaScan(torch.autograd.Function):
         grads = [torch.zeros_like(t) for t in (dt, A, Bm, Cm, u)]
         for bs, ds in _blocks(dt.shape[0], dt.shape[1], dt.shape[2], A.shape[-1]):
             with torch.enable_grad():
-                ins = [t.detach().requires_grad_(True) for t in (dt[bs, ds], A[ds], Bm[bs], Cm[bs], u[bs, ds])]
+                ins = [
+                    t.detach().requires_grad_(True) for t in (dt[bs, ds], A[ds], Bm[bs], Cm[bs], u[bs, ds])
+                ]
                 y = _mamba_chunk_y(*ins, ctx.chunk)
                 g = torch.autograd.grad(y, ins, gy[bs, ds])
             grads[0][bs, ds] = g[0]
@@ -393,6 +394,7 @@ def mamba_scan(
         Bm, Cm = F.pad(Bm, (0, 0, 0, pad)), F.pad(Cm, (0, 0, 0, pad))
     y = _MambaScan.apply(dt, A, Bm, Cm, u, C)
     return y[..., :L] if pad else y
+
 
 # ----------------------------------------------------------------------------------------------------
 class SelectiveSSMOperator(RecurrentOperator):
