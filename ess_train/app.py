@@ -57,7 +57,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     logger = _build_logger(cfg.logger)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     if logger and hasattr(logger, "log_hyperparams"):
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        # without the `hydra` node: a config composed with return_hydra_config=True (experiments/common.py)
+        # carries it, and its runtime interpolations cannot be resolved outside a Hydra job
+        hparams = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        logger.log_hyperparams(OmegaConf.to_container(hparams, resolve=True))
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     final = trainer.validate(module, datamodule=datamodule, verbose=False)

@@ -26,6 +26,7 @@ __all__ = [
     "head_dims",
     "split_heads",
     "merge_heads",
+    "gated_head_readout",
     "RMSNorm",
     "rotary_embedding",
     "chunk_linear_attention",
@@ -116,6 +117,19 @@ class RMSNorm(nn.Module):
         xf = x.to(dtype)
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (out * self.weight.to(dtype)).to(x.dtype)
+
+
+def gated_head_readout(
+    y: Tensor, x: Tensor, o_norm: nn.Module, g_proj: nn.Module | None, o_proj: nn.Module, num_heads: int
+) -> Tensor:
+    """fla-style readout of head-wise mixers: per-head norm, optional ``swish(g_proj(x))`` gate, projection.
+
+    ``y: [B, H, L, d_v]`` (the operator's output), ``x: [B, L, d_model]`` (the layer input).
+    """
+    o = o_norm(y)
+    if g_proj is not None:
+        o = o * F.silu(split_heads(g_proj(x), num_heads))
+    return o_proj(merge_heads(o))
 
 
 def rotary_embedding(x: Tensor, base: float = 10000.0) -> Tensor:

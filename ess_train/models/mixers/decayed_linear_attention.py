@@ -24,8 +24,8 @@ from ess_train.models.mixers._common import (
     check_positive_float,
     check_positive_int,
     chunk_decayed_linear_attention,
+    gated_head_readout,
     head_dims,
-    merge_heads,
     rotary_embedding,
     split_heads,
 )
@@ -153,10 +153,7 @@ class DecayedLinearAttention(ESSMixer):
         return OperatorView(op=RecurrentOperator(a, k, c, validate=False), u=v, y=y)
 
     def readout(self, view: OperatorView, x: Tensor) -> Tensor:
-        o = self.o_norm(view.y)
-        if self.g_proj is not None:
-            o = o * F.silu(split_heads(self.g_proj(x), self.num_heads))
-        return self.o_proj(merge_heads(o))
+        return gated_head_readout(view.y, x, self.o_norm, self.g_proj, self.o_proj, self.num_heads)
 
     def state_size(self, seq_len: int) -> StateSize:
         return StateSize(

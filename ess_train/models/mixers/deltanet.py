@@ -21,8 +21,8 @@ from ess_train.models.mixers._common import (
     check_positive_float,
     check_positive_int,
     chunk_delta_rule,
+    gated_head_readout,
     head_dims,
-    merge_heads,
     split_heads,
 )
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
@@ -125,10 +125,7 @@ class DeltaNet(ESSMixer):
         return OperatorView(op=DeltaRuleOperator(f["k"], f["beta"], c), u=f["v"], y=y)
 
     def readout(self, view: OperatorView, x: Tensor) -> Tensor:
-        o = self.o_norm(view.y)
-        if self.g_proj is not None:
-            o = o * F.silu(split_heads(self.g_proj(x), self.num_heads))
-        return self.o_proj(merge_heads(o))
+        return gated_head_readout(view.y, x, self.o_norm, self.g_proj, self.o_proj, self.num_heads)
 
     def state_size(self, seq_len: int) -> StateSize:
         return StateSize(

@@ -1,0 +1,87 @@
+"""Study 2: state collapse on hard MQAR and the ESS regularizer (floor / decay_identity).
+
+Grid: mixer (gla, decayed_linear_attention) x condition (none, floor, decay_identity) x seed on top of
+``conf/experiment/collapse.yaml`` with the CSV logger. One row per run in ``results/collapse.csv`` (via
+:func:`experiments.common.run_grid`); the per-step curves (ESS utilization, totals, validation accuracy,
+regularizer loss) are gathered from each run's ``metrics.csv`` into ``results/collapse_curves.csv``.
+
+    PYTHONPATH=. .venv/bin/python experiments/collapse/run.py --workers 1
+    PYTHONPATH=. .venv/bin/python experiments/collapse/run.py --smoke --out /tmp/smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+from pathlib import Path
+
+from experiments.common import read_rows, run_grid
+
+HERE = Path(__file__).resolve().parent
+MIXERS = ["gla", "decayed_linear_attention"]
+WEIGHT = 1.0
+CONDITIONS = {
+    "none": ["callbacks=default"],
+    "floor": ["callbacks=regularized", "callbacks.regularizer.mode=floor", f"callbacks.regularizer.weight={WEIGHT}"],
+    "decay_identity": ["callbacks=regularized", "callbacks.regularizer.mode=decay_identity",
+                       f"callbacks.regularizer.weight={WEIGHT}"],
+}
+SEEDS = [0, 1]
+# top-level keys an experiment file cannot set (conf/config.yaml's _self_ comes after `experiment`)
+COMMON = ["optim.lr=1e-2", "optim.warmup_steps=50", "save_plots=false"]
+SMOKE = ["trainer.max_steps=4", "trainer.val_check_interval=2", "callbacks.monitor.every_n_steps=2",
+         "task.num_train=128", "task.num_test=32", "task.batch_size=16"]
+CURVE_KEYS = ("val/acc", "ess/total", "ess/per_kv", "ess/reg_loss")
+
+
+def points(smoke: bool = False) -> dict[str, list[str]]:
+    """``run_id -> overrides`` of the study (or its two-run smoke variant)."""
+    grid = [("gla", "none", 0), ("gla", "floor", 0)] if smoke else itertools.product(MIXERS, CONDITIONS, SEEDS)
+    return {
+        f"{mixer}_{cond}_s{seed}": [f"model={mixer}", "experiment=collapse", "logger=csv", f"seed={seed}",
+                                    *CONDITIONS[cond], *COMMON, *(SMOKE if smoke else [])]
+        for mixer, cond, seed in grid
+    }
+
+
+def gather_curves(runs_dir: Path, run_ids: list[str], out_csv: Path) -> Path:
+    """Long-format curves ``run_id, step, metric, value`` from every run's CSV-logger ``metrics.csv``."""
+    out_rows = []
+    for run_id in run_ids:
+        files = sorted((runs_dir / run_id).glob("csv/version_*/metrics.csv"))
+        if not files:
+            continue
+        with files[-1].open(newline="") as fh:
+            for rec in csv.DictReader(fh):
+                for key, value in rec.items():
+                    if value in ("", None) or key in ("step", "epoch"):
+                        continue
+                    if key in CURVE_KEYS or (key.startswith("ess/") and key.endswith("/utilization")) \
+                            or (key.startswith("ess/") and key.endswith("/avg_entropy")):
+                        out_rows.append({"run_id": run_id, "step": int(float(rec["step"])), "metric": key,
+                                         "value": float(value)})
+    with out_csv.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["run_id", "step", "metric", "value"])
+        writer.writeheader()
+        writer.writerows(out_rows)
+    return out_csv
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="two runs of a few steps, same code path")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="results directory")
+    args = parser.parse_args(argv)
+    stem = "collapse_smoke" if args.smoke else "collapse"
+    csv_path = args.out / f"{stem}.csv"
+    grid = points(args.smoke)
+    run_grid(grid, csv_path, args.out, workers=args.workers)
+    done = [r["run_id"] for r in read_rows(csv_path) if not r.get("error")]
+    gather_curves(args.out / "runs", done, args.out / f"{stem}_curves.csv")
+    return csv_path
+
+
+if __name__ == "__main__":
+    main()
