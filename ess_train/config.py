@@ -98,6 +98,16 @@ def _validate_node(node: Any, path: str, group: str) -> None:
                     f"{path}.{key}: unknown key for {target_name}{_suggest(key, accepted)}; "
                     f"valid keys: {', '.join(sorted(accepted - passed))}"
                 )
+        # a target may check its keys' values too (SequenceModel: mixer names and mixer_kwargs)
+        check = getattr(target, "validate_kwargs", None)
+        if callable(check):
+            values = {
+                k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in _HYDRA_KEYS
+            }
+            try:
+                check(**values)
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"{path}: {err}") from err
     for key in node:
         if str(key) in _HYDRA_KEYS:
             continue

@@ -81,7 +81,7 @@ class SequenceLM(pl.LightningModule):
         acc = self._val_accuracy
         if acc.correct is None:
             return
-        if self.trainer.world_size > 1:  # exact counts over all ranks
+        if self.trainer.world_size > 1:  # counts over all ranks (DistributedSampler may repeat a few rows)
             acc.correct = self.all_gather(acc.correct).reshape(-1, len(acc.slice_names)).sum(0)
             acc.total = self.all_gather(acc.total).reshape(-1, len(acc.slice_names)).sum(0)
         report = acc.compute()

@@ -73,6 +73,8 @@ def test_default_config_composes_and_validates() -> None:
         ("+callbacks.monitor.every_n_step=3", "callbacks.monitor.every_n_step"),
         ("+optim.learning_rate=1e-3", "optim.learning_rate"),
         ("+sead=1", "sead"),
+        ("+model.mixer_kwargs.num_head=2", "num_head"),
+        ("model.mixer=[short_conv,glaa]", "glaa"),
     ],
 )
 def test_unknown_keys_are_rejected_with_their_path(override: str, needle: str) -> None:
@@ -195,3 +197,20 @@ def test_slurm_launcher_writes_the_submission_script(tmp_path: Path) -> None:
     assert "module load cuda" in script and "export WANDB_MODE=offline" in script
     assert script.index("module load cuda") < script.index("srun")
     assert "submitit.core._submit" in script
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml")))
+def test_experiment_files_validate_and_win_over_the_root_config(name: str) -> None:
+    from omegaconf import OmegaConf
+
+    cfg = _compose([f"experiment={name}"])
+    validate_config(cfg)
+    own = OmegaConf.load(Path(CONFIG_DIR) / "experiment" / f"{name}.yaml")
+    own.pop("defaults", None)
+    for key, value in OmegaConf.to_container(own, resolve=False).items():
+        if isinstance(value, dict):
+            for sub, sub_value in value.items():
+                if not isinstance(sub_value, (dict, list)):
+                    assert cfg[key][sub] == sub_value, f"{name}: {key}.{sub}"
+        elif not isinstance(value, list):
+            assert cfg[key] == value, f"{name}: {key}"

@@ -41,7 +41,15 @@ def test_metrics_logged_to_csv_and_callback_metrics(tmp_path):
         assert 0 < avg <= per_op
         assert float(last[f"ess/{layer}/max_entropy"]) >= avg
         assert float(last[f"ess/{layer}/avg_tolerance"]) <= per_op
-        assert float(last[f"ess/{layer}/utilization"]) == pytest.approx(avg / per_op, rel=1e-5)
+        # sum_i ESS_i / sum_i min(per_op, i, L - i) over all 12 positions (bounds sum to 32)
+        bounds = [min(per_op, i, 12 - i) for i in range(12)]
+        assert sum(bounds) == 32
+        util = float(last[f"ess/{layer}/utilization"])
+        assert util == pytest.approx(12 * avg / sum(bounds), rel=1e-5)
+        assert util == pytest.approx(
+            sum(monitor.history[layer]["profiles"][-1]) / sum(bounds), rel=1e-5
+        )
+        assert 0 < util <= 1
         # 8 channels, multiplicity 1; per_kv = total / 3 kv pairs
         assert float(last[f"ess/{layer}/total"]) == pytest.approx(8 * avg, rel=1e-4)
         assert float(last[f"ess/{layer}/per_kv"]) == pytest.approx(

@@ -25,8 +25,10 @@ def test_experiment_configs_compose() -> None:
     from ess_train.app import CONFIG_DIR
     from ess_train.config import validate_config
 
-    for name, overrides in (("mqar_ess", next(iter(mqar_run.points().values()))),
-                            ("collapse", next(iter(collapse_run.points().values())))):
+    for name, overrides in (
+        ("mqar_ess", next(iter(mqar_run.points().values()))),
+        ("collapse", next(iter(collapse_run.points().values()))),
+    ):
         assert f"experiment={name}" in overrides
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("config", overrides=[*overrides, "output_dir=/tmp/unused"])

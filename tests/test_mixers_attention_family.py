@@ -368,3 +368,24 @@ def test_gated_kernel_factored_path_shrinks_chunks_for_strong_gates() -> None:
     assert rel(y64, ref) < 1e-12
     y32 = chunk_linear_attention(q.float(), k.float(), v.float(), g.float(), chunk_size=64, sub_chunk_size=16)
     assert torch.isfinite(y32).all() and rel(y32.double(), ref) < 1e-5
+
+
+def test_gla_normalizer_survives_a_checkpoint() -> None:
+    """ESSInitializer may change the normalizer (no parameter): it must travel in the state dict."""
+    from ess_train.models import build_mixer
+
+    gla = build_mixer("gla", d_model=16, num_heads=2)
+    gla.apply_init(gate_logit_normalizer=2.0)
+    fresh = build_mixer("gla", d_model=16, num_heads=2)
+    assert fresh.gate_logit_normalizer == 16.0
+    fresh.load_state_dict(gla.state_dict())
+    assert fresh.gate_logit_normalizer == 2.0
+    x = torch.randn(2, 8, 16)
+    torch.testing.assert_close(fresh(x), gla(x))
+
+
+def test_sliding_window_needs_a_past() -> None:
+    from ess_train.models import build_mixer
+
+    with pytest.raises(ValueError, match="window must be an int >= 2"):
+        build_mixer("sliding_window_attention", d_model=8, window=1)

@@ -33,6 +33,9 @@ __all__ = [
     "kv_pairs_for",
     "eval_mode",
     "compute_copy",
+    "no_autocast",
+    "position_bounds",
+    "state_utilization",
     "LayerESS",
     "layer_ess",
     "entropy_profile",
@@ -232,6 +235,53 @@ def compute_copy(
 
 
 # ------------------------------------------------------------------------------------------------- ESS
+@contextlib.contextmanager
+def no_autocast(op: DenseOperator | RecurrentOperator) -> Iterator[None]:
+    """Autocast off on ``op``'s device (ESS is computed in float32/float64 whatever the AMP setting)."""
+    device_type = op.device.type
+    if device_type not in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        yield
+        return
+    with torch.autocast(device_type=device_type, enabled=False):
+        yield
+
+
+def position_bounds(per_operator: int, seq_len: int, positions: list[int] | None) -> list[int]:
+    """Per-position bound on ``rank(H_i)`` of one operator: ``b_i = min(per_operator, i, L - i)``.
+
+    ``H_i = T[i:, :i]`` has ``i`` columns and ``L - i`` rows, so ``b_0 = 0`` whatever the layer;
+    ``per_operator`` is the layer's own cap (``StateSize.per_operator``: ``d`` for linear attention,
+    ``N`` for Mamba, ``w - 1`` for sliding-window attention, ``L // 2`` for softmax attention, which
+    makes ``b_i = min(i, L - i)``). ``positions=None``: all ``0..L-1``.
+    """
+    pos = range(seq_len) if positions is None else positions
+    return [max(0, min(int(per_operator), int(i), seq_len - int(i))) for i in pos]
+
+
+def state_utilization(
+    ess: Tensor, per_operator: int, seq_len: int, positions: list[int] | None
+) -> Tensor | None:
+    """State utilization ``sum_i ESS_i / sum_i b_i`` over the evaluated positions (the one definition the
+    monitor, the regularizer and the initializer share).
+
+    ``ess``: entropy-ESS ``[..., P]`` at ``positions`` (``None``: all ``L``); leading dims (rows,
+    operators) are averaged first, so the result is also the mean over operators of each operator's
+    utilization. ``b_i = min(per_operator, i, L - i)`` (:func:`position_bounds`): since
+    ``ESS_i <= rank(H_i) <= b_i``, the ratio lies in ``[0, 1]`` and reaches 1 exactly when every evaluated
+    ``H_i`` is at its bound with a flat spectrum. Positions with ``b_i = 0`` (``i = 0``) contribute
+    nothing to either sum, so including position 0 or not gives the same number. Differentiable.
+    Returns ``None`` when ``sum_i b_i = 0`` (``per_operator == 0``, e.g. sliding-window attention with
+    ``window=1``, or ``L == 1``): utilization is undefined there.
+    """
+    bound = sum(position_bounds(per_operator, seq_len, positions))
+    if bound <= 0:
+        return None
+    if ess.shape[-1] != (seq_len if positions is None else len(positions)):
+        raise ValueError(f"ESS profile has {ess.shape[-1]} positions, expected {positions or seq_len}")
+    profile = ess.reshape(-1, ess.shape[-1]).mean(0)
+    return profile.sum() / bound
+
+
 def entropy_profile(op: DenseOperator | RecurrentOperator, positions: list[int] | None) -> Tensor:
     """Entropy-ESS ``[batch, G, P]`` of ``op`` (batch dims after the first flattened into G)."""
     ent = entropy_ess(op, positions=positions)
@@ -240,7 +290,14 @@ def entropy_profile(op: DenseOperator | RecurrentOperator, positions: list[int] 
 
 @dataclass
 class LayerESS:
-    """ESS summary of one layer on one batch (floats; ``profile`` is the mean over rows and operators)."""
+    """ESS summary of one layer on one batch (floats; ``profile`` is the mean over rows and operators).
+
+    ``avg_entropy``/``avg_tolerance``: mean over the evaluated positions (position 0, whose ESS is 0, counts
+    when it is evaluated, as with ``positions=None``), operators and rows. ``utilization``:
+    ``sum_i ESS_i / sum_i min(per_operator, i, L - i)`` over the evaluated positions
+    (:func:`state_utilization`, independent of whether position 0 is evaluated); NaN where undefined
+    (``per_operator == 0`` or ``L == 1``).
+    """
 
     positions: list[int]
     profile: list[float]
@@ -284,7 +341,7 @@ def layer_ess(
     the operators are an evenly spaced subset and ``total`` is scaled up to all of them (an estimate).
     """
     n_ops = math.prod(view.op.batch_shape[1:])
-    with torch.no_grad(), _no_autocast(view.op):
+    with torch.no_grad(), no_autocast(view.op):
         op = compute_copy(view.op, operators=max_operators)
         sigma = hankel_singular_values(op, positions)  # [B, G..., P, K]
         ent = entropy_ess_from_singular_values(sigma)
@@ -302,30 +359,18 @@ def layer_ess(
         kv = kv.expand_as(row_totals) if kv.numel() == 1 else kv[: row_totals.shape[0]]
         per_kv = float((row_totals / kv.clamp_min(1)).mean())
     avg = float(profile.mean())
+    util = state_utilization(profile, size.per_operator, L, positions)
     return LayerESS(
         positions=pos,
         profile=[float(v) for v in profile],
         avg_entropy=avg,
         max_entropy=float(profile.max()),
         avg_tolerance=None if tol is None else float(tol.float().mean()),
-        utilization=avg / size.per_operator if size.per_operator > 0 else math.nan,
+        utilization=math.nan if util is None else float(util),
         total=float(row_totals.mean()),
         per_kv=per_kv,
         row_totals=row_totals.detach().cpu(),
     )
-
-
-@contextlib.contextmanager
-def _no_autocast(op: DenseOperator | RecurrentOperator) -> Iterator[None]:
-    device_type = op.device.type
-    if device_type not in ("cpu", "cuda", "xpu", "mps", "hpu"):
-        yield
-        return
-    with torch.autocast(device_type=device_type, enabled=False):
-        yield
-
-
-no_autocast = _no_autocast
 
 
 # --------------------------------------------------------------------------------------------- logging

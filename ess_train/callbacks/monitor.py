@@ -41,10 +41,16 @@ class ESSMonitor(Callback):
     each validation end (not the sanity check), one ``no_grad`` eval-mode forward ``pl_module(inputs)``
     captures every layer's operator and the monitor logs, for each layer ``<layer>`` (its qualified name):
 
-    - ``ess/<layer>/avg_entropy``: entropy-ESS averaged over positions, operators and probe rows;
+    - ``ess/<layer>/avg_entropy``: entropy-ESS averaged over the evaluated positions (with
+      ``positions=None`` that includes position 0, whose ESS is 0), operators and probe rows;
     - ``ess/<layer>/max_entropy``: maximum over positions of the (row, operator)-mean entropy-ESS profile;
     - ``ess/<layer>/avg_tolerance``: tolerance-ESS, same average;
-    - ``ess/<layer>/utilization``: ``avg_entropy / StateSize.per_operator``;
+    - ``ess/<layer>/utilization``: ``sum_i ESS_i / sum_i b_i`` over the evaluated positions, with the
+      per-position bound ``b_i = min(StateSize.per_operator, i, L - i)`` on ``rank(H_i)`` and ``ESS_i`` the
+      (row, operator)-mean entropy-ESS (``_common.state_utilization``; the same number ESSRegularizer's
+      floor and ESSInitializer use). In ``[0, 1]``; 1 when every ``H_i`` is at its bound with a flat
+      spectrum; position 0 (``b_0 = 0``) adds nothing. Not logged for a layer where it is undefined
+      (``per_operator == 0``, e.g. ``window=1`` sliding-window attention, or ``L == 1``; warned once);
     - ``ess/<layer>/total``: ``multiplicity * sum over operators`` of avg entropy-ESS (mean over rows);
     - ``ess/<layer>/per_kv``: total / key-value pairs of the row (``num_kv_pairs``/``slice_kv_pairs``);
 
@@ -137,7 +143,15 @@ class ESSMonitor(Callback):
     # ------------------------------------------------------------------------------------------ lightning
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(include=self.include, exclude=self.exclude)
+        positions = self.positions
+        if positions is not None and not isinstance(positions, int):
+            positions = sorted({int(p) for p in positions})
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps,
+            positions=positions,
+            include=self.include,
+            exclude=self.exclude,
+        )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.layers = find_ess_layers(pl_module, include=self.include, exclude=self.exclude)
@@ -387,11 +401,20 @@ class ESSMonitor(Callback):
                 continue
             self._record(hist, step, stats)
             for key, value in stats.metrics().items():
+                if key == "utilization" and not math.isfinite(value):
+                    continue
                 metrics[f"ess/{name}/{key}"] = value
             totals.append(stats.total)
             if stats.per_kv is not None:
                 per_kvs.append(stats.per_kv)
-            self._check_thresholds(name, stats.utilization, step)
+            if math.isfinite(stats.utilization):
+                self._check_thresholds(name, stats.utilization, step)
+            else:
+                self._warn_once(
+                    f"undefined-utilization:{name}",
+                    f"ESSMonitor: layer {name!r} has no state to fill at seq_len={seq_len} "
+                    f"(per_operator={size.per_operator}): utilization is undefined and not logged.",
+                )
 
         total = float(sum(totals)) if totals else math.nan
         per_kv = float(sum(per_kvs)) if per_kvs else math.nan

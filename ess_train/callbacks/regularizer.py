@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -17,7 +18,9 @@ from ess_train.callbacks._common import (
     compute_copy,
     entropy_profile,
     no_autocast,
+    position_bounds,
     resolve_positions,
+    state_utilization,
 )
 from ess_train.ess import RecurrentOperator
 from ess_train.models.protocol import OperatorView, capture_operators, find_ess_layers
@@ -37,20 +40,32 @@ def ess_penalty(
     batch_rows: int | None = 2,
     max_operators: int | None = 8,
     offset: int = 0,
+    warn: Callable[[str, str], None] | None = None,
 ) -> Tensor | None:
     """The differentiable penalty of ``mode`` over the captured ``views`` (``None`` when nothing applies).
 
-    - ``floor``: ``mean over layers of relu(target - utilization)^2`` with utilization
-      ``= mean entropy-ESS / StateSize.per_operator`` (``target`` default 0.5);
-    - ``ceiling``: ``mean over layers of relu(mean entropy-ESS - target)``
-      (``target``: ESS budget per operator);
+    - ``floor``: ``mean over layers of relu(target - utilization)^2`` (``target`` default 0.5), with the
+      utilization ESSMonitor logs (``ess/<layer>/utilization``, :func:`state_utilization`):
+      ``sum_i ESS_i / sum_i min(StateSize.per_operator, i, L - i)`` over the evaluated positions, entropy-ESS
+      averaged over the rows and operators used. A layer whose utilization is undefined
+      (``per_operator == 0``, e.g. sliding-window attention with ``window=1``, or ``L == 1``) is skipped,
+      with a warning (once per layer through ``warn``);
+    - ``ceiling``: ``mean over layers of relu(mean entropy-ESS - target)`` (``target``: ESS budget per
+      operator; the mean is over the evaluated positions, rows and operators);
     - ``decay_identity``: mean over recurrent layers of ``mean((1 - a)^2)`` (diagonal transitions) or
       ``mean_t ||A_t - I||_F^2 / N`` (full), which pulls transitions towards the identity (longer memory).
 
     Entropy-ESS runs in float32 with autocast off, on the first ``batch_rows`` rows, ``max_operators``
     operators (stride ``G // max_operators``, starting at ``offset``) and ``num_positions`` evenly spaced
-    positions in ``[1, L-1]`` (``None``: all).
+    positions in ``[1, L-1]`` (``None``: all; position 0 adds nothing to the floor's utilization either way).
+    ``warn(key, message)``: warning sink (default ``warnings.warn`` with :class:`ESSWarning`); the
+    regularizer passes its warn-once.
     """
+    if warn is None:
+
+        def warn(key: str, message: str) -> None:
+            warnings.warn(message, ESSWarning, stacklevel=3)
+
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     terms: list[Tensor] = []
@@ -69,16 +84,27 @@ def ess_penalty(
                     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
                     terms.append((a - eye).square().sum((-2, -1)).mean() / a.shape[-1])
                 continue
-            small = compute_copy(op, rows=batch_rows, operators=max_operators, offset=offset)
-            positions = resolve_positions(num_positions, small.seq_len)
-            avg = entropy_profile(small, positions).mean()
             if mode == "floor":
-                per_op = layers[name].state_size(small.seq_len).per_operator
-                util = avg / per_op
+                seq_len = op.seq_len
+                per_op = int(layers[name].state_size(seq_len).per_operator)
+                positions = resolve_positions(num_positions, seq_len)
+                if sum(position_bounds(per_op, seq_len, positions)) <= 0:
+                    warn(
+                        f"undefined-utilization:{name}",
+                        f"ESSRegularizer: layer {name!r} has no state to fill at seq_len={seq_len} "
+                        f"(per_operator={per_op}): utilization is undefined; the floor skips it.",
+                    )
+                    continue
+                small = compute_copy(op, rows=batch_rows, operators=max_operators, offset=offset)
+                util = state_utilization(entropy_profile(small, positions), per_op, seq_len, positions)
+                assert util is not None  # bounds checked above
                 terms.append(torch.relu((0.5 if target is None else target) - util).square())
             else:
                 if target is None:
                     raise ValueError("mode='ceiling' needs target= (ESS budget per operator)")
+                small = compute_copy(op, rows=batch_rows, operators=max_operators, offset=offset)
+                positions = resolve_positions(num_positions, small.seq_len)
+                avg = entropy_profile(small, positions).mean()
                 terms.append(torch.relu(avg - target))
     if not terms:
         return None
@@ -97,12 +123,15 @@ class ESSRegularizer(Callback):
     ``weight_t = weight * min(1, (step + 1) / warmup_steps)`` (``step``: the global step); the penalty is
     applied when ``step % every_n_steps == 0``. Logs ``ess/reg_loss`` (the unweighted penalty) and
     ``ess/reg_weight`` through ``pl_module.log`` (step-level, ``log_every_n_steps`` cadence).
-    Manual optimization is not supported (the callback warns and stands aside).
+    Manual optimization is not supported (the callback warns and stands aside). A penalty that is not
+    finite (NaN/inf) is never added: that step keeps the user's loss, with a warning (once).
 
     Args:
         weight: penalty weight.
         mode: ``"floor"``, ``"ceiling"`` or ``"decay_identity"`` (see :func:`ess_penalty`).
-        target: utilization target for ``floor`` (default 0.5), ESS budget per operator for ``ceiling``.
+        target: utilization target for ``floor`` (default 0.5; the utilization ESSMonitor logs as
+            ``ess/<layer>/utilization``: ``sum_i ESS_i / sum_i min(per_operator, i, L - i)``), ESS budget
+            per operator for ``ceiling``.
         include, exclude: ``fnmatch`` patterns on layer names.
         every_n_steps: regularize one step in ``every_n_steps``.
         num_positions: positions for the ESS estimate (``None``: all).
@@ -254,6 +283,7 @@ class ESSRegularizer(Callback):
                 self.batch_rows,
                 self.max_operators,
                 offset=self.num_calls,
+                warn=self._warn_once,
             )
         except ValueError as exc:  # non-finite operator (the engine's check): leave the user's loss alone
             self._warn_once(
@@ -265,6 +295,13 @@ class ESSRegularizer(Callback):
                 "no-views",
                 f"ESSRegularizer: no operator applies to mode={self.mode!r} in this step's forward "
                 "(layers not called, or no recurrent transitions for decay_identity); nothing added.",
+            )
+            return out
+        if not bool(torch.isfinite(penalty.detach())):  # one host sync; never put NaN/inf into the loss
+            self._warn_once(
+                "nonfinite-penalty",
+                f"ESSRegularizer: the ESS penalty is not finite at step {step} ({float(penalty):g}); "
+                "skipped (and on every step where this happens).",
             )
             return out
         self.step = step

@@ -139,8 +139,8 @@ def _full_chunks(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
     return torch.stack(xs, 2), torch.stack(phis, 2)
 
 
-# Cholesky jitter J = JITTER_EPS * eps * (diag(P) + tr(P) / N) first; for the (rare) matrices
-# where round-off still leaves P + J indefinite, JITTER_GROWTH times more, until it factors.
+# Cholesky jitter J = JITTER_EPS * eps * diag(P) (+ tiny) on the balanced P first; for the (rare)
+# matrices where round-off still leaves P + J indefinite, JITTER_GROWTH times more, until it factors.
 JITTER_EPS = 4.0
 JITTER_GROWTH = 10.0
 
@@ -151,7 +151,7 @@ def _jitter_ladder(A: Tensor, J: Tensor, base: Tensor, bad: Tensor, eps_j: float
     while bool(bad.any()):
         eps_j = max(eps_j * JITTER_GROWTH, torch.finfo(A.dtype).eps)
         J = torch.where(bad.unsqueeze(-1), eps_j * base, J)
-        if eps_j >= 1.0:  # jitter of the size of tr(P): positive definite whatever the round-off
+        if eps_j >= 1.0:  # jitter of the size of diag(P): positive definite whatever the round-off
             break
         _, info = torch.linalg.cholesky_ex(A[bad] + torch.diag_embed((J - J0)[bad]))
         bad = bad.clone()
@@ -159,23 +159,47 @@ def _jitter_ladder(A: Tensor, J: Tensor, base: Tensor, bad: Tensor, eps_j: float
     return J
 
 
+def _balance(P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+    """``D P D`` and ``D^-1 Q D^-1`` with ``D = (diag Q / diag P)^(1/4)`` (1 where either is 0).
+
+    A diagonal similarity of the realization (``b -> D b``, ``c -> D^-1 c``) leaves ``T`` and the
+    eigenvalues of ``P Q`` unchanged; after it both Gramians have the same diagonal
+    ``sqrt(diag P * diag Q)``, which is itself invariant under such rescalings. ``D`` is detached:
+    the eigenvalues do not depend on it, so the gradients stay exact.
+    """
+    with torch.no_grad():
+        dP = torch.diagonal(P, dim1=-2, dim2=-1)
+        dQ = torch.diagonal(Q, dim1=-2, dim2=-1)
+        ok = (dP > 0) & (dQ > 0)
+        one = torch.ones_like(dP)
+        # fourth roots taken separately: the ratio itself could overflow
+        D = torch.where(ok, dQ, one).sqrt().sqrt() / torch.where(ok, dP, one).sqrt().sqrt()
+        D = torch.where(torch.isfinite(D) & (D > 0), D, one)
+        Dr, Dc = D.unsqueeze(-2), D.unsqueeze(-1)
+    return P * Dc * Dr, Q / Dc / Dr
+
+
 def singular_values_from_gramians(P: Tensor, Q: Tensor) -> Tensor:
     """Non-zero singular values of ``O R`` from ``P = R R^T`` and ``Q = O^T O``: ``[..., N, N] -> [..., N]``.
 
     Sorted descending; exactly 0 where the product has no such direction (see module docstring).
+    The Gramians are balanced first (:func:`_balance`), so the result, the jitter and its correction
+    do not depend on how the states are scaled.
     """
     N = P.shape[-1]
     if P.numel() == 0:
         return P.new_zeros(P.shape[:-1])
     finfo = torch.finfo(P.dtype)
     eps_j = JITTER_EPS * finfo.eps
+    A, Q = _balance(P, Q)  # A: a fresh tensor (safe to update in place)
     with torch.no_grad():
-        d = torch.diagonal(P, dim1=-2, dim2=-1).clamp_min(0)
-        trP = d.sum(-1, keepdim=True)
+        d = torch.diagonal(A, dim1=-2, dim2=-1).clamp_min(0)
+        dmax = d.amax(-1)
+        empty = dmax <= 0  # no past reaches the state: H_i = 0
         trQ = torch.diagonal(Q, dim1=-2, dim2=-1).sum(-1)
-        empty = trP.squeeze(-1) <= 0  # no past reaches the state: H_i = 0
-        base = d + trP / N + finfo.tiny
-    A = P.clone()
+        # per-diagonal jitter (Cholesky's round-off is relative to each pivot's own diagonal, so
+        # this is the scaling-invariant choice); a tiny absolute floor for states nothing reaches.
+        base = d + finfo.tiny / max(eps_j, finfo.eps)
     if bool(empty.any()):  # factor I there instead (no denormal pivots); results are masked to 0
         A[empty] = torch.eye(N, dtype=P.dtype, device=P.device)
         base = torch.where(empty.unsqueeze(-1), torch.ones_like(base), base)
@@ -198,12 +222,17 @@ def singular_values_from_gramians(P: Tensor, Q: Tensor) -> Tensor:
     M = F.mT @ (Q @ F)
     lam = torch.linalg.eigvalsh(M).flip(-1)
     with torch.no_grad():
-        # Weyl: the jitter raises each eigenvalue by at most ||J^1/2 Q J^1/2||_2 <= ||.||_F, computed
-        # as tr(Q) * sqrt(J^T (Q / tr Q)^2 J) (no underflow); the eigensolver's round-off ~ eps ||M||.
+        # Weyl: the jitter raises each eigenvalue by at most ||X||_2, X = J^1/2 Q J^1/2 (balanced
+        # Q), bounded by the smaller of ||X||_F and the largest absolute row sum ||X||_inf; both are
+        # computed on Q / tr Q and J / max J (no underflow). The eigensolver's round-off ~ eps ||M||.
         trQ_safe = torch.where(trQ > 0, trQ, torch.ones_like(trQ))
         Qn = Q / trQ_safe[..., None, None]
-        Jn = J / J.amax(-1, keepdim=True)
-        tau_j = ((Qn * Qn) @ Jn.unsqueeze(-1)).squeeze(-1).mul(Jn).sum(-1).sqrt() * trQ * J.amax(-1)
+        Jmax = J.amax(-1)
+        Jh = (J / Jmax.unsqueeze(-1)).sqrt()
+        X = Qn * Jh.unsqueeze(-1) * Jh.unsqueeze(-2)
+        x_fro = _norm(X, (-2, -1))
+        x_inf = X.abs().sum(-1).amax(-1)
+        tau_j = torch.minimum(x_fro, x_inf) * trQ * Jmax
         tau = tau_j + finfo.eps * _norm(lam, (-1,))
         tau = torch.where(~empty & (trQ > 0), tau, torch.inf)
     lam = (lam - tau.unsqueeze(-1)).clamp_min(0)

@@ -150,6 +150,13 @@ class SequenceModel(nn.Module):
             ``1 / sqrt(2 n_layers)``, GPT-2 style).
     """
 
+    @staticmethod
+    def validate_kwargs(
+        n_layers: int = 1, mixer: str | Sequence[str] = "attention", mixer_kwargs: Any = None, **_: Any
+    ) -> None:
+        """Check the mixer names and ``mixer_kwargs`` without building anything (the app's config check)."""
+        _split_mixer_kwargs(mixer_kwargs, _layer_names(mixer, n_layers))
+
     def __init__(
         self,
         vocab_size: int,

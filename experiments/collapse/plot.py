@@ -42,18 +42,25 @@ def _mean(xs: list[float]) -> float:
 
 def load_curves(path: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """``run_id -> metric -> [(step, value)]``; per-layer utilizations are averaged into ``utilization``."""
-    raw: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    raw: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
     for rec in read_rows(path):
         metric = rec["metric"]
         if metric.endswith("/utilization"):
             metric = "utilization"
         raw[rec["run_id"]][metric][int(rec["step"])].append(float(rec["value"]))
-    return {rid: {k: sorted((s, _mean(v)) for s, v in d.items()) for k, d in m.items()} for rid, m in raw.items()}
+    return {
+        rid: {k: sorted((s, _mean(v)) for s, v in d.items()) for k, d in m.items()} for rid, m in raw.items()
+    }
 
 
 def table(rows: list[dict], curves: dict) -> str:
-    lines = ["| mixer | condition | seeds | final acc (mean) | per seed | final utilization (mean of layers) | "
-             "min utilization over training | final ESS/kv |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| mixer | condition | seeds | final acc (mean) | per seed | final utilization (mean of layers) | "
+        "min utilization over training | final ESS/kv |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
         mixer, cond, _ = parse_run_id(r["run_id"])
@@ -65,11 +72,15 @@ def table(rows: list[dict], curves: dict) -> str:
                 continue
             acc = [float(r["val_acc"]) for r in sub]
             util = [_mean([float(v) for k, v in r.items() if k.endswith("/utilization") and v]) for r in sub]
-            mins = [min((v for _, v in curves.get(r["run_id"], {}).get("utilization", [])), default=math.nan)
-                    for r in sub]
+            mins = [
+                min((v for _, v in curves.get(r["run_id"], {}).get("utilization", [])), default=math.nan)
+                for r in sub
+            ]
             ess = [float(r["ess_per_kv"]) for r in sub if r.get("ess_per_kv")]
-            lines.append(f"| {mixer} | {cond} | {len(sub)} | {_mean(acc):.3f} | {', '.join(f'{a:.3f}' for a in acc)} "
-                         f"| {_mean(util):.3f} | {_mean(mins):.3f} | {_mean(ess):.2f} |")
+            lines.append(
+                f"| {mixer} | {cond} | {len(sub)} | {_mean(acc):.3f} | {', '.join(f'{a:.3f}' for a in acc)} "
+                f"| {_mean(util):.3f} | {_mean(mins):.3f} | {_mean(ess):.2f} |"
+            )
     total = sum(float(r.get("seconds") or 0) for r in rows)
     lines += ["", f"{len(rows)} runs, {total / 60:.1f} min of summed per-run training time."]
     return "\n".join(lines)
@@ -77,9 +88,14 @@ def table(rows: list[dict], curves: dict) -> str:
 
 def plot_curves(rows: list[dict], curves: dict, path: Path) -> None:
     mixers = sorted({parse_run_id(r["run_id"])[0] for r in rows})
-    panels = [("utilization", "ESS utilization (mean of layers)"), ("ess/per_kv", "ESS per kv pair (model)"),
-              ("val/acc", "validation accuracy")]
-    fig, axes = plt.subplots(len(mixers), len(panels), figsize=(4.2 * len(panels), 3.2 * len(mixers)), squeeze=False)
+    panels = [
+        ("utilization", "ESS utilization (mean of layers)"),
+        ("ess/per_kv", "ESS per kv pair (model)"),
+        ("val/acc", "validation accuracy"),
+    ]
+    fig, axes = plt.subplots(
+        len(mixers), len(panels), figsize=(4.2 * len(panels), 3.2 * len(mixers)), squeeze=False
+    )
     for i, mixer in enumerate(mixers):
         for j, (key, label) in enumerate(panels):
             ax = axes[i][j]
@@ -88,8 +104,15 @@ def plot_curves(rows: list[dict], curves: dict, path: Path) -> None:
                 pts = curves.get(r["run_id"], {}).get(key, [])
                 if mx != mixer or not pts:
                     continue
-                ax.plot([s for s, _ in pts], [v for _, v in pts], color=COLORS[cond], alpha=0.85,
-                        ls="-" if seed == 0 else "--", label=cond if seed == 0 else None, marker="." if key == "val/acc" else None)
+                ax.plot(
+                    [s for s, _ in pts],
+                    [v for _, v in pts],
+                    color=COLORS[cond],
+                    alpha=0.85,
+                    ls="-" if seed == 0 else "--",
+                    label=cond if seed == 0 else None,
+                    marker="." if key == "val/acc" else None,
+                )
             ax.set_title(f"{mixer}: {label}", fontsize=9)
             ax.set_xlabel("step")
             if i == 0 and j == 0:

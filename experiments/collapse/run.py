@@ -21,26 +21,52 @@ from experiments.common import read_rows, run_grid
 HERE = Path(__file__).resolve().parent
 MIXERS = ["gla", "decayed_linear_attention"]
 WEIGHT = 1.0
+FLOOR_TARGET = 0.9
 CONDITIONS = {
     "none": ["callbacks=default"],
-    "floor": ["callbacks=regularized", "callbacks.regularizer.mode=floor", f"callbacks.regularizer.weight={WEIGHT}"],
-    "decay_identity": ["callbacks=regularized", "callbacks.regularizer.mode=decay_identity",
-                       f"callbacks.regularizer.weight={WEIGHT}"],
+    # target 0.9: unregularized GLA settles near utilization 0.5-0.6 here, so the default
+    # floor target (0.5) would never act
+    "floor": [
+        "callbacks=regularized",
+        "callbacks.regularizer.mode=floor",
+        f"callbacks.regularizer.weight={WEIGHT}",
+        f"+callbacks.regularizer.target={FLOOR_TARGET}",
+    ],
+    "decay_identity": [
+        "callbacks=regularized",
+        "callbacks.regularizer.mode=decay_identity",
+        f"callbacks.regularizer.weight={WEIGHT}",
+    ],
 }
 SEEDS = [0, 1]
 # top-level keys an experiment file cannot set (conf/config.yaml's _self_ comes after `experiment`)
 COMMON = ["optim.lr=1e-2", "optim.warmup_steps=50", "save_plots=false"]
-SMOKE = ["trainer.max_steps=4", "trainer.val_check_interval=2", "callbacks.monitor.every_n_steps=2",
-         "task.num_train=128", "task.num_test=32", "task.batch_size=16"]
+SMOKE = [
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "callbacks.monitor.every_n_steps=2",
+    "task.num_train=128",
+    "task.num_test=32",
+    "task.batch_size=16",
+]
 CURVE_KEYS = ("val/acc", "ess/total", "ess/per_kv", "ess/reg_loss")
 
 
 def points(smoke: bool = False) -> dict[str, list[str]]:
     """``run_id -> overrides`` of the study (or its two-run smoke variant)."""
-    grid = [("gla", "none", 0), ("gla", "floor", 0)] if smoke else itertools.product(MIXERS, CONDITIONS, SEEDS)
+    grid = (
+        [("gla", "none", 0), ("gla", "floor", 0)] if smoke else itertools.product(MIXERS, CONDITIONS, SEEDS)
+    )
     return {
-        f"{mixer}_{cond}_s{seed}": [f"model={mixer}", "experiment=collapse", "logger=csv", f"seed={seed}",
-                                    *CONDITIONS[cond], *COMMON, *(SMOKE if smoke else [])]
+        f"{mixer}_{cond}_s{seed}": [
+            f"model={mixer}",
+            "experiment=collapse",
+            "logger=csv",
+            f"seed={seed}",
+            *CONDITIONS[cond],
+            *COMMON,
+            *(SMOKE if smoke else []),
+        ]
         for mixer, cond, seed in grid
     }
 
@@ -57,10 +83,19 @@ def gather_curves(runs_dir: Path, run_ids: list[str], out_csv: Path) -> Path:
                 for key, value in rec.items():
                     if value in ("", None) or key in ("step", "epoch"):
                         continue
-                    if key in CURVE_KEYS or (key.startswith("ess/") and key.endswith("/utilization")) \
-                            or (key.startswith("ess/") and key.endswith("/avg_entropy")):
-                        out_rows.append({"run_id": run_id, "step": int(float(rec["step"])), "metric": key,
-                                         "value": float(value)})
+                    if (
+                        key in CURVE_KEYS
+                        or (key.startswith("ess/") and key.endswith("/utilization"))
+                        or (key.startswith("ess/") and key.endswith("/avg_entropy"))
+                    ):
+                        out_rows.append(
+                            {
+                                "run_id": run_id,
+                                "step": int(float(rec["step"])),
+                                "metric": key,
+                                "value": float(value),
+                            }
+                        )
     with out_csv.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["run_id", "step", "metric", "value"])
         writer.writeheader()

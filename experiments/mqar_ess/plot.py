@@ -39,12 +39,20 @@ def load(csv_path: Path) -> list[dict]:
         kv = int(_override(ov, "task.num_kv_pairs"))
         tss = sum(float(v) for k, v in row.items() if k.startswith("ess/") and k.endswith("/tss") and v)
         ess = sum(float(v) for k, v in row.items() if k.startswith("ess/") and k.endswith("/total") and v)
-        out.append({
-            "run_id": row["run_id"], "mixer": _override(ov, "model"), "d_model": int(_override(ov, "model.d_model")),
-            "kv": kv, "seed": int(_override(ov, "seed") or 0), "acc": float(row["val_acc"]),
-            "ess_per_kv": float(row["ess_per_kv"]) if row.get("ess_per_kv") else ess / kv,
-            "ess_sum_per_kv": ess / kv, "tss_per_kv": tss / kv, "seconds": float(row.get("seconds") or "nan"),
-        })
+        out.append(
+            {
+                "run_id": row["run_id"],
+                "mixer": _override(ov, "model"),
+                "d_model": int(_override(ov, "model.d_model")),
+                "kv": kv,
+                "seed": int(_override(ov, "seed") or 0),
+                "acc": float(row["val_acc"]),
+                "ess_per_kv": float(row["ess_per_kv"]) if row.get("ess_per_kv") else ess / kv,
+                "ess_sum_per_kv": ess / kv,
+                "tss_per_kv": tss / kv,
+                "seconds": float(row.get("seconds") or "nan"),
+            }
+        )
     return out
 
 
@@ -57,17 +65,25 @@ def spearman(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def tables(rows: list[dict]) -> str:
     mixers = sorted({r["mixer"] for r in rows})
-    lines = ["| group | n | acc range | rho(acc, ESS/kv) | p | rho(acc, TSS/kv) | p |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| group | n | acc range | rho(acc, ESS/kv) | p | rho(acc, TSS/kv) | p |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in ["all", *mixers]:
         sub = rows if name == "all" else [r for r in rows if r["mixer"] == name]
         acc = [r["acc"] for r in sub]
         re_, pe = spearman([r["ess_per_kv"] for r in sub], acc)
         rt, pt = spearman([r["tss_per_kv"] for r in sub], acc)
-        lines.append(f"| {name} | {len(sub)} | {min(acc):.3f}-{max(acc):.3f} | {re_:.2f} | {pe:.1e} | {rt:.2f} | {pt:.1e} |")
+        lines.append(
+            f"| {name} | {len(sub)} | {min(acc):.3f}-{max(acc):.3f} "
+            f"| {re_:.2f} | {pe:.1e} | {rt:.2f} | {pt:.1e} |"
+        )
     lines += ["", "Mean accuracy (over seeds) per mixer, d_model and kv pairs:", ""]
     widths = sorted({r["d_model"] for r in rows})
     kvs = sorted({r["kv"] for r in rows})
-    lines.append("| mixer | d_model | " + " | ".join(f"kv={k}" for k in kvs) + " | mean ESS/kv | TSS/kv (kv=2) |")
+    lines.append(
+        "| mixer | d_model | " + " | ".join(f"kv={k}" for k in kvs) + " | mean ESS/kv | TSS/kv (kv=2) |"
+    )
     lines.append("|---|---|" + "---|" * len(kvs) + "---|---|")
     for m in mixers:
         for w in widths:
@@ -80,7 +96,9 @@ def tables(rows: list[dict]) -> str:
                 cells.append(f"{sum(a) / len(a):.3f}" if a else "-")
             ess = sum(r["ess_per_kv"] for r in sub) / len(sub)
             tss = [r["tss_per_kv"] for r in sub if r["kv"] == min(kvs)]
-            lines.append(f"| {m} | {w} | " + " | ".join(cells) + f" | {ess:.2f} | {tss[0] if tss else math.nan:.0f} |")
+            lines.append(
+                f"| {m} | {w} | " + " | ".join(cells) + f" | {ess:.2f} | {tss[0] if tss else math.nan:.0f} |"
+            )
     total = sum(r["seconds"] for r in rows if math.isfinite(r["seconds"]))
     lines += ["", f"{len(rows)} runs, {total / 60:.1f} min of summed per-run training time."]
     return "\n".join(lines)

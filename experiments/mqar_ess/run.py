@@ -37,9 +37,15 @@ def points(smoke: bool = False) -> dict[str, list[str]]:
     for mixer, width, kv, seed in grid:
         run_id = f"{mixer}_d{width}_kv{kv}_s{seed}"
         out[run_id] = [
-            f"model={mixer}", "experiment=mqar_ess", "logger=none",
-            f"model.d_model={width}", f"task.num_kv_pairs={kv}", f"seed={seed}",
-            *COMMON, *MIXER_OVERRIDES.get(mixer, []), *(SMOKE if smoke else []),
+            f"model={mixer}",
+            "experiment=mqar_ess",
+            "logger=none",
+            f"model.d_model={width}",
+            f"task.num_kv_pairs={kv}",
+            f"seed={seed}",
+            *COMMON,
+            *MIXER_OVERRIDES.get(mixer, []),
+            *(SMOKE if smoke else []),
         ]
     return out
 

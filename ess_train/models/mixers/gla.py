@@ -125,6 +125,13 @@ class GatedLinearAttention(ESSMixer):
                 "gate_logit_normalizer", setting["gate_logit_normalizer"]
             )
 
+    def get_extra_state(self) -> dict[str, float]:
+        """Checkpoint the normalizer: ``ESSInitializer`` may have changed it (it is no parameter)."""
+        return {"gate_logit_normalizer": self.gate_logit_normalizer}
+
+    def set_extra_state(self, state: dict[str, float]) -> None:
+        self.apply_init(**state)
+
     def _features(self, x: Tensor) -> dict[str, Tensor]:
         """q, k, log-gates ``gk`` (``<= 0``) ``[B, H, L, d_k]`` and v ``[B, H, L, d_v]``."""
         q, k, v, gk = (

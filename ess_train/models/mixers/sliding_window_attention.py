@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ess_train.models.mixers._common import check_positive_int
 from ess_train.models.mixers.attention import SoftmaxAttention
 from ess_train.models.protocol import StateSize
 
@@ -35,7 +34,10 @@ class SlidingWindowAttention(SoftmaxAttention):
         rotary_base: float = 10000.0,
         bias: bool = False,
     ) -> None:
-        check_positive_int("window", window)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise ValueError(
+                f"window must be an int >= 2 (window 1 attends to nothing in the past), got {window!r}"
+            )
         super().__init__(
             d_model=d_model, num_heads=num_heads, rotary=rotary, rotary_base=rotary_base, bias=bias
         )
