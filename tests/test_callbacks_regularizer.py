@@ -27,11 +27,15 @@ class GradRecorder(pl.Callback):
 
 
 def manual_floor_penalty(model: ToyLM, inputs: torch.Tensor, target: float) -> torch.Tensor:
-    """relu(target - utilization)^2 averaged over layers, entropy-ESS at all positions, all rows."""
+    """relu(target - utilization)^2 averaged over layers, entropy-ESS at all positions, all rows;
+    utilization = sum_i ESS_i / sum_i min(4, i, L - i) (state_dim 4), ESS_i the row/channel mean."""
     views = operators_of(model, inputs)
     terms = []
     for view in views.values():
-        util = entropy_ess(view.op).mean() / 4  # state_dim 4
+        ess = entropy_ess(view.op)  # [B, D, L]
+        L = ess.shape[-1]
+        bound = sum(min(4, i, L - i) for i in range(L))
+        util = ess.mean(dim=(0, 1)).sum() / bound
         terms.append(torch.relu(target - util) ** 2)
     return torch.stack(terms).mean()
 

@@ -75,7 +75,11 @@ def test_regularizer_no_extra_forward_and_exact_gradients():
     terms = []
     for name, view in views.items():
         per_op = layers[name].state_size(view.op.seq_len).per_operator
-        terms.append(torch.relu(target - entropy_ess(view.op).mean() / per_op) ** 2)
+        ess = entropy_ess(view.op)
+        ess = ess.reshape(ess.shape[0], -1, ess.shape[-1])  # [B, G, L]
+        L = ess.shape[-1]
+        util = ess.mean(dim=(0, 1)).sum() / sum(min(per_op, i, L - i) for i in range(L))
+        terms.append(torch.relu(target - util) ** 2)
     penalty = torch.stack(terms).mean()
     assert float(penalty) > 1e-3
     (reference.loss(batch) + weight * penalty).backward()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import random
@@ -228,7 +229,10 @@ class ESSInitializer(Callback):
         inputs: Tensor,
         trainer: Any,
     ) -> dict[str, Any]:
-        original = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+        original = {  # tensors, and extra state (e.g. GLA's normalizer) as a deep copy
+            k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+            for k, v in layer.state_dict().items()
+        }
         before = self._try_measure(pl_module, name, layer, inputs, trainer)
         if self.metric == "utilization" and before is not None and not math.isfinite(before.utilization):
             rank_zero_warn(

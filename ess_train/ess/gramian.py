@@ -159,47 +159,39 @@ def _jitter_ladder(A: Tensor, J: Tensor, base: Tensor, bad: Tensor, eps_j: float
     return J
 
 
-def _balance(P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
-    """``D P D`` and ``D^-1 Q D^-1`` with ``D = (diag Q / diag P)^(1/4)`` (1 where either is 0).
-
-    A diagonal similarity of the realization (``b -> D b``, ``c -> D^-1 c``) leaves ``T`` and the
-    eigenvalues of ``P Q`` unchanged; after it both Gramians have the same diagonal
-    ``sqrt(diag P * diag Q)``, which is itself invariant under such rescalings. ``D`` is detached:
-    the eigenvalues do not depend on it, so the gradients stay exact.
-    """
-    with torch.no_grad():
-        dP = torch.diagonal(P, dim1=-2, dim2=-1)
-        dQ = torch.diagonal(Q, dim1=-2, dim2=-1)
-        ok = (dP > 0) & (dQ > 0)
-        one = torch.ones_like(dP)
-        # fourth roots taken separately: the ratio itself could overflow
-        D = torch.where(ok, dQ, one).sqrt().sqrt() / torch.where(ok, dP, one).sqrt().sqrt()
-        D = torch.where(torch.isfinite(D) & (D > 0), D, one)
-        Dr, Dc = D.unsqueeze(-2), D.unsqueeze(-1)
-    return P * Dc * Dr, Q / Dc / Dr
-
-
 def singular_values_from_gramians(P: Tensor, Q: Tensor) -> Tensor:
     """Non-zero singular values of ``O R`` from ``P = R R^T`` and ``Q = O^T O``: ``[..., N, N] -> [..., N]``.
 
     Sorted descending; exactly 0 where the product has no such direction (see module docstring).
-    The Gramians are balanced first (:func:`_balance`), so the result, the jitter and its correction
-    do not depend on how the states are scaled.
+    The jitter is per diagonal entry, ``J = JITTER_EPS * eps * diag(P)``, so the computation does not
+    depend on how the states are scaled: for a state rescaling ``b -> D b``, ``c -> D^-1 c`` (same
+    ``T``; ``P -> D P D``, ``Q -> D^-1 Q D^-1``) the factor becomes ``D F``, ``F^T Q F`` and the
+    jitter bound ``J^1/2 Q J^1/2`` are unchanged. It is the same as balancing the Gramians first
+    (``D = (diag Q / diag P)^1/4``) and factoring with a jitter proportional to the balanced
+    diagonal, without the extra passes.
     """
     N = P.shape[-1]
     if P.numel() == 0:
         return P.new_zeros(P.shape[:-1])
     finfo = torch.finfo(P.dtype)
     eps_j = JITTER_EPS * finfo.eps
-    A, Q = _balance(P, Q)  # A: a fresh tensor (safe to update in place)
     with torch.no_grad():
-        d = torch.diagonal(A, dim1=-2, dim2=-1).clamp_min(0)
-        dmax = d.amax(-1)
-        empty = dmax <= 0  # no past reaches the state: H_i = 0
-        trQ = torch.diagonal(Q, dim1=-2, dim2=-1).sum(-1)
-        # per-diagonal jitter (Cholesky's round-off is relative to each pivot's own diagonal, so
-        # this is the scaling-invariant choice); a tiny absolute floor for states nothing reaches.
-        base = d + finfo.tiny / max(eps_j, finfo.eps)
+        d = torch.diagonal(P, dim1=-2, dim2=-1).clamp_min(0)
+        dmax = d.amax(-1, keepdim=True)
+        empty = dmax.squeeze(-1) <= 0  # no past reaches the state: H_i = 0
+        dQ = torch.diagonal(Q, dim1=-2, dim2=-1).clamp_min(0)
+        trQ = dQ.sum(-1)
+        # per-diagonal jitter (Cholesky's round-off is relative to each pivot's own diagonal: the
+        # scaling-invariant choice). States that P barely reaches get a floor s_max^2 / (N dQ_k),
+        # s_k = sqrt(dP_k dQ_k) (invariant under rescalings), i.e. J_k Q_kk <= eps_j s_max^2 / N:
+        # no tiny pivots (finite Cholesky gradients) at the cost of at most doubling tau_J.
+        rQ = dQ.sqrt()
+        smax = (d.sqrt() * rQ).amax(-1, keepdim=True)
+        floor = torch.where(rQ > 0, smax / torch.where(rQ > 0, rQ, torch.ones_like(rQ)), torch.zeros_like(rQ))
+        floor = torch.where((smax > 0) & (rQ > 0), floor.square() / N, dmax / N)
+        floor = torch.where(torch.isfinite(floor), floor, dmax / N)
+        base = torch.maximum(d, floor) + finfo.tiny / max(eps_j, finfo.eps)
+    A = P.clone()
     if bool(empty.any()):  # factor I there instead (no denormal pivots); results are masked to 0
         A[empty] = torch.eye(N, dtype=P.dtype, device=P.device)
         base = torch.where(empty.unsqueeze(-1), torch.ones_like(base), base)
@@ -222,17 +214,15 @@ def singular_values_from_gramians(P: Tensor, Q: Tensor) -> Tensor:
     M = F.mT @ (Q @ F)
     lam = torch.linalg.eigvalsh(M).flip(-1)
     with torch.no_grad():
-        # Weyl: the jitter raises each eigenvalue by at most ||X||_2, X = J^1/2 Q J^1/2 (balanced
-        # Q), bounded by the smaller of ||X||_F and the largest absolute row sum ||X||_inf; both are
-        # computed on Q / tr Q and J / max J (no underflow). The eigensolver's round-off ~ eps ||M||.
+        # Weyl: the jitter raises each eigenvalue by at most ||X||_2, X = J^1/2 Q J^1/2, bounded by
+        # ||X||_F = sqrt(J^T (Q o Q) J), computed as tr(Q) max(J) sqrt(Jn^T (Qn o Qn) Jn) with
+        # Qn = Q / tr Q, Jn = J / max J (no underflow); invariant under state rescalings (see above).
+        # The eigensolver's round-off ~ eps ||M||.
         trQ_safe = torch.where(trQ > 0, trQ, torch.ones_like(trQ))
         Qn = Q / trQ_safe[..., None, None]
         Jmax = J.amax(-1)
-        Jh = (J / Jmax.unsqueeze(-1)).sqrt()
-        X = Qn * Jh.unsqueeze(-1) * Jh.unsqueeze(-2)
-        x_fro = _norm(X, (-2, -1))
-        x_inf = X.abs().sum(-1).amax(-1)
-        tau_j = torch.minimum(x_fro, x_inf) * trQ * Jmax
+        Jn = J / Jmax.unsqueeze(-1)
+        tau_j = ((Qn * Qn) @ Jn.unsqueeze(-1)).squeeze(-1).mul(Jn).sum(-1).sqrt() * trQ * Jmax
         tau = tau_j + finfo.eps * _norm(lam, (-1,))
         tau = torch.where(~empty & (trQ > 0), tau, torch.inf)
     lam = (lam - tau.unsqueeze(-1)).clamp_min(0)
