@@ -69,8 +69,14 @@ def tables(rows: list[dict]) -> str:
         "| group | n | acc range | rho(acc, ESS/kv) | p | rho(acc, TSS/kv) | p |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name in ["all", *mixers]:
-        sub = rows if name == "all" else [r for r in rows if r["mixer"] == name]
+    kv_groups = [f"kv={k}" for k in sorted({r["kv"] for r in rows})]
+    for name in ["all", *mixers, *kv_groups]:
+        if name == "all":
+            sub = rows
+        elif name.startswith("kv="):  # fixed kv: ESS vs TSS without the shared 1/kv factor
+            sub = [r for r in rows if r["kv"] == int(name[3:])]
+        else:
+            sub = [r for r in rows if r["mixer"] == name]
         acc = [r["acc"] for r in sub]
         re_, pe = spearman([r["ess_per_kv"] for r in sub], acc)
         rt, pt = spearman([r["tss_per_kv"] for r in sub], acc)
