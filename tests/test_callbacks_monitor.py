@@ -46,9 +46,7 @@ def test_metrics_logged_to_csv_and_callback_metrics(tmp_path):
         assert sum(bounds) == 32
         util = float(last[f"ess/{layer}/utilization"])
         assert util == pytest.approx(12 * avg / sum(bounds), rel=1e-5)
-        assert util == pytest.approx(
-            sum(monitor.history[layer]["profiles"][-1]) / sum(bounds), rel=1e-5
-        )
+        assert util == pytest.approx(sum(monitor.history[layer]["profiles"][-1]) / sum(bounds), rel=1e-5)
         assert 0 < util <= 1
         # 8 channels, multiplicity 1; per_kv = total / 3 kv pairs
         assert float(last[f"ess/{layer}/total"]) == pytest.approx(8 * avg, rel=1e-4)

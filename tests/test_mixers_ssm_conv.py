@@ -445,9 +445,7 @@ def test_reset_parameters_is_in_init_and_deterministic() -> None:
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", RECURRENT)
 def test_recurrent_and_dense_ess_agree(name: str) -> None:
-    entropy_ess = getattr(ess, "entropy_ess", None)
-    if entropy_ess is None:
-        pytest.skip("ess_train.ess.entropy_ess has not landed yet")
+    entropy_ess = ess.entropy_ess
     m = make(name, dtype=torch.float64)
     op = m.operator(inputs(1, 10, torch.float64)).op
     rec = entropy_ess(op)
@@ -460,9 +458,7 @@ def test_recurrent_and_dense_ess_agree(name: str) -> None:
 
 
 def test_ess_of_short_conv_and_hyena_bounds() -> None:
-    tolerance_ess = getattr(ess, "tolerance_ess", None)
-    if tolerance_ess is None:
-        pytest.skip("ess_train.ess.tolerance_ess has not landed yet")
+    tolerance_ess = ess.tolerance_ess
     L = 12
     c = make("short_conv", dtype=torch.float64)
     tol = tolerance_ess(c.operator(inputs(1, L, torch.float64)).op)

@@ -5,6 +5,11 @@
 (``[d_model, state_dim]``) and input-dependent ``b_t, c_t`` (shared by the channels). Its operator is a
 ``RecurrentOperator`` with batch shape ``[batch, d_model]`` and state size ``state_dim`` per channel.
 It also implements ``init_search_space``/``apply_init`` (decay range).
+
+``ToyDense`` is a protocol layer whose operator is a fixed dense ``T`` per channel (``DenseOperator``):
+``"delay"`` (a delay of ``L // 2`` steps plus small lower-triangular noise: generic, every ``H_i`` full rank
+with a nearly flat spectrum) or ``"gaussian"`` (random lower-triangular), with attention-like state size
+``per_operator = L // 2`` (overridable, e.g. 0 like ``window=1`` sliding-window attention).
 """
 
 from __future__ import annotations
@@ -17,10 +22,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ess_train.ess import RecurrentOperator
+from ess_train.ess import DenseOperator, RecurrentOperator
 from ess_train.models.protocol import OperatorView, StateSize
 
-__all__ = ["ToyRecurrence", "ToyMLP", "ToyLM", "ToyDataModule", "TokenDataset", "collate_dict"]
+__all__ = [
+    "ToyRecurrence",
+    "ToyDense",
+    "ToyDenseNet",
+    "ToyMLP",
+    "ToyLM",
+    "ToyDataModule",
+    "TokenDataset",
+    "collate_dict",
+]
 
 
 class ToyRecurrence(nn.Module):
@@ -62,6 +76,67 @@ class ToyRecurrence(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         view = self.operator(x)
         return self.out_proj(view.y.transpose(1, 2))
+
+
+class ToyDense(nn.Module):
+    """Fixed dense causal operator per channel (seeded), times a learnable gain; see the module doc."""
+
+    def __init__(
+        self,
+        d_model: int = 8,
+        kind: str = "delay",
+        noise: float = 0.05,
+        per_operator: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.d_model, self.kind, self.noise, self.per_operator, self.seed = (
+            d_model,
+            kind,
+            noise,
+            per_operator,
+            seed,
+        )
+        self.gain = nn.Parameter(torch.ones(()))
+        self.in_proj = nn.Linear(d_model, d_model)
+
+    def base(self, L: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed)
+        rand = torch.randn(self.d_model, L, L, generator=g).tril()
+        if self.kind == "gaussian":
+            return rand
+        delay = torch.diag(torch.ones(L - L // 2), -(L // 2))
+        return (delay + self.noise * rand).tril()
+
+    def operator(self, x: Tensor) -> OperatorView:
+        B, L, D = x.shape
+        T = self.gain * self.base(L).to(x)[None].expand(B, D, L, L)
+        op = DenseOperator(T, validate=False)
+        u = self.in_proj(x).transpose(1, 2)
+        return OperatorView(op=op, u=u, y=op.apply(u))
+
+    def state_size(self, seq_len: int) -> StateSize:
+        per_op = seq_len // 2 if self.per_operator is None else self.per_operator
+        return StateSize(total=self.d_model * per_op, per_operator=per_op, multiplicity=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.operator(x).y.transpose(1, 2)
+
+
+class ToyDenseNet(nn.Module):
+    """Embedding, residual ``ToyDense``/``ToyRecurrence`` layers (``layers``), head: ``ToyLM(model=...)``."""
+
+    def __init__(self, layers: list[nn.Module], vocab_size: int = 16, d_model: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.layers = nn.ModuleList(layers)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        x = self.embed(inputs)
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.head(x)
 
 
 class ToyMLP(nn.Module):

@@ -46,9 +46,10 @@ class ESSInitializer(Callback):
     ``no_grad`` eval-mode forward on the probe, and the best one is kept: highest ``metric``, or closest to
     ``target`` when given (ties: the earlier candidate). Layers that come later see the earlier choices.
 
-    ``metric``: ``"utilization"`` (the one ESSMonitor logs: ``sum_i ESS_i / sum_i min(per_operator, i, L - i)``
-    over the evaluated positions, ``_common.state_utilization``; a layer where it is undefined,
-    ``per_operator == 0``, keeps its defaults, with a warning), ``"ess"`` (mean entropy-ESS) or
+    ``metric``: ``"utilization"`` (the one ESSMonitor logs:
+    ``sum_i ESS_i / sum_i min(per_operator, i, L - i)`` over the evaluated positions,
+    ``_common.state_utilization``; a layer where it is undefined, ``per_operator == 0``, keeps its
+    defaults, with a warning), ``"ess"`` (mean entropy-ESS) or
     ``"total"`` (layer total ESS). Logs ``init/<layer>/ess_before``, ``init/<layer>/ess_after`` (mean
     entropy-ESS) and ``init/<layer>/utilization_before``/``_after`` at step 0; ``report`` holds, per layer,
     the chosen setting, the numbers before/after and every trial. Skipped when resuming from a checkpoint
