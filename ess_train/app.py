@@ -36,6 +36,16 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 warnings.filterwarnings("ignore", message=r".*is validated against ConfigStore schema with the same name.*")
 
 
+class _DropAdvertisements(logging.Filter):
+    """Drop Lightning's "Tip: try installing <cloud product>" lines from the app's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip: For seamless cloud" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
+
+
 def _build_logger(node: DictConfig | None) -> Any:
     if node is None or node.get("_target_") is None:
         return False
