@@ -6,10 +6,13 @@ Per mixer (``d_model``, ``L``, ``batch``; defaults 128, 256, 32):
 - time of ``entropy_ess`` over all layers' operators (``--ess-batch`` sequences, ``--ess-positions`` evenly
   spaced positions: the dense path of attention/Hyena costs ``O(L^3)`` per position and operator);
 - for Mamba, GLA and S4D: the fast forward vs a token-by-token reference at ``--ref-len`` (1024), forward
-  (no grad) and forward+backward, and the largest relative difference of their outputs.
+  (no grad) and forward+backward, and the largest relative difference of their outputs. Printed as a
+  second table with two rows for Mamba and GLA: ``layer`` (the whole mixer forward, fast vs the layer with
+  its recurrence run token by token) and ``core`` (the recurrence alone, on the same precomputed inputs:
+  the chunked kernel vs a token-by-token loop of the same recurrence), so one sees where the time goes.
 
 Usage: ``python benchmarks/bench_mixers.py [--quick] [--mixers mamba gla ...] [--threads N]``.
-Prints one markdown table (times are medians of ``--reps`` runs after one warm-up).
+Prints two markdown tables (times are medians of ``--reps`` runs after one warm-up).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from torch import Tensor, nn
 
 from ess_train.ess import RecurrentOperator, entropy_ess
 from ess_train.models import SequenceModel, build_mixer, mixer_names
-from ess_train.models.mixers.mamba import SelectiveSSMOperator, selective_scan_reference
+from ess_train.models.mixers._common import chunk_linear_attention, sub_chunk_for
+from ess_train.models.mixers.mamba import SelectiveSSMOperator, mamba_scan, selective_scan_reference
 from ess_train.models.protocol import OperatorView
 
 
@@ -50,26 +54,36 @@ def fwd_bwd(
 
 
 # ---------------------------------------------------------------------------------- token-by-token refs
+def mamba_recurrence_reference(dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, u: Tensor) -> Tensor:
+    """``h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t``, ``y_t = C_t . h_t`` token by token (``y [b, D, L]``)."""
+    log_a = dt[..., None] * A[:, None, :]
+    h = selective_scan_reference(log_a, (dt * u)[..., None] * Bm[:, None])
+    return torch.einsum("bdln,bln->bdl", h, Cm)
+
+
 def mamba_reference_forward(m: nn.Module, x: Tensor) -> Tensor:
     """The Mamba mixer with its scan replaced by the token-by-token recurrence."""
     f = m._features(x)
-    log_a = f["dt"][..., None] * f["A"][:, None, :]
-    h = selective_scan_reference(log_a, (f["dt"] * f["u"])[..., None] * f["B"][:, None])
-    y = torch.einsum("bdln,bln->bdl", h, f["C"])
+    y = mamba_recurrence_reference(f["dt"], f["A"], f["B"], f["C"], f["u"])
     op = SelectiveSSMOperator(f["dt"], f["A"], f["B"], f["C"])
     return m.readout(OperatorView(op=op, u=f["u"], y=y, extras={"z": f["z"]}), x)
+
+
+def gla_recurrence_reference(q: Tensor, k: Tensor, v: Tensor, gk: Tensor, scale: float) -> Tensor:
+    """``S_t = diag(exp(gk_t)) S_{t-1} + k_t v_t^T``, ``y_t = scale * S_t^T q_t``, token by token."""
+    S = q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1])
+    ys = []
+    for q_t, k_t, v_t, g_t in zip(q.unbind(-2), k.unbind(-2), v.unbind(-2), gk.unbind(-2)):
+        S = g_t.exp()[..., None] * S + k_t[..., None] * v_t[..., None, :]
+        ys.append((q_t[..., None] * S).sum(-2) * scale)
+    return torch.stack(ys, dim=-2)
 
 
 def gla_reference_forward(m: nn.Module, x: Tensor) -> Tensor:
     """GLA with its chunked kernel replaced by ``S_t = diag(a_t) S_{t-1} + k_t v_t^T`` token by token."""
     f = m._features(x)
     q, k, v, gk = f["q"], f["k"], f["v"], f["gk"]
-    S = q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1])
-    ys = []
-    for q_t, k_t, v_t, g_t in zip(q.unbind(-2), k.unbind(-2), v.unbind(-2), gk.unbind(-2)):
-        S = g_t.exp()[..., None] * S + k_t[..., None] * v_t[..., None, :]
-        ys.append((q_t[..., None] * S).sum(-2) * m.scale)
-    y = torch.stack(ys, dim=-2)
+    y = gla_recurrence_reference(q, k, v, gk, m.scale)
     op = RecurrentOperator(gk.exp(), k, q * m.scale, validate=False)
     return m.readout(OperatorView(op=op, u=v, y=y), x)
 
@@ -93,6 +107,38 @@ REFERENCES: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
     "gla": gla_reference_forward,
     "s4d": s4d_reference_forward,
 }
+
+
+def mamba_core(m: nn.Module, x: Tensor) -> tuple[list[Tensor], Callable[..., Tensor], Callable[..., Tensor]]:
+    """Mamba's recurrence inputs (dt, A, B, C, u) and its fast kernel / token-by-token loop."""
+    f = m._features(x)
+    ins = [f[k].detach() for k in ("dt", "A", "B", "C", "u")]
+    return ins, lambda *t: mamba_scan(*t, m.chunk_size), mamba_recurrence_reference
+
+
+def gla_core(m: nn.Module, x: Tensor) -> tuple[list[Tensor], Callable[..., Tensor], Callable[..., Tensor]]:
+    """GLA's recurrence inputs (q, k, v, gk) and its chunked kernel / token-by-token loop."""
+    f = m._features(x)
+    ins = [f[k].detach() for k in ("q", "k", "v", "gk")]
+    sub = sub_chunk_for(m.chunk_size)
+
+    def fast(q: Tensor, k: Tensor, v: Tensor, gk: Tensor) -> Tensor:
+        return chunk_linear_attention(q * m.scale, k, v, gk, chunk_size=m.chunk_size, sub_chunk_size=sub)
+
+    return ins, fast, lambda q, k, v, gk: gla_recurrence_reference(q, k, v, gk, m.scale)
+
+
+# the recurrence alone (same inputs for the fast kernel and the token-by-token loop)
+CoreFn = Callable[[nn.Module, Tensor], tuple[list[Tensor], Callable[..., Tensor], Callable[..., Tensor]]]
+CORES: dict[str, CoreFn] = {
+    "mamba": mamba_core,
+    "gla": gla_core,
+}
+
+
+def core_fwd_bwd(fn: Callable[..., Tensor], ins: list[Tensor]) -> None:
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in ins]
+    fn(*leaves).float().square().mean().backward()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,19 +166,44 @@ def bench_mixer(name: str, args: argparse.Namespace) -> dict[str, Any]:
         row["ess"] = time.perf_counter() - t0
         row["avg_ess"] = statistics.mean(float(e.mean()) for e in ess_vals)
 
-    ref = REFERENCES.get(name)
-    if ref is not None:
-        torch.manual_seed(0)
-        m = build_mixer(name, d_model=args.d_model)
-        xr = torch.randn(args.ref_batch, args.ref_len, args.d_model)
-        with torch.no_grad():
-            fast_out, ref_out = m(xr), ref(m, xr)
-            row["ref_err"] = float((fast_out - ref_out).abs().max() / ref_out.abs().max())
-            row["fast_fwd"] = timeit(lambda: m(xr), args.reps)
-            row["ref_fwd"] = timeit(lambda: ref(m, xr), args.reps)
-        row["fast_fb"] = timeit(lambda: fwd_bwd(m, xr), args.reps)
-        row["ref_fb"] = timeit(lambda: fwd_bwd(m, xr, ref), max(1, args.reps // 2))
+    row["vs_ref"] = bench_vs_reference(name, args)
     return row
+
+
+def bench_vs_reference(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Rows ``layer`` (whole mixer forward) and, where known, ``core`` (the recurrence alone): fast vs
+    token-by-token, forward (no grad) and forward+backward, at ``--ref-len`` / ``--ref-batch``."""
+    ref = REFERENCES.get(name)
+    if ref is None:
+        return []
+    torch.manual_seed(0)
+    m = build_mixer(name, d_model=args.d_model)
+    xr = torch.randn(args.ref_batch, args.ref_len, args.d_model)
+    ref_reps = max(1, args.reps // 2)
+    rows = []
+    r: dict[str, Any] = {"mixer": name, "what": "layer (whole forward)"}
+    with torch.no_grad():
+        fast_out, ref_out = m(xr), ref(m, xr)
+        r["ref_err"] = float((fast_out - ref_out).abs().max() / ref_out.abs().max())
+        r["fast_fwd"] = timeit(lambda: m(xr), args.reps)
+        r["ref_fwd"] = timeit(lambda: ref(m, xr), args.reps)
+    r["fast_fb"] = timeit(lambda: fwd_bwd(m, xr), args.reps)
+    r["ref_fb"] = timeit(lambda: fwd_bwd(m, xr, ref), ref_reps)
+    rows.append(r)
+    core = CORES.get(name)
+    if core is not None:
+        with torch.no_grad():
+            ins, fast, slow = core(m, xr)
+        r = {"mixer": name, "what": "core (recurrence only)"}
+        with torch.no_grad():
+            fast_out, ref_out = fast(*ins), slow(*ins)
+            r["ref_err"] = float((fast_out - ref_out).abs().max() / ref_out.abs().max())
+            r["fast_fwd"] = timeit(lambda: fast(*ins), args.reps)
+            r["ref_fwd"] = timeit(lambda: slow(*ins), args.reps)
+        r["fast_fb"] = timeit(lambda: core_fwd_bwd(fast, ins), args.reps)
+        r["ref_fb"] = timeit(lambda: core_fwd_bwd(slow, ins), ref_reps)
+        rows.append(r)
+    return rows
 
 
 def ms(v: float | None) -> str:
@@ -142,12 +213,10 @@ def ms(v: float | None) -> str:
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     head = (
         "| mixer | operator (per layer) | TSS (N per op) | fwd+bwd ms | extract ops ms (2 layers) "
-        "| entropy-ESS s (2 layers) | avg ESS | fast fwd ms | ref fwd ms | fwd x | fast f+b ms "
-        "| ref f+b ms | f+b x | max rel diff |"
+        "| entropy-ESS s (2 layers) | avg ESS |"
     )
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 7]
     for r in rows:
-        has_ref = "fast_fwd" in r
         cells = [
             r["mixer"],
             r["op"],
@@ -156,15 +225,32 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             ms(r["extract"]),
             f"{r['ess']:.2f}",
             f"{r['avg_ess']:.2f}",
-            ms(r.get("fast_fwd")),
-            ms(r.get("ref_fwd")),
-            f"{r['ref_fwd'] / r['fast_fwd']:.1f}" if has_ref else "–",
-            ms(r.get("fast_fb")),
-            ms(r.get("ref_fb")),
-            f"{r['ref_fb'] / r['fast_fb']:.1f}" if has_ref else "–",
-            f"{r['ref_err']:.1e}" if has_ref else "–",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ref_table(rows: list[dict[str, Any]]) -> str:
+    """Fast vs token-by-token: per mixer a ``layer`` row and (Mamba, GLA) a ``core`` row."""
+    head = (
+        "| mixer | measured | fast fwd ms | token-by-token fwd ms | fwd x | fast f+b ms "
+        "| token-by-token f+b ms | f+b x | max rel diff |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for row in rows:
+        for r in row.get("vs_ref", []):
+            cells = [
+                r["mixer"],
+                r["what"],
+                ms(r["fast_fwd"]),
+                ms(r["ref_fwd"]),
+                f"{r['ref_fwd'] / r['fast_fwd']:.1f}",
+                ms(r["fast_fb"]),
+                ms(r["ref_fb"]),
+                f"{r['ref_fb'] / r['fast_fb']:.1f}",
+                f"{r['ref_err']:.1e}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -202,6 +288,12 @@ def main(argv: list[str] | None = None) -> None:
         f"device cpu"
     )
     print(table(rows, args))
+    print()
+    print(
+        f"fast vs token-by-token reference at L={args.ref_len} batch={args.ref_batch} "
+        "(layer: the whole mixer forward; core: the recurrence alone on the same inputs)"
+    )
+    print(ref_table(rows))
 
 
 if __name__ == "__main__":

@@ -139,8 +139,10 @@ def evaluate(student: nn.Module, teacher: nn.Module | None, datamodule: Any, max
 
 
 @torch.no_grad()
-def model_ess(model: nn.Module, inputs: Tensor, num_positions: int = 16) -> dict[str, float]:
-    """Entropy-ESS of every layer on ``inputs`` (the monitor's reduction), averaged over layers:
+def model_ess(model: nn.Module, inputs: Tensor, num_positions: int = 16, mixer: str | None = "gla"
+              ) -> dict[str, float]:
+    """Entropy-ESS of every layer of type ``mixer`` (``None``: all) on ``inputs`` (the monitor's reduction),
+    averaged over those layers:
     ``ess_per_op`` (mean per operator), ``ess_total`` (per layer: multiplicity x sum over operators),
     ``tss`` (per layer total), ``tss_per_op``."""
     from ess_train.callbacks._common import layer_ess
@@ -151,6 +153,12 @@ def model_ess(model: nn.Module, inputs: Tensor, num_positions: int = 16) -> dict
     positions = sorted({round(1 + k * (L - 2) / max(1, n - 1)) for k in range(n)})
     sizes = model.state_sizes(L)
     views = model.ess_operators(inputs)
+    if mixer is not None:
+        from ess_train.models import get_mixer_class
+
+        cls = get_mixer_class(mixer)
+        layers = model.ess_layers()
+        views = {k: v for k, v in views.items() if isinstance(layers[k], cls)}
     stats = [layer_ess(v, sizes[k], positions, tolerance=False) for k, v in views.items()]
     k = len(stats)
     return {

@@ -30,22 +30,28 @@ D_V = 8
 D_KS = [2, 4, 8, 16]
 
 
-def teacher_points(smoke: bool, steps: int) -> dict[str, list[str]]:
+def teacher_points(smoke: bool, steps: int, hybrid: bool = False) -> dict[str, list[str]]:
     # optim.lr / save_plots are passed here (the grid is explicit about everything it varies).
     common = ["optim.lr=1e-2", "save_plots=false", f"trainer.max_steps={steps}",
               f"trainer.val_check_interval={steps}", f"callbacks.monitor.every_n_steps={steps}"]
+    if hybrid:  # short conv + GLA (the app's default model; GLA alone does not learn MQAR in the CPU budget)
+        common += ["model.mixer=[short_conv,gla]"]
     if smoke:
         common += ["task.num_train=128", "task.num_test=64", "task.batch_size=16", "task.seq_len=32"]
+    ceiling = ["+callbacks.regularizer.include=[model.blocks.1.mixer]"] if hybrid else []  # the GLA layer only
     return {"plain": ["experiment=distill_teacher", *common],
-            "ceiling": ["experiment=distill_teacher_ceiling", *common]}
+            "ceiling": ["experiment=distill_teacher_ceiling", *common, *ceiling]}
 
 
-def student(d_k: int, vocab_size: int, seed: int) -> torch.nn.Module:
+def student(d_k: int, vocab_size: int, seed: int, hybrid: bool = False) -> torch.nn.Module:
     from ess_train.models import SequenceModel
 
     torch.manual_seed(seed)
-    return SequenceModel(vocab_size=vocab_size, d_model=64, n_layers=2, mixer="gla",
-                         mixer_kwargs={"num_heads": 1, "expand_k": d_k / 64, "expand_v": D_V / 64})
+    gla = {"num_heads": 1, "expand_k": d_k / 64, "expand_v": D_V / 64}
+    if hybrid:
+        return SequenceModel(vocab_size=vocab_size, d_model=64, n_layers=2, mixer=["short_conv", "gla"],
+                             mixer_kwargs={"gla": gla})
+    return SequenceModel(vocab_size=vocab_size, d_model=64, n_layers=2, mixer="gla", mixer_kwargs=gla)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,13 +61,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher-steps", type=int, default=800)
     p.add_argument("--student-steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hybrid", action="store_true",
+                   help="teacher and students = short conv + GLA (ESS and state size: the GLA layer)")
+    p.add_argument("--no-control", action="store_true", help="skip the CE-only students")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("ESS_THREADS", "1")))
     t0 = time.process_time(), time.time()
     t_steps = 4 if args.smoke else args.teacher_steps
     s_steps = 3 if args.smoke else args.student_steps
     d_ks = D_KS[:2] if args.smoke else D_KS
-    points = teacher_points(args.smoke, t_steps)
+    points = teacher_points(args.smoke, t_steps, args.hybrid)
     t_rows = {r["run_id"]: r for r in run_grid(points, args.out / "teachers.csv", args.out, workers=1)}
 
     out_csv = args.out / "distill.csv"
@@ -77,13 +86,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"teacher {name}: acc {t_rows[name]['val_acc']} ESS {teachers[name][2]}", flush=True)
     dm = teachers["plain"][1]
     probe = next(iter(dm.val_dataloader()))["inputs"][:16]
-    for tname in [*points, "none"]:
+    for tname in [*points, *([] if args.no_control else ["none"])]:
         for d_k in d_ks:
             if (tname, str(d_k)) in done:
                 continue
             start = time.time()
             teacher, t_dm, t_ess = teachers.get(tname, (None, dm, {}))
-            st = student(d_k, dm.vocab_size, args.seed)
+            st = student(d_k, dm.vocab_size, args.seed, args.hybrid)
             losses = distill(st, teacher, t_dm, steps=s_steps, kl_weight=1.0,
                              ce_weight=0.0 if teacher is not None else 1.0)
             ev = evaluate(st, teacher if teacher is not None else teachers["plain"][0], t_dm,

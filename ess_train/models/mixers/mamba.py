@@ -286,72 +286,82 @@ def _factor_bound(dtype: torch.dtype) -> float:
     return 300.0 if dtype == torch.float64 else 40.0
 
 
-def _mamba_chunk_y(
-    dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, u: Tensor, C: int, work: Tensor | None = None
-) -> Tensor:
-    """``y_t = C_t . h_t``, ``h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t``, for one block.
+def _mamba_chunk_y(dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, u: Tensor, C: int) -> Tensor:
+    """``y_t = C_t . h_t``, ``h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t``, for one block (plain autograd ops).
 
     ``dt, u [b, d, L]``, ``A [d, N]``, ``Bm, Cm [b, L, N]``, ``L`` a multiple of ``C``. Within a chunk, with
     ``S_t = A * sum_{r <= t} dt_r`` (from the chunk start, ``<= 0``):
     ``h_t = exp(S_t) (h_start + sum_{s <= t} exp(-S_s) dt_s u_s B_s)``: elementwise ops and one cumsum for all
     chunks at once; ``|S| <= bound`` keeps ``exp(-S)`` finite (checked by the caller). The states entering
     the chunks follow from a short loop over chunks.
-
-    The big tensors are laid out ``[N, b, d, n, C]`` (state first, time last): every broadcast (of ``A``
-    over time, of ``dt u`` over states, of ``B``/``C`` over channels) runs along long contiguous rows, the
-    cumsum runs along the last dim and the readout sums over the outermost dim.
-    With ``work`` (a flat buffer of at least ``2 N b L d`` numbers; no autograd) the forward runs in place
-    in it; without, plain autograd ops (the backward's recomputation).
     """
     b, d, L = dt.shape
     N = A.shape[-1]
     n = L // C
-    cs = dt.reshape(b, d, n, C).cumsum(-1)  # [b, d, n, C]: dt summed from the chunk start
+    S = dt.reshape(b, d, n, C, 1).cumsum(-2) * A[:, None, None, :]  # [b, d, n, C, N], <= 0
     # factor exp(S_t - S_s) = exp(S_t - S_mid) exp(S_mid - S_s) through the chunk's middle row (both factors
-    # at most exp(bound / 2)); S_mid cancels exactly, so it is detached (its gradient is exactly 0: no
-    # round-off leaks from later tokens of the chunk into the gradients)
-    At = A.t().reshape(N, 1, d, 1, 1)
-    S_mid = (cs[..., C // 2 : C // 2 + 1] * At).detach()  # [N, b, d, n, 1]
-    Bt = Bm.permute(2, 0, 1).reshape(N, b, 1, n, C)
-    Ct = Cm.permute(2, 0, 1).reshape(N, b, 1, n, C)
-    xu = (dt * u).reshape(1, b, d, n, C)
-    shape = (N, b, d, n, C)
-    if work is not None:
-        size = N * b * d * L
-        W, E = work[:size].view(shape), work[size : 2 * size].view(shape)
-        torch.addcmul(S_mid, cs, At, value=-1.0, out=W).exp_()  # exp(S_mid - S_t)
-        torch.reciprocal(W, out=E)  # exp(S_t - S_mid)
-        cum = W.mul_(xu).mul_(Bt).cumsum_(-1)
-    else:
-        W = torch.exp(torch.addcmul(S_mid, cs, At, value=-1.0))
-        E = torch.reciprocal(W)
-        cum = (W * xu * Bt).cumsum(-1)
+    # at most exp(bound / 2)); S_mid cancels exactly, so it is detached (its gradient is exactly 0)
+    S_mid = S[..., C // 2 : C // 2 + 1, :].detach()
+    e = S - S_mid
+    w = torch.exp(-e) * (dt * u).reshape(b, d, n, C, 1) * Bm.reshape(b, 1, n, C, N)
+    cum = w.cumsum(-2)
+    E = e.exp()
     if n > 1:
-        local = E[..., -1] * cum[..., -1]  # [N, b, d, n]: each chunk's end state from a zero start
-        decay = torch.exp(cs[..., -1] * At[..., 0])  # [N, b, d, n]: the chunk's total decay
-        h = torch.zeros_like(local[..., 0])
+        local = E[..., -1, :] * cum[..., -1, :]  # each chunk's end state from a zero start
+        decay = torch.exp(S[..., -1, :])  # [b, d, n, N]: the chunk's total decay
+        h = torch.zeros_like(local[..., 0, :])
         starts = [h]
-        for loc, dec in zip(local.unbind(-1)[:-1], decay.unbind(-1)[:-1]):
+        for loc, dec in zip(local.unbind(-2)[:-1], decay.unbind(-2)[:-1]):
             h = torch.addcmul(loc, dec, h)
             starts.append(h)
         # h_t = exp(S_t) h_start + ...: exp(S_t) = E_t exp(S_mid), folded into the start states
-        st = torch.stack(starts, dim=-1)[..., None] * torch.exp(S_mid)
-        cum = cum.add_(st) if work is not None else cum + st
-    if work is not None:
-        return E.mul_(Ct).mul_(cum).sum(0).reshape(b, d, L)
-    return (E * cum * Ct).sum(0).reshape(b, d, L)
+        cum = cum + torch.stack(starts, dim=-2)[..., None, :] * torch.exp(S_mid)
+    return (E * cum * Cm.reshape(b, 1, n, C, N)).sum(-1).reshape(b, d, L)
+
+
+def _mamba_chunk_y_inplace(
+    dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, u: Tensor, C: int, work: Tensor
+) -> Tensor:
+    """:func:`_mamba_chunk_y` without autograd, in place in ``work`` (at least ``2 b d L N`` numbers).
+
+    Same arithmetic, fewer passes over ``[b, d, n, C, N]`` and no fresh temporaries: ``exp(-e)`` comes
+    from one fused ``addcmul`` + ``exp_``, ``C_t exp(e_t)`` from one ``div``, the rest runs in place.
+    """
+    b, d, L = dt.shape
+    N = A.shape[-1]
+    n = L // C
+    shape = (b, d, n, C, N)
+    size = b * d * L * N
+    W, E = work[:size].view(shape), work[size : 2 * size].view(shape)
+    Ad = A[:, None, None, :]
+    cs = dt.reshape(b, d, n, C, 1).cumsum(-2)  # [b, d, n, C, 1]
+    S_mid = cs[..., C // 2 : C // 2 + 1, :] * Ad  # [b, d, n, 1, N]
+    torch.addcmul(S_mid, cs, Ad, value=-1.0, out=W).exp_()  # exp(S_mid - S_t)
+    torch.div(Cm.reshape(b, 1, n, C, N), W, out=E)  # C_t exp(S_t - S_mid)
+    E_end = torch.reciprocal(W[..., -1, :]) if n > 1 else None
+    cum = W.mul_((dt * u).reshape(b, d, n, C, 1)).mul_(Bm.reshape(b, 1, n, C, N)).cumsum_(-2)
+    if n > 1:
+        local = E_end * cum[..., -1, :]  # [b, d, n, N]
+        decay = torch.exp(cs[..., -1, :] * A[:, None, :])  # [b, d, n, N]
+        h = torch.zeros_like(local[..., 0, :])
+        starts = [h]
+        for loc, dec in zip(local.unbind(-2)[:-1], decay.unbind(-2)[:-1]):
+            h = torch.addcmul(loc, dec, h)
+            starts.append(h)
+        cum.add_(torch.stack(starts, dim=-2)[..., None, :] * torch.exp(S_mid))
+    return E.mul_(cum).sum(-1).reshape(b, d, L)
 
 
 def _blocks(batch: int, D: int, L: int, N: int, target: int = 1 << 19) -> list[tuple[slice, slice]]:
-    """(batch, channel) blocks whose ``[N, b, d, L]`` temporaries hold about ``target`` numbers (cache)."""
+    """(batch, channel) blocks whose ``[b, d, L, N]`` temporaries hold about ``target`` numbers (cache)."""
     d = max(1, min(D, target // max(1, L * N)))
     b = max(1, min(batch, target // max(1, d * L * N)))
     return [(slice(i, i + b), slice(j, j + d)) for i in range(0, batch, b) for j in range(0, D, d)]
 
 
 class _MambaScan(torch.autograd.Function):
-    """:func:`_mamba_chunk_y` block by block (in one reused buffer); the backward recomputes each block
-    under autograd."""
+    """:func:`_mamba_chunk_y_inplace` block by block; the backward recomputes each block with
+    :func:`_mamba_chunk_y` under autograd."""
 
     @staticmethod
     def forward(ctx: Any, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, u: Tensor, chunk: int) -> Tensor:
@@ -360,10 +370,10 @@ class _MambaScan(torch.autograd.Function):
         y = torch.empty_like(dt)
         (batch, D, L), N = dt.shape, A.shape[-1]
         blocks = _blocks(batch, D, L, N)
-        bs0, ds0 = blocks[0]
+        bs0, ds0 = blocks[0]  # the largest block: one workspace for all
         work = dt.new_empty(2 * N * L * (min(bs0.stop, batch) - bs0.start) * (min(ds0.stop, D) - ds0.start))
         for bs, ds in blocks:
-            y[bs, ds] = _mamba_chunk_y(dt[bs, ds], A[ds], Bm[bs], Cm[bs], u[bs, ds], chunk, work)
+            y[bs, ds] = _mamba_chunk_y_inplace(dt[bs, ds], A[ds], Bm[bs], Cm[bs], u[bs, ds], chunk, work)
         return y
 
     @staticmethod
@@ -394,10 +404,12 @@ def mamba_scan(
     ``h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t`` (``h_{-1} = 0``), ``y_t = C_t . h_t`` per channel, with
     ``dt, u [b, D, L]`` (``dt >= 0``), ``A [D, N]`` (``<= 0``), ``Bm, Cm [b, L, N]``.
 
-    The chunked cumsum form (:func:`_mamba_chunk_y`) in cache-sized (batch, channel) blocks; the backward
-    recomputes each block (activation memory ``O(b D L)``). Chunks of at most ``chunk_size`` (default 64),
-    halved until no chunk's total ``|dt A|`` exceeds :func:`_factor_bound`; with decays too strong even for
-    chunks of 4 it falls back to the exact :func:`selective_scan` (materialized ``[b, D, L, N]``).
+    The chunked cumsum form (:func:`_mamba_chunk_y`) in cache-sized (batch, channel) blocks; the
+    forward runs in place in one workspace reused by all blocks (:func:`_mamba_chunk_y_inplace`), the
+    backward recomputes each block under autograd (activation memory ``O(b D L)``). Chunks of at most
+    ``chunk_size`` (default 64), halved until no chunk's total ``|dt A|`` exceeds :func:`_factor_bound`;
+    with decays too strong even for chunks of 4 it falls back to the exact :func:`selective_scan`
+    (materialized ``[b, D, L, N]``).
     """
     dtype = torch.promote_types(torch.promote_types(dt.dtype, A.dtype), torch.float32)
     dt, A, Bm, Cm, u = (t.to(dtype) for t in (dt, A, Bm, Cm, u))
