@@ -116,7 +116,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     layers = ess.get("layers", {}) if isinstance(ess, dict) else {}
     if layers:
         lines.append(
-            "  ESS per layer (entropy, average over positions; utilization = ESS / per-operator TSS):"
+            "  ESS per layer (entropy-ESS averaged over positions; utilization = ESS / its rank bound):"
         )
         for name, row in layers.items():
             cells = "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())

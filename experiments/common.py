@@ -55,8 +55,12 @@ def run_point(run_id: str, overrides: Sequence[str], out_dir: str | Path) -> dic
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             "config",
-            overrides=[*overrides, f"output_dir={run_dir}", "trainer.enable_progress_bar=false",
-                       "trainer.enable_model_summary=false"],
+            overrides=[
+                *overrides,
+                f"output_dir={run_dir}",
+                "trainer.enable_progress_bar=false",
+                "trainer.enable_model_summary=false",
+            ],
             return_hydra_config=True,
         )
     HydraConfig.instance().set_config(cfg)

@@ -319,7 +319,9 @@ def _rescaled(spread: float, dtype) -> tuple[RecurrentOperator, torch.Tensor]:
     b = torch.randn(B, L, N, generator=g, dtype=F64)
     c = torch.randn(B, L, N, generator=g, dtype=F64)
     D = torch.logspace(0, math.log10(spread), N, dtype=F64)
-    return RecurrentOperator(a.to(dtype), (b * D).to(dtype), (c / D).to(dtype)), RecurrentOperator(a, b, c).dense()
+    return RecurrentOperator(a.to(dtype), (b * D).to(dtype), (c / D).to(dtype)), RecurrentOperator(
+        a, b, c
+    ).dense()
 
 
 @pytest.mark.parametrize("dtype,spreads", [(torch.float32, [10.0, 100.0]), (F64, [10.0, 100.0, 1e3])])

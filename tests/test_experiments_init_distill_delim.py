@@ -45,4 +45,6 @@ def test_delimiters_smoke(tmp_path):
     rows = read_rows(tmp_path / "delim_modulation.csv")
     assert {r["model"] for r in rows} == {"linear_attention", "gla", "attention"}
     plot.main(["--results", str(tmp_path)])
-    assert (tmp_path / "delim.png").stat().st_size > 0 and (tmp_path / "delim_profiles.png").stat().st_size > 0
+    assert (tmp_path / "delim.png").stat().st_size > 0 and (
+        tmp_path / "delim_profiles.png"
+    ).stat().st_size > 0

@@ -39,7 +39,7 @@ CONDITIONS = {
     ],
 }
 SEEDS = [0, 1]
-# top-level keys an experiment file cannot set (conf/config.yaml's _self_ comes after `experiment`)
+# top-level keys, passed on the command line (as when the committed results were produced)
 COMMON = ["optim.lr=1e-2", "optim.warmup_steps=50", "save_plots=false"]
 SMOKE = [
     "trainer.max_steps=4",

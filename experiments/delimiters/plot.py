@@ -1,13 +1,12 @@
 """Figures and table of study 5 from ``results/delim_modulation.csv`` and ``results/delim_profiles.json``.
 
-    PYTHONPATH=. .venv/bin/python experiments/delimiters/plot.py [--results DIR]
+PYTHONPATH=. .venv/bin/python experiments/delimiters/plot.py [--results DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
@@ -30,14 +29,24 @@ def main(argv: list[str] | None = None) -> None:
     prof = json.loads((res / "delim_profiles.json").read_text())
     offsets = prof["offsets"]
     layer_names = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("modulation/")})
-    md = ["| run | val acc | modulation (mean) | " + " | ".join(f"mod {n}" for n in layer_names)
-          + " | " + " | ".join(f"ESS before→after {n}" for n in layer_names) + " |",
-          "|---" * (3 + 2 * len(layer_names)) + "|"]
+    md = [
+        "| run | val acc | modulation (mean) | "
+        + " | ".join(f"mod {n}" for n in layer_names)
+        + " | "
+        + " | ".join(f"ESS before→after {n}" for n in layer_names)
+        + " |",
+        "|---" * (3 + 2 * len(layer_names)) + "|",
+    ]
     for r in rows:
-        md.append(f"| {r['run_id']} | {float(r['val_acc']):.3f} | {float(r['modulation_mean']):.3f} | "
-                  + " | ".join(f"{float(r[f'modulation/{n}']):.3f}" for n in layer_names) + " | "
-                  + " | ".join(f"{float(r[f'ess_before/{n}']):.2f}→{float(r[f'ess_after/{n}']):.2f}" for n in layer_names)
-                  + " |")
+        md.append(
+            f"| {r['run_id']} | {float(r['val_acc']):.3f} | {float(r['modulation_mean']):.3f} | "
+            + " | ".join(f"{float(r[f'modulation/{n}']):.3f}" for n in layer_names)
+            + " | "
+            + " | ".join(
+                f"{float(r[f'ess_before/{n}']):.2f}→{float(r[f'ess_after/{n}']):.2f}" for n in layer_names
+            )
+            + " |"
+        )
     # aligned profiles, averaged over seeds, per model and layer
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(layer_names) + 1, figsize=(5 * (len(layer_names) + 1), 4))
@@ -58,8 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     ax = axes[-1]
     for mi, m in enumerate(models):
         rs = [r for r in rows if r["model"] == m]
-        ax.scatter([float(r["modulation_mean"]) for r in rs], [float(r["val_acc"]) for r in rs], color=f"C{mi}",
-                   label=m, s=40)
+        ax.scatter(
+            [float(r["modulation_mean"]) for r in rs],
+            [float(r["val_acc"]) for r in rs],
+            color=f"C{mi}",
+            label=m,
+            s=40,
+        )
     ax.set_xlabel("modulation score (ESS[e] - ESS[e+1]) / ESS[e], mean of layers")
     ax.set_ylabel("validation accuracy")
     ax.set_title("modulation vs accuracy")

@@ -33,8 +33,14 @@ OFFSETS = list(range(-4, 5))
 
 def points(smoke: bool, steps: int, seeds: list[int]) -> dict[str, list[str]]:
     # optim.lr / save_plots are passed here (the grid is explicit about everything it varies).
-    common = ["experiment=delim", "optim.lr=1e-2", "save_plots=false", f"trainer.max_steps={steps}",
-              f"trainer.val_check_interval={steps}", f"callbacks.monitor.every_n_steps={steps}"]
+    common = [
+        "experiment=delim",
+        "optim.lr=1e-2",
+        "save_plots=false",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+        f"callbacks.monitor.every_n_steps={steps}",
+    ]
     if smoke:
         common += ["task.num_train=128", "task.num_test=64", "task.batch_size=16", "task.num_segments=2"]
     return {f"{m}_s{s}": [*common, f"model={m}", f"seed={s}"] for m in MODELS for s in seeds}
@@ -58,9 +64,13 @@ def eos_profiles(model: torch.nn.Module, inputs: torch.Tensor, eos: int) -> dict
         aligned = [sum(ess[e + o] for e in eos_inner) / len(eos_inner) for o in OFFSETS]
         mods = [(ess[e] - ess[e + 1]) / ess[e] for e in eos_inner if ess[e] > 0]
         out["layers"][name.removeprefix("blocks.")] = {
-            "profile": prof, "aligned": aligned, "modulation": sum(mods) / len(mods),
-            "ess_before": aligned[OFFSETS.index(0)], "ess_after": aligned[OFFSETS.index(1)],
-            "avg_ess": sum(prof) / len(prof), "tss_per_op": sizes[name].per_operator,
+            "profile": prof,
+            "aligned": aligned,
+            "modulation": sum(mods) / len(mods),
+            "ess_before": aligned[OFFSETS.index(0)],
+            "ess_after": aligned[OFFSETS.index(1)],
+            "avg_ess": sum(prof) / len(prof),
+            "tss_per_op": sizes[name].per_operator,
         }
     return out
 
@@ -90,17 +100,23 @@ def main(argv: list[str] | None = None) -> None:
         res = eos_profiles(model, inputs, eos)
         profiles[run_id] = res
         layers = res["layers"]
-        mod_rows.append({
-            "run_id": run_id, "model": run_id.rsplit("_s", 1)[0], "seed": run_id.rsplit("_s", 1)[1],
-            "val_acc": float(rows[run_id]["val_acc"]),
-            "modulation_mean": sum(v["modulation"] for v in layers.values()) / len(layers),
-            **{f"modulation/{k}": v["modulation"] for k, v in layers.items()},
-            **{f"ess_before/{k}": v["ess_before"] for k, v in layers.items()},
-            **{f"ess_after/{k}": v["ess_after"] for k, v in layers.items()},
-            **{f"avg_ess/{k}": v["avg_ess"] for k, v in layers.items()},
-        })
-        print(f"{run_id}: acc {mod_rows[-1]['val_acc']:.3f} modulation {mod_rows[-1]['modulation_mean']:.3f}",
-              flush=True)
+        mod_rows.append(
+            {
+                "run_id": run_id,
+                "model": run_id.rsplit("_s", 1)[0],
+                "seed": run_id.rsplit("_s", 1)[1],
+                "val_acc": float(rows[run_id]["val_acc"]),
+                "modulation_mean": sum(v["modulation"] for v in layers.values()) / len(layers),
+                **{f"modulation/{k}": v["modulation"] for k, v in layers.items()},
+                **{f"ess_before/{k}": v["ess_before"] for k, v in layers.items()},
+                **{f"ess_after/{k}": v["ess_after"] for k, v in layers.items()},
+                **{f"avg_ess/{k}": v["avg_ess"] for k, v in layers.items()},
+            }
+        )
+        print(
+            f"{run_id}: acc {mod_rows[-1]['val_acc']:.3f} modulation {mod_rows[-1]['modulation_mean']:.3f}",
+            flush=True,
+        )
     dump_json({"offsets": OFFSETS, "runs": profiles}, args.out / "delim_profiles.json")
     keys: list[str] = []
     for r in mod_rows:

@@ -70,8 +70,11 @@ def distill(
     """Train ``student`` in place; returns the loss per step."""
     decay = [p for p in student.parameters() if p.dim() >= 2]
     rest = [p for p in student.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0}],
-                            lr=lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
 
     def sched(step: int) -> float:
         if step < warmup:
@@ -94,8 +97,11 @@ def distill(
                 t_logits = teacher(x)[mask].float()
             T = temperature
             loss = loss + kl_weight * T * T * F.kl_div(
-                F.log_softmax(logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
-                reduction="batchmean")
+                F.log_softmax(logits / T, -1),
+                F.log_softmax(t_logits / T, -1),
+                log_target=True,
+                reduction="batchmean",
+            )
         if ce_weight > 0:
             loss = loss + ce_weight * F.cross_entropy(logits, y[mask])
         opt.zero_grad(set_to_none=True)
@@ -108,8 +114,9 @@ def distill(
 
 
 @torch.no_grad()
-def evaluate(student: nn.Module, teacher: nn.Module | None, datamodule: Any, max_batches: int | None = None
-             ) -> dict[str, float]:
+def evaluate(
+    student: nn.Module, teacher: nn.Module | None, datamodule: Any, max_batches: int | None = None
+) -> dict[str, float]:
     """Answer accuracy of the student (and the teacher), KL(teacher || student) and CE on the validation set."""
     student.eval()
     correct = total = 0
@@ -130,8 +137,14 @@ def evaluate(student: nn.Module, teacher: nn.Module | None, datamodule: Any, max
         if teacher is not None:
             t_logits = teacher(x)
             t_correct += float(answer_accuracy(t_logits, y)["accuracy"]) * n
-            kl_sum += float(F.kl_div(F.log_softmax(ls, -1), F.log_softmax(t_logits[mask].float(), -1),
-                                     log_target=True, reduction="sum"))
+            kl_sum += float(
+                F.kl_div(
+                    F.log_softmax(ls, -1),
+                    F.log_softmax(t_logits[mask].float(), -1),
+                    log_target=True,
+                    reduction="sum",
+                )
+            )
     out = {"acc": correct / max(total, 1), "ce": ce_sum / max(total, 1)}
     if teacher is not None:
         out.update(kl=kl_sum / max(total, 1), teacher_acc=t_correct / max(total, 1))
@@ -139,8 +152,9 @@ def evaluate(student: nn.Module, teacher: nn.Module | None, datamodule: Any, max
 
 
 @torch.no_grad()
-def model_ess(model: nn.Module, inputs: Tensor, num_positions: int = 16, mixer: str | None = "gla"
-              ) -> dict[str, float]:
+def model_ess(
+    model: nn.Module, inputs: Tensor, num_positions: int = 16, mixer: str | None = "gla"
+) -> dict[str, float]:
     """Entropy-ESS of every layer of type ``mixer`` (``None``: all) on ``inputs`` (the monitor's reduction),
     averaged over those layers:
     ``ess_per_op`` (mean per operator), ``ess_total`` (per layer: multiplicity x sum over operators),

@@ -1,6 +1,6 @@
 """Figures and table of study 4 from ``results/distill.csv`` (and ``results/teachers.csv``).
 
-    PYTHONPATH=. .venv/bin/python experiments/distillation/plot.py [--results DIR]
+PYTHONPATH=. .venv/bin/python experiments/distillation/plot.py [--results DIR]
 """
 
 from __future__ import annotations
@@ -32,23 +32,37 @@ def main(argv: list[str] | None = None) -> None:
     by: dict[str, list] = defaultdict(list)
     for r in rows:
         by[r["teacher"]].append(r)
-    md = ["## Teachers", "", "| teacher | val acc | ESS/op (entropy, mean of layers) | per-op bound | total ESS/layer | TSS/layer |",
-          "|---|---|---|---|---|---|"]
+    md = [
+        "## Teachers",
+        "",
+        "| teacher | val acc | ESS/op (entropy, mean of layers) | per-op bound | total ESS/layer | TSS/layer |",
+        "|---|---|---|---|---|---|",
+    ]
     for t, rs in by.items():
         if t == "none":
             continue
         r = rs[0]
-        md.append(f"| {t} | {_f(r['teacher_acc']):.3f} | {_f(r['teacher_ess_per_op']):.2f} | {r.get('teacher_tss_per_op', '')} | "
-                  f"{_f(r['teacher_ess_total']):.0f} | {_f(r['teacher_tss']):.0f} |")
-    md += ["", "## Students (GLA, 1 head, d_v = 8; state size = TSS/layer = d_k x d_v)", "",
-           "| teacher | d_k | student TSS | val KL(teacher‖student) | val acc | val CE | student ESS/op | student total ESS |",
-           "|---|---|---|---|---|---|---|---|"]
+        md.append(
+            f"| {t} | {_f(r['teacher_acc']):.3f} | {_f(r['teacher_ess_per_op']):.2f} | {r.get('teacher_tss_per_op', '')} | "
+            f"{_f(r['teacher_ess_total']):.0f} | {_f(r['teacher_tss']):.0f} |"
+        )
+    md += [
+        "",
+        "## Students (GLA, 1 head, d_v = 8; state size = TSS/layer = d_k x d_v)",
+        "",
+        "| teacher | d_k | student TSS | val KL(teacher‖student) | val acc | val CE | student ESS/op | student total ESS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for t, rs in by.items():
         for r in sorted(rs, key=lambda r: int(r["d_k"])):
-            md.append(f"| {t} | {r['d_k']} | {r['student_tss']} | {_f(r['val_kl']):.3f} | {_f(r['val_acc']):.3f} | "
-                      f"{_f(r['val_ce']):.3f} | {_f(r['student_ess_per_op']):.2f} | {_f(r['student_ess_total']):.0f} |")
+            md.append(
+                f"| {t} | {r['d_k']} | {r['student_tss']} | {_f(r['val_kl']):.3f} | {_f(r['val_acc']):.3f} | "
+                f"{_f(r['val_ce']):.3f} | {_f(r['student_ess_per_op']):.2f} | {_f(r['student_ess_total']):.0f} |"
+            )
     md.append("")
-    md.append("(teacher `none`: CE-only control trained on the labels; its KL column is measured against the plain teacher.)")
+    md.append(
+        "(teacher `none`: CE-only control trained on the labels; its KL column is measured against the plain teacher.)"
+    )
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (t, rs) in enumerate(by.items()):
         rs = sorted(rs, key=lambda r: int(r["d_k"]))
@@ -67,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
         ax.set_xlabel("student d_k (per-operator state; TSS/layer = 8 d_k)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Study 4: distillation vs student state (dashed: teacher ESS per operator; dotted: teacher acc)")
+    fig.suptitle(
+        "Study 4: distillation vs student state (dashed: teacher ESS per operator; dotted: teacher acc)"
+    )
     fig.tight_layout()
     fig.savefig(res / "distill.png", dpi=110)
     plt.close(fig)

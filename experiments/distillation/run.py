@@ -32,15 +32,24 @@ D_KS = [2, 4, 8, 16]
 
 def teacher_points(smoke: bool, steps: int, hybrid: bool = False) -> dict[str, list[str]]:
     # optim.lr / save_plots are passed here (the grid is explicit about everything it varies).
-    common = ["optim.lr=1e-2", "save_plots=false", f"trainer.max_steps={steps}",
-              f"trainer.val_check_interval={steps}", f"callbacks.monitor.every_n_steps={steps}"]
+    common = [
+        "optim.lr=1e-2",
+        "save_plots=false",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+        f"callbacks.monitor.every_n_steps={steps}",
+    ]
     if hybrid:  # short conv + GLA (the app's default model; GLA alone does not learn MQAR in the CPU budget)
         common += ["model.mixer=[short_conv,gla]"]
     if smoke:
         common += ["task.num_train=128", "task.num_test=64", "task.batch_size=16", "task.seq_len=32"]
-    ceiling = ["+callbacks.regularizer.include=[model.blocks.1.mixer]"] if hybrid else []  # the GLA layer only
-    return {"plain": ["experiment=distill_teacher", *common],
-            "ceiling": ["experiment=distill_teacher_ceiling", *common, *ceiling]}
+    ceiling = (
+        ["+callbacks.regularizer.include=[model.blocks.1.mixer]"] if hybrid else []
+    )  # the GLA layer only
+    return {
+        "plain": ["experiment=distill_teacher", *common],
+        "ceiling": ["experiment=distill_teacher_ceiling", *common, *ceiling],
+    }
 
 
 def student(d_k: int, vocab_size: int, seed: int, hybrid: bool = False) -> torch.nn.Module:
@@ -49,8 +58,13 @@ def student(d_k: int, vocab_size: int, seed: int, hybrid: bool = False) -> torch
     torch.manual_seed(seed)
     gla = {"num_heads": 1, "expand_k": d_k / 64, "expand_v": D_V / 64}
     if hybrid:
-        return SequenceModel(vocab_size=vocab_size, d_model=64, n_layers=2, mixer=["short_conv", "gla"],
-                             mixer_kwargs={"gla": gla})
+        return SequenceModel(
+            vocab_size=vocab_size,
+            d_model=64,
+            n_layers=2,
+            mixer=["short_conv", "gla"],
+            mixer_kwargs={"gla": gla},
+        )
     return SequenceModel(vocab_size=vocab_size, d_model=64, n_layers=2, mixer="gla", mixer_kwargs=gla)
 
 
@@ -61,8 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher-steps", type=int, default=800)
     p.add_argument("--student-steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hybrid", action="store_true",
-                   help="teacher and students = short conv + GLA (ESS and state size: the GLA layer)")
+    p.add_argument(
+        "--hybrid",
+        action="store_true",
+        help="teacher and students = short conv + GLA (ESS and state size: the GLA layer)",
+    )
     p.add_argument("--no-control", action="store_true", help="skip the CE-only students")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("ESS_THREADS", "1")))
@@ -93,19 +110,34 @@ def main(argv: list[str] | None = None) -> None:
             start = time.time()
             teacher, t_dm, t_ess = teachers.get(tname, (None, dm, {}))
             st = student(d_k, dm.vocab_size, args.seed, args.hybrid)
-            losses = distill(st, teacher, t_dm, steps=s_steps, kl_weight=1.0,
-                             ce_weight=0.0 if teacher is not None else 1.0)
-            ev = evaluate(st, teacher if teacher is not None else teachers["plain"][0], t_dm,
-                          max_batches=2 if args.smoke else None)
+            losses = distill(
+                st, teacher, t_dm, steps=s_steps, kl_weight=1.0, ce_weight=0.0 if teacher is not None else 1.0
+            )
+            ev = evaluate(
+                st,
+                teacher if teacher is not None else teachers["plain"][0],
+                t_dm,
+                max_batches=2 if args.smoke else None,
+            )
             s_ess = model_ess(st, probe)
             row = {
-                "teacher": tname, "d_k": d_k, "d_v": D_V, "student_tss": d_k * D_V, "seed": args.seed,
-                "steps": s_steps, "val_acc": ev["acc"], "val_kl": ev["kl"], "val_ce": ev["ce"],
+                "teacher": tname,
+                "d_k": d_k,
+                "d_v": D_V,
+                "student_tss": d_k * D_V,
+                "seed": args.seed,
+                "steps": s_steps,
+                "val_acc": ev["acc"],
+                "val_kl": ev["kl"],
+                "val_ce": ev["ce"],
                 "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
                 "teacher_acc": float(t_rows[tname]["val_acc"]) if tname in t_rows else "",
-                "teacher_ess_per_op": t_ess.get("ess_per_op", ""), "teacher_ess_total": t_ess.get("ess_total", ""),
-                "teacher_tss": t_ess.get("tss", ""), "teacher_tss_per_op": t_ess.get("tss_per_op", ""),
-                "student_ess_per_op": s_ess["ess_per_op"], "student_ess_total": s_ess["ess_total"],
+                "teacher_ess_per_op": t_ess.get("ess_per_op", ""),
+                "teacher_ess_total": t_ess.get("ess_total", ""),
+                "teacher_tss": t_ess.get("tss", ""),
+                "teacher_tss_per_op": t_ess.get("tss_per_op", ""),
+                "student_ess_per_op": s_ess["ess_per_op"],
+                "student_ess_total": s_ess["ess_total"],
                 "seconds": round(time.time() - start, 1),
             }
             rows.append(row)
@@ -116,8 +148,10 @@ def main(argv: list[str] | None = None) -> None:
                 w = csv.DictWriter(fh, fieldnames=keys)
                 w.writeheader()
                 w.writerows(rows)
-            print(f"student d_k={d_k} from {tname}: acc {ev['acc']:.3f} KL {ev['kl']:.3f} "
-                  f"({row['seconds']} s)", flush=True)
+            print(
+                f"student d_k={d_k} from {tname}: acc {ev['acc']:.3f} KL {ev['kl']:.3f} ({row['seconds']} s)",
+                flush=True,
+            )
     print(f"study 4 done: {time.process_time() - t0[0]:.0f} s CPU, {time.time() - t0[1]:.0f} s wall")
 
 

@@ -1,6 +1,6 @@
 """Figures and tables of study 3 from ``results/ess_at_init.csv`` and ``results/init_vs_default.csv``.
 
-    PYTHONPATH=. .venv/bin/python experiments/initialization/plot.py [--results DIR]
+PYTHONPATH=. .venv/bin/python experiments/initialization/plot.py [--results DIR]
 """
 
 from __future__ import annotations
@@ -30,9 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     res = args.results
-    md = ["## ESS at initialization (mean over 2 layers and seeds)", "",
-          "| family | sweep | setting | per-op bound | TSS/layer | ESS/op | ESS/op / bound | total ESS | total/TSS |",
-          "|---|---|---|---|---|---|---|---|---|"]
+    md = [
+        "## ESS at initialization (mean over 2 layers and seeds)",
+        "",
+        "| family | sweep | setting | per-op bound | TSS/layer | ESS/op | ESS/op / bound | total ESS | total/TSS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     a = read_rows(res / "ess_at_init.csv")
     groups: dict[tuple, list] = defaultdict(list)
     for r in a:
@@ -40,11 +43,16 @@ def main(argv: list[str] | None = None) -> None:
     series: dict[tuple, list] = defaultdict(list)
     for (fam, sweep, setting), rs in groups.items():
         tss = _f(rs[0]["tss"])
-        vals = {k: mean(_f(r[k]) for r in rs) for k in ("avg_entropy", "utilization", "total_ess", "total_over_tss")}
+        vals = {
+            k: mean(_f(r[k]) for r in rs)
+            for k in ("avg_entropy", "utilization", "total_ess", "total_over_tss")
+        }
         series[(fam, sweep)].append((tss, vals))
-        md.append(f"| {fam} | {sweep} | {setting} | {rs[0]['per_operator_bound']} | {tss:.0f} | "
-                  f"{vals['avg_entropy']:.2f} | {vals['utilization']:.3f} | {vals['total_ess']:.0f} | "
-                  f"{vals['total_over_tss']:.3f} |")
+        md.append(
+            f"| {fam} | {sweep} | {setting} | {rs[0]['per_operator_bound']} | {tss:.0f} | "
+            f"{vals['avg_entropy']:.2f} | {vals['utilization']:.3f} | {vals['total_ess']:.0f} | "
+            f"{vals['total_over_tss']:.3f} |"
+        )
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for (fam, sweep), pts in series.items():
         pts.sort(key=lambda t: t[0])
@@ -53,9 +61,14 @@ def main(argv: list[str] | None = None) -> None:
         axes[0].plot(x, [v["total_ess"] for _, v in pts], "o-", label=lab)
         axes[1].plot(x, [v["total_over_tss"] for _, v in pts], "o-", label=lab)
         axes[2].plot(x, [v["utilization"] for _, v in pts], "o-", label=lab)
-    lim = [min(min(t for t, _ in p) for p in series.values()), max(max(t for t, _ in p) for p in series.values())]
+    lim = [
+        min(min(t for t, _ in p) for p in series.values()),
+        max(max(t for t, _ in p) for p in series.values()),
+    ]
     axes[0].plot(lim, lim, "k:", lw=1, label="ESS = TSS")
-    for ax, title in zip(axes, ["total ESS per layer", "total ESS / TSS", "per-operator ESS / per-operator bound"]):
+    for ax, title in zip(
+        axes, ["total ESS per layer", "total ESS / TSS", "per-operator ESS / per-operator bound"]
+    ):
         ax.set_xscale("log")
         ax.set_xlabel("TSS per layer")
         ax.set_title(title)
@@ -68,9 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     plt.close(fig)
 
     b = [r for r in read_rows(res / "init_vs_default.csv") if not r.get("error")]
-    md += ["", "## ESSInitializer vs default initialization (MQAR L=32, 4 kv pairs, fixed step budget)", "",
-           "| model | init | steps | val acc (per seed) | mean | ESS/op layer0, layer1 (end) | utilization (end) |",
-           "|---|---|---|---|---|---|---|"]
+    md += [
+        "",
+        "## ESSInitializer vs default initialization (MQAR L=32, 4 kv pairs, fixed step budget)",
+        "",
+        "| model | init | steps | val acc (per seed) | mean | ESS/op layer0, layer1 (end) | utilization (end) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     by: dict[tuple, list] = defaultdict(list)
     for r in b:
         m, init, _ = r["run_id"].rsplit("_", 2)
@@ -80,10 +97,17 @@ def main(argv: list[str] | None = None) -> None:
         accs = [_f(r["val_acc"]) for r in rs]
         ess = [mean(_f(r.get(f"ess/blocks.{k}.mixer/avg_entropy")) for r in rs) for k in (0, 1)]
         util = [mean(_f(r.get(f"ess/blocks.{k}.mixer/utilization")) for r in rs) for k in (0, 1)]
-        md.append(f"| {m} | {init} | {rs[0]['steps']} | {', '.join(f'{x:.3f}' for x in accs)} | {mean(accs):.3f} | "
-                  f"{ess[0]:.2f}, {ess[1]:.2f} | {util[0]:.3f}, {util[1]:.3f} |")
-        ax.bar(i, mean(accs), yerr=pstdev(accs) if len(accs) > 1 else 0, color="C0" if init == "default" else "C1",
-               alpha=0.7)
+        md.append(
+            f"| {m} | {init} | {rs[0]['steps']} | {', '.join(f'{x:.3f}' for x in accs)} | {mean(accs):.3f} | "
+            f"{ess[0]:.2f}, {ess[1]:.2f} | {util[0]:.3f}, {util[1]:.3f} |"
+        )
+        ax.bar(
+            i,
+            mean(accs),
+            yerr=pstdev(accs) if len(accs) > 1 else 0,
+            color="C0" if init == "default" else "C1",
+            alpha=0.7,
+        )
         ax.plot([i] * len(accs), accs, "k.", ms=8)
     labels = [f"{m}\n{init}" for (m, init) in sorted(by)]
     ax.set_xticks(range(len(labels)), labels)

@@ -65,8 +65,9 @@ def run_ess_at_init(out_csv: Path, smoke: bool) -> list[dict]:
     for family, sweep, kw in ess_at_init_points(smoke):
         for seed in seeds:
             torch.manual_seed(seed)
-            model = SequenceModel(vocab_size=dm.vocab_size, d_model=64, n_layers=2, mixer=family,
-                                  mixer_kwargs=kw).eval()
+            model = SequenceModel(
+                vocab_size=dm.vocab_size, d_model=64, n_layers=2, mixer=family, mixer_kwargs=kw
+            ).eval()
             sizes = model.state_sizes(L)
             start = time.time()
             with torch.no_grad():
@@ -74,17 +75,28 @@ def run_ess_at_init(out_csv: Path, smoke: bool) -> list[dict]:
             for name, view in views.items():
                 stats = layer_ess(view, sizes[name], positions, tolerance=True, max_operators=32)
                 size = sizes[name]
-                rows.append({
-                    "family": family, "sweep": sweep, "seed": seed, "layer": name.removeprefix("blocks."),
-                    **{f"kw_{k}": v for k, v in kw.items()},
-                    "per_operator_bound": size.per_operator, "tss": size.total,
-                    "avg_entropy": stats.avg_entropy, "avg_tolerance": stats.avg_tolerance,
-                    "utilization": stats.utilization, "total_ess": stats.total,
-                    "total_over_tss": stats.total / size.total,
-                    "seconds": round(time.time() - start, 2),
-                })
-            print(f"{family} {kw} seed {seed}: ESS/op {rows[-1]['avg_entropy']:.2f} "
-                  f"util {rows[-1]['utilization']:.3f} total/TSS {rows[-1]['total_over_tss']:.3f}", flush=True)
+                rows.append(
+                    {
+                        "family": family,
+                        "sweep": sweep,
+                        "seed": seed,
+                        "layer": name.removeprefix("blocks."),
+                        **{f"kw_{k}": v for k, v in kw.items()},
+                        "per_operator_bound": size.per_operator,
+                        "tss": size.total,
+                        "avg_entropy": stats.avg_entropy,
+                        "avg_tolerance": stats.avg_tolerance,
+                        "utilization": stats.utilization,
+                        "total_ess": stats.total,
+                        "total_over_tss": stats.total / size.total,
+                        "seconds": round(time.time() - start, 2),
+                    }
+                )
+            print(
+                f"{family} {kw} seed {seed}: ESS/op {rows[-1]['avg_entropy']:.2f} "
+                f"util {rows[-1]['utilization']:.3f} total/TSS {rows[-1]['total_over_tss']:.3f}",
+                flush=True,
+            )
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with out_csv.open("w", newline="") as fh:
         keys: list[str] = []
@@ -97,12 +109,29 @@ def run_ess_at_init(out_csv: Path, smoke: bool) -> list[dict]:
 
 
 def init_grid(smoke: bool) -> dict[str, list[str]]:
-    models = {"gla": ["model=gla"], "mamba": ["model=mamba", MAMBA_SMALL, "trainer.max_steps=250",
-                                                "trainer.val_check_interval=250",
-                                                "callbacks.monitor.every_n_steps=250"]}
+    models = {
+        "gla": ["model=gla"],
+        "mamba": [
+            "model=mamba",
+            MAMBA_SMALL,
+            "trainer.max_steps=250",
+            "trainer.val_check_interval=250",
+            "callbacks.monitor.every_n_steps=250",
+        ],
+    }
     seeds = [0] if smoke else [0, 1]
-    smoke_ov = ["trainer.max_steps=4", "trainer.val_check_interval=4", "callbacks.monitor.every_n_steps=4",
-                "task.num_train=128", "task.num_test=64", "task.batch_size=16"] if smoke else []
+    smoke_ov = (
+        [
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+            "callbacks.monitor.every_n_steps=4",
+            "task.num_train=128",
+            "task.num_test=64",
+            "task.batch_size=16",
+        ]
+        if smoke
+        else []
+    )
     points = {}
     for m, mov in models.items():
         for init in ("default", "ess"):
