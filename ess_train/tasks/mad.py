@@ -401,8 +401,8 @@ class SelectiveCopyingConfig(TaskConfig):
 
 
 @dataclass
-class CompressionConfig(TaskConfig):
-    """MAD compression (baseline: vocab 16, seq_len 32), causal form (see ``generate_compression``)."""
+class _PairedTokensConfig(TaskConfig):
+    """Shared fields and checks of compression and memorization (even length, optional noise tokens)."""
 
     num_train: int = 12_800
     num_test: int = 1_280
@@ -419,21 +419,16 @@ class CompressionConfig(TaskConfig):
 
 
 @dataclass
-class MemorizationConfig(TaskConfig):
+class CompressionConfig(_PairedTokensConfig):
+    """MAD compression (baseline: vocab 16, seq_len 32), causal form (see ``generate_compression``)."""
+
+
+@dataclass
+class MemorizationConfig(_PairedTokensConfig):
     """MAD memorization (baseline: vocab 256, seq_len 32, 256 train examples)."""
 
     num_train: int = 256
-    num_test: int = 1_280
     vocab_size: int = 256
-    seq_len: int = 32
-    noise_vocab_size: int = 0
-    frac_noise: float = 0.0
-
-    def validate(self) -> None:
-        super().validate()
-        check_int("vocab_size", self.vocab_size, 3)
-        _check_even_len(self.seq_len, 2)
-        _check_noise(self, 1)
 
 
 # --------------------------------------------------------------------------- data modules
