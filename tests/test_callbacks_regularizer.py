@@ -191,3 +191,34 @@ def test_operator_subset_rotates_over_all_operators():
         assert small.batch_shape == (1, 4)
         seen |= {int(v) for v in small.a[0, :, 0, 0]}
     assert seen == set(range(10))
+
+
+def test_entropy_profiles_batches_compatible_operators_without_changing_results():
+    """One engine call per compatible group gives each operator's own profile, with its own gradients."""
+    from ess_train.callbacks._common import entropy_profile, entropy_profiles
+    from ess_train.ess import DenseOperator
+
+    g = torch.Generator().manual_seed(0)
+
+    def rec(batch, N, full=False):
+        a = torch.rand(*batch, 12, N, N, generator=g) / N if full else torch.rand(*batch, 12, N, generator=g)
+        return [
+            t.requires_grad_()
+            for t in (a, torch.randn(*batch, 12, N, generator=g), torch.randn(*batch, 12, N, generator=g))
+        ]
+
+    leaves = [rec((2, 3), 4), rec((1, 5), 4), rec((2, 3), 3), rec((2, 2), 3, full=True)]
+    ops = [RecurrentOperator(*x) for x in leaves]
+    T = torch.tril(torch.randn(2, 3, 12, 12, generator=g)).requires_grad_()
+    ops += [DenseOperator(T), DenseOperator(T[:1] * 2)]
+    positions = [[1, 5, 11], [1, 5, 11], [1, 5, 11], None, [2, 6], [2, 6]]
+    got = entropy_profiles(ops, positions)
+    for op, pos, out in zip(ops, positions, got):
+        torch.testing.assert_close(out, entropy_profile(op, pos), rtol=1e-5, atol=1e-6)
+    sum(out.sum() for out in got).backward(retain_graph=True)
+    grads = [x.grad.clone() for trio in leaves for x in trio] + [T.grad.clone()]
+    for x in [x for trio in leaves for x in trio] + [T]:
+        x.grad = None
+    sum(entropy_profile(op, pos).sum() for op, pos in zip(ops, positions)).backward()
+    for a, b in zip(grads, [x.grad for trio in leaves for x in trio] + [T.grad]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

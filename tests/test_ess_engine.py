@@ -199,7 +199,7 @@ def _assert_gramian_matches_dense(op: RecurrentOperator):
 
 
 @pytest.mark.parametrize("L,N", [(40, 4), (33, 7), (48, 12)])
-def test_gramian_matches_dense_diagonal(L, N):
+def test_gramian_matches_dense_diagonal(L, N, gramian_path):
     _assert_gramian_matches_dense(random_diagonal(2, L, N, seed=L + N))
 
 
@@ -208,7 +208,7 @@ def test_gramian_matches_dense_full(L, N):
     _assert_gramian_matches_dense(random_full(2, L, N, seed=L * N))
 
 
-def test_gramian_matches_dense_mamba_like_with_zero_decays():
+def test_gramian_matches_dense_mamba_like_with_zero_decays(gramian_path):
     op = mamba_like(2, 40, 6, seed=3)
     sg = hankel_singular_values(op)
     sd = hankel_singular_values(op, method="dense")
@@ -220,7 +220,7 @@ def test_gramian_matches_dense_mamba_like_with_zero_decays():
     assert tolerance_ess(op)[..., 40 // 3 + 1].tolist() == [1, 1]
 
 
-def test_float32_gramian_close_to_float64():
+def test_float32_gramian_close_to_float64(gramian_path):
     op = random_diagonal(2, 48, 8, seed=11)
     op32 = RecurrentOperator(op.a.float(), op.b.float(), op.c.float())
     e64 = entropy_ess(op, method="dense")
@@ -234,7 +234,7 @@ def test_float32_gramian_close_to_float64():
 
 
 @pytest.mark.parametrize("alpha", [1e-3, 7.0, 1e4])
-def test_scale_invariance(alpha):
+def test_scale_invariance(alpha, gramian_path):
     op = random_diagonal(2, 30, 5, seed=5)
     scaled = RecurrentOperator(op.a, op.b, op.c * alpha)
     torch.testing.assert_close(entropy_ess(scaled), entropy_ess(op), rtol=1e-9, atol=1e-9)
@@ -260,7 +260,7 @@ def test_positions_subset_order_duplicates():
 
 
 @pytest.mark.parametrize("make", [random_diagonal, random_full])
-def test_chunking_does_not_change_results(make):
+def test_chunking_does_not_change_results(make, gramian_path):
     op = make(3, 37, 5, seed=2)
     ref = hankel_singular_values(op)
     # batch chunks, then position chunks (Q checkpoints), down to one position at a time
@@ -282,7 +282,7 @@ def test_dense_operator_shapes_and_K():
     assert hankel_singular_values(op, method="dense").shape == (2, 9, 6)
 
 
-def test_zero_operator_has_zero_ess():
+def test_zero_operator_has_zero_ess(gramian_path):
     for op in (
         DenseOperator(torch.zeros(2, 8, 8)),
         RecurrentOperator(*(torch.zeros(2, 8, 3) for _ in range(3))),
@@ -325,7 +325,7 @@ def _rescaled(spread: float, dtype) -> tuple[RecurrentOperator, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype,spreads", [(torch.float32, [10.0, 100.0]), (F64, [10.0, 100.0, 1e3])])
-def test_gramian_invariant_to_state_rescaling(dtype, spreads):
+def test_gramian_invariant_to_state_rescaling(dtype, spreads, gramian_path):
     op1, T = _rescaled(1.0, dtype)
     e1, t1 = entropy_ess(op1), tolerance_ess(op1)
     ed = entropy_ess(T.to(dtype))
@@ -346,7 +346,7 @@ def test_gramian_invariant_to_state_rescaling(dtype, spreads):
         assert bool(((t - t1).abs() <= near).all()), spread
 
 
-def test_float32_keeps_small_singular_values():
+def test_float32_keeps_small_singular_values(gramian_path):
     """sigma / sigma_max(H_i) >= 2e-3 (about 6x the sqrt(eps) floor) survives the jitter correction."""
     g = torch.Generator().manual_seed(0)
     B, L, N = 16, 64, 8
@@ -362,3 +362,53 @@ def test_float32_keeps_small_singular_values():
         sg = hankel_singular_values(op).double()
         assert int((sg[small] == 0).sum()) == 0
         assert float(((sg - sd).abs() / sd)[small].max()) < 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# the segment path (diagonal transitions, few positions) against the full scan
+
+
+def _signed_with_zeros(B: int, L: int, N: int, *, seed: int) -> RecurrentOperator:
+    """Diagonal transitions of both signs, with exact zeros (resets) in two places."""
+    op = random_diagonal(B, L, N, seed=seed)
+    sign = torch.where(torch.arange(L * N).reshape(L, N) % 3 == 0, -1.0, 1.0).to(F64)
+    a = op.a * sign
+    a[:, L // 4] = 0.0
+    a[0, L // 2, 0] = 0.0
+    return RecurrentOperator(a, op.b, op.c)
+
+
+@pytest.mark.parametrize("make", [random_diagonal, mamba_like, _signed_with_zeros])
+@pytest.mark.parametrize(
+    "positions", [[0], [45], [1, 2, 3], [0, 44, 45], list(range(0, 46, 9)), [3, 17, 18, 30, 31, 40]]
+)
+def test_segment_path_matches_scan(monkeypatch, make, positions):
+    import ess_train.ess.gramian as gramian
+
+    op = make(2, 46, 5, seed=len(positions))
+    monkeypatch.setattr(gramian, "use_segments", lambda n_pos, L: False)
+    ref = hankel_singular_values(op)[:, positions]
+    monkeypatch.setattr(gramian, "use_segments", lambda n_pos, L: True)
+    got = hankel_singular_values(op, positions)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9 * float(ref.max()))
+    # batch chunking of the segment path changes nothing
+    torch.testing.assert_close(hankel_singular_values(op, positions, chunk_elements=60), got)
+
+
+def test_segment_starts_cover_positions_with_bounded_segments():
+    from ess_train.ess.gramian import segment_starts
+
+    for L, pos in [(46, [0]), (46, [45]), (1000, [1, 2, 3]), (128, list(range(1, 128, 8))), (7, [0, 6])]:
+        starts = segment_starts(pos, L)
+        assert starts[0] == 0 and starts == sorted(set(starts)) and set(pos) <= set(starts)
+        lengths = [b - a for a, b in zip(starts, [*starts[1:], L])]
+        assert min(lengths) >= 1 and max(lengths) <= 2 * -(-L // len(pos))
+    # evenly spaced positions need no extra cut
+    assert segment_starts(list(range(1, 128, 8)), 128) == [0, *range(1, 128, 8)]
+
+
+def test_auto_picks_segments_for_few_positions_only():
+    from ess_train.ess.gramian import use_segments
+
+    assert use_segments(16, 128) and use_segments(16, 64) and use_segments(256, 1024)
+    assert not use_segments(128, 128) and not use_segments(257, 1024)

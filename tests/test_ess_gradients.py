@@ -22,7 +22,7 @@ def test_gradcheck_dense_path():
     assert gradcheck(lambda X: entropy_ess(DenseOperator(torch.tril(X))), (X,))
 
 
-def test_gradcheck_gramian_diagonal():
+def test_gradcheck_gramian_diagonal(gramian_path):
     a, b, c = _params((2, 6, 3), (2, 6, 3), (2, 6, 3), seed=1)
     a = (torch.sigmoid(a) * 0.9 + 0.05).requires_grad_()
     assert gradcheck(
@@ -36,7 +36,7 @@ def test_gradcheck_gramian_full():
     assert gradcheck(lambda a, b, c: entropy_ess(RecurrentOperator(a, b, c)), args)
 
 
-def test_gradcheck_gramian_position_chunks():
+def test_gradcheck_gramian_position_chunks(gramian_path):
     a, b, c = _params((1, 7, 3), (1, 7, 3), (1, 7, 3), seed=3)
     a = (torch.sigmoid(a) * 0.9).requires_grad_()
     fn = lambda a, b, c: entropy_ess(RecurrentOperator(a, b, c), chunk_elements=100)  # noqa: E731
@@ -44,7 +44,7 @@ def test_gradcheck_gramian_position_chunks():
 
 
 @pytest.mark.parametrize("diagonal", [True, False])
-def test_gramian_and_dense_gradients_agree(diagonal):
+def test_gramian_and_dense_gradients_agree(diagonal, gramian_path):
     L, N = 16, 4
     a, b, c = _params((2, L, N) if diagonal else (2, L, N, N), (2, L, N), (2, L, N), seed=4)
     a = torch.sigmoid(a) if diagonal else a / N**0.5
@@ -72,7 +72,7 @@ DTYPES = [torch.float64, torch.float32]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", ["gramian", "dense"])
-def test_zero_recurrent_operator_has_finite_gradients(dtype, method):
+def test_zero_recurrent_operator_has_finite_gradients(dtype, method, gramian_path):
     z = torch.zeros(2, 8, 3, dtype=dtype)
     ess = _finite_grads(RecurrentOperator, (z, z, z), method)
     assert bool((ess == 0).all())
@@ -87,7 +87,7 @@ def test_zero_dense_operator_has_finite_gradients(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_repeated_singular_values_have_finite_gradients(dtype):
+def test_repeated_singular_values_have_finite_gradients(dtype, gramian_path):
     # a delay: every non-zero singular value equals 1
     L, k = 12, 3
     T = torch.diag_embed(torch.ones(L - k, dtype=dtype), offset=-k)
@@ -109,7 +109,7 @@ def test_repeated_singular_values_have_finite_gradients(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rank_deficient_operators_have_finite_gradients(dtype):
+def test_rank_deficient_operators_have_finite_gradients(dtype, gramian_path):
     g = torch.Generator().manual_seed(7)
     L, N = 14, 5
     a = torch.rand(2, L, N, generator=g, dtype=dtype)
@@ -129,7 +129,7 @@ def test_rank_deficient_operators_have_finite_gradients(dtype):
     _finite_grads(DenseOperator, (T,))
 
 
-def test_half_precision_gradients_flow():
+def test_half_precision_gradients_flow(gramian_path):
     a, b, c = _params((1, 10, 3), (1, 10, 3), (1, 10, 3), seed=9, dtype=torch.float32)
     leaves = [
         torch.sigmoid(a).bfloat16().requires_grad_(),
@@ -143,7 +143,7 @@ def test_half_precision_gradients_flow():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cholesky_retry_path(monkeypatch, dtype):
+def test_cholesky_retry_path(monkeypatch, dtype, gramian_path):
     """With no initial jitter, singular Gramians fail to factor and go through the jitter ladder."""
     import ess_train.ess.gramian as gramian
 

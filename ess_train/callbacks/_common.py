@@ -39,6 +39,7 @@ __all__ = [
     "LayerESS",
     "layer_ess",
     "entropy_profile",
+    "entropy_profiles",
     "log_to_loggers",
     "short_traceback",
 ]
@@ -286,6 +287,62 @@ def entropy_profile(op: DenseOperator | RecurrentOperator, positions: list[int] 
     """Entropy-ESS ``[batch, G, P]`` of ``op`` (batch dims after the first flattened into G)."""
     ent = entropy_ess(op, positions=positions)
     return ent.reshape(ent.shape[0], -1, ent.shape[-1])
+
+
+def _batch_key(op: DenseOperator | RecurrentOperator, positions: list[int] | None) -> tuple[Any, ...] | None:
+    """Operators with equal keys can share one engine call (``None``: a subclass, kept on its own)."""
+    pos = None if positions is None else tuple(positions)
+    if type(op) is RecurrentOperator:
+        return ("recurrent", op.diagonal, op.seq_len, op.state_dim, op.dtype, op.device, pos)
+    if type(op) is DenseOperator:
+        return ("dense", op.seq_len, op.dtype, op.device, pos)
+    return None
+
+
+def _concat_operators(ops: list[DenseOperator | RecurrentOperator]) -> DenseOperator | RecurrentOperator:
+    """One operator whose batch is the concatenation of the flattened batches of ``ops`` (same key)."""
+    L = ops[0].seq_len
+    if isinstance(ops[0], RecurrentOperator):
+        recs = [o for o in ops if isinstance(o, RecurrentOperator)]
+        trans = recs[0].a.shape[len(recs[0].batch_shape) :]  # [L, N] or [L, N, N]
+        N = recs[0].state_dim
+        return RecurrentOperator(
+            torch.cat([o.a.reshape(-1, *trans) for o in recs]),
+            torch.cat([o.b.reshape(-1, L, N) for o in recs]),
+            torch.cat([o.c.reshape(-1, L, N) for o in recs]),
+            validate=False,
+        )
+    dense = [o for o in ops if isinstance(o, DenseOperator)]
+    return DenseOperator(
+        torch.cat([o.T.expand(*o.batch_shape, L, L).reshape(-1, L, L) for o in dense]), validate=False
+    )
+
+
+def entropy_profiles(
+    ops: Sequence[DenseOperator | RecurrentOperator], positions: Sequence[list[int] | None]
+) -> list[Tensor]:
+    """:func:`entropy_profile` of each operator, with one engine call per group of compatible operators
+    (same kind, length, state size, dtype, device and positions: e.g. all GLA layers of a model), which
+    saves the engine's fixed per-call cost on small training-time estimates. Differentiable."""
+    out: list[Tensor | None] = [None] * len(ops)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (op, pos) in enumerate(zip(ops, positions)):
+        key = _batch_key(op, pos)
+        if key is None:
+            out[i] = entropy_profile(op, pos)
+        else:
+            groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        if len(members) == 1:
+            out[members[0]] = entropy_profile(ops[members[0]], positions[members[0]])
+            continue
+        merged = _concat_operators([ops[i] for i in members])
+        ent = entropy_ess(merged, positions=positions[members[0]])
+        sizes = [ops[i].batch_shape.numel() for i in members]
+        for i, part in zip(members, ent.split(sizes)):
+            rows = ops[i].batch_shape[0] if len(ops[i].batch_shape) else 1
+            out[i] = part.reshape(rows, -1, part.shape[-1])
+    return out  # type: ignore[return-value]
 
 
 @dataclass

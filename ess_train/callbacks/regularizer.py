@@ -16,13 +16,13 @@ from torch import Tensor, nn
 from ess_train.callbacks._common import (
     ESSWarning,
     compute_copy,
-    entropy_profile,
+    entropy_profiles,
     no_autocast,
     position_bounds,
     resolve_positions,
     state_utilization,
 )
-from ess_train.ess import RecurrentOperator
+from ess_train.ess import DenseOperator, RecurrentOperator
 from ess_train.models.protocol import OperatorView, capture_operators, find_ess_layers
 
 __all__ = ["ESSRegularizer", "ess_penalty"]
@@ -69,43 +69,48 @@ def ess_penalty(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     terms: list[Tensor] = []
+    # floor/ceiling: (layer, operator copy, positions, per-operator bound); ESS of all in batched calls
+    jobs: list[tuple[str, DenseOperator | RecurrentOperator, list[int] | None, int]] = []
     for name, view in views.items():
         if name not in layers:
             continue
         op = view.op
-        with no_autocast(op):
-            if mode == "decay_identity":
-                if not isinstance(op, RecurrentOperator):
-                    continue
-                a = op.a.float() if op.a.dtype != torch.float64 else op.a
-                if op.diagonal:
-                    terms.append((1.0 - a).square().mean())
-                else:
-                    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-                    terms.append((a - eye).square().sum((-2, -1)).mean() / a.shape[-1])
+        if mode == "decay_identity":
+            if not isinstance(op, RecurrentOperator):
                 continue
+            a = op.a.float() if op.a.dtype != torch.float64 else op.a
+            if op.diagonal:
+                terms.append((1.0 - a).square().mean())
+            else:
+                eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+                terms.append((a - eye).square().sum((-2, -1)).mean() / a.shape[-1])
+            continue
+        if mode == "ceiling" and target is None:
+            raise ValueError("mode='ceiling' needs target= (ESS budget per operator)")
+        seq_len = op.seq_len
+        positions = resolve_positions(num_positions, seq_len)
+        per_op = 0
+        if mode == "floor":
+            per_op = int(layers[name].state_size(seq_len).per_operator)
+            if sum(position_bounds(per_op, seq_len, positions)) <= 0:
+                warn(
+                    f"undefined-utilization:{name}",
+                    f"ESSRegularizer: layer {name!r} has no state to fill at seq_len={seq_len} "
+                    f"(per_operator={per_op}): utilization is undefined; the floor skips it.",
+                )
+                continue
+        small = compute_copy(op, rows=batch_rows, operators=max_operators, offset=offset)
+        jobs.append((name, small, positions, per_op))
+    if jobs:
+        with no_autocast(jobs[0][1]):
+            profiles = entropy_profiles([j[1] for j in jobs], [j[2] for j in jobs])
+        for (_, small, positions, per_op), ent in zip(jobs, profiles):
             if mode == "floor":
-                seq_len = op.seq_len
-                per_op = int(layers[name].state_size(seq_len).per_operator)
-                positions = resolve_positions(num_positions, seq_len)
-                if sum(position_bounds(per_op, seq_len, positions)) <= 0:
-                    warn(
-                        f"undefined-utilization:{name}",
-                        f"ESSRegularizer: layer {name!r} has no state to fill at seq_len={seq_len} "
-                        f"(per_operator={per_op}): utilization is undefined; the floor skips it.",
-                    )
-                    continue
-                small = compute_copy(op, rows=batch_rows, operators=max_operators, offset=offset)
-                util = state_utilization(entropy_profile(small, positions), per_op, seq_len, positions)
+                util = state_utilization(ent, per_op, small.seq_len, positions)
                 assert util is not None  # bounds checked above
                 terms.append(torch.relu((0.5 if target is None else target) - util).square())
             else:
-                if target is None:
-                    raise ValueError("mode='ceiling' needs target= (ESS budget per operator)")
-                small = compute_copy(op, rows=batch_rows, operators=max_operators, offset=offset)
-                positions = resolve_positions(num_positions, small.seq_len)
-                avg = entropy_profile(small, positions).mean()
-                terms.append(torch.relu(avg - target))
+                terms.append(torch.relu(ent.mean() - target))
     if not terms:
         return None
     return torch.stack(terms).mean()
