@@ -14,9 +14,11 @@ Columns (all in one run, same process, same thread count):
   Gramian path alone), in channel slices when the tensor exceeds 1 GiB (the CPU kernel loops over the
   batch, so the sum of slices is the same work);
 - speedup = obvious / gramian, vs floor = gramian / floor.
-Then the peak memory of the dense path at the largest L, measured in a subprocess (peak RSS, VmHWM
-after resetting it, minus the RSS before) on its largest chunk of positions, which bounds the peak
-of a full run.
+Then, for a few positions (the training-time estimates of the regularizer: 16 of them, or L / 4), the
+segment path against the full Gramian scan at the same positions (both exact; ``use_segments`` picks the
+segment path there), forward and forward+backward, 16 channels, N = 16.
+Then the peak memory of the dense path at the largest L, measured in a subprocess (peak RSS, VmHWM after
+resetting it, minus the RSS before) on its largest chunk of positions, which bounds the peak of a full run.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import ess_train.ess.gramian as gramian  # noqa: E402
 from ess_train.ess import DEFAULT_CHUNK_ELEMENTS, RecurrentOperator, entropy_ess  # noqa: E402
 from ess_train.ess.dense import plan_dense_chunks  # noqa: E402
 
@@ -144,6 +147,47 @@ def dense_peak_memory(L: int, threads: int) -> tuple[int, list[int]]:
     return int(out.stdout.strip().splitlines()[-1]), positions
 
 
+def segment_vs_scan(Ls: list[int], channels: int = 16, N: int = 16, reps: int = 3) -> None:
+    """Table: the segment path against the full scan at the same few positions (best of ``reps``)."""
+    print(f"\nfew positions, {channels} channels, N={N}, float32: segment path vs full scan (best of {reps})")
+    header = (
+        f"{'L':>5} {'positions':>9} | {'scan fwd':>9} {'segments':>9} {'x':>6} | "
+        f"{'scan f+b':>9} {'segments':>9} {'x':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    real = gramian.use_segments
+    try:
+        for L in Ls:
+            op = make_operator(channels, L, N)
+            leaves = [x.clone().requires_grad_() for x in (op.a, op.b, op.c)]
+            for n_pos in sorted({16, L // 4}):
+                pos = torch.linspace(1, L - 1, n_pos).round().long().unique()
+                row = {}
+                for name, force in (("scan", False), ("segments", True)):
+                    gramian.use_segments = lambda n, L, force=force: force  # noqa: E731
+
+                    def fwd(leaves: list[torch.Tensor] = leaves, pos: torch.Tensor = pos) -> None:
+                        with torch.no_grad():
+                            entropy_ess(RecurrentOperator(*leaves, validate=False), pos)
+
+                    def fwd_bwd(leaves: list[torch.Tensor] = leaves, pos: torch.Tensor = pos) -> None:
+                        entropy_ess(RecurrentOperator(*leaves, validate=False), pos).sum().backward()
+
+                    fwd()
+                    row[name] = (
+                        min(timed(fwd) for _ in range(reps)),
+                        min(timed(fwd_bwd) for _ in range(reps)),
+                    )
+                (sf, sb), (gf, gb) = row["scan"], row["segments"]
+                print(
+                    f"{L:>5} {len(pos):>9} | {fmt_s(sf):>9} {fmt_s(gf):>9} {sf / gf:>5.1f}x | "
+                    f"{fmt_s(sb):>9} {fmt_s(gb):>9} {sb / gb:>5.1f}x"
+                )
+    finally:
+        gramian.use_segments = real
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="L = 256, 8 channels, memory at L = 1024 (seconds)")
@@ -187,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
             del op
     print("~ = estimated from 9 positions (a full run of one channel would exceed the budget);")
     print("obvious/ch measured once per L on channel 0 (its cost does not depend on N).")
+    segment_vs_scan([256] if args.quick else [128, 1024, 4096])
     if not args.no_memory:
         L = 1024 if args.quick else max(Ls)
         peak, positions = dense_peak_memory(L, args.threads)
