@@ -173,8 +173,10 @@ def main() -> None:
         "--ab-iters", type=int, default=30, help="interleaved A/B iterations of the penalty (0: skip)"
     )
     args = p.parse_args()
-    if args.quick:
-        args.steps, args.monitor_every, args.repeats, args.ab_iters = 60, 20, 1, 10
+    if args.quick:  # smaller defaults; options given explicitly still win
+        for key, value in (("steps", 60), ("monitor_every", 20), ("repeats", 1), ("ab_iters", 10)):
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
     positions = None if args.monitor_positions == "all" else int(args.monitor_positions)
 
     dm = MQARDataModule(

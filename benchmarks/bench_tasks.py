@@ -2,7 +2,7 @@
 vocab 8192 as in Zoology; MAD tasks at their MAD baselines; delimited recall at its defaults),
 plus one full MQAR ``setup()`` (train + test + leakage check).
 
-Usage: ``python benchmarks/bench_tasks.py [--n 100000] [--threads T]``.
+Usage: ``python benchmarks/bench_tasks.py [--n 100000] [--threads T] [--quick]`` (quick: 2,000 examples).
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=100_000, help="examples per task")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--quick", action="store_true", help="2,000 examples per task (seconds)")
     args = ap.parse_args()
+    if args.quick:
+        args.n = 2000
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.n:,} examples per task\n")
