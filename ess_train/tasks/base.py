@@ -24,6 +24,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from ess_train.checks import check_int
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -46,36 +48,6 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         return [_plain(v) for v in value]
-    return value
-
-
-def check_int(name: str, value: Any, low: int | None = None, high: int | None = None, why: str = "") -> int:
-    """Validate an integer parameter; the error names the parameter and the bound it breaks."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if low is not None and value < low:
-        raise ValueError(f"{name}={value} must be >= {low}{why}")
-    if high is not None and value > high:
-        raise ValueError(f"{name}={value} must be <= {high}{why}")
-    return value
-
-
-def check_float(name: str, value: Any, low: float, high: float, low_open: bool = False,
-                high_open: bool = False) -> float:
-    """Validate a real parameter in an interval."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    bad_low = value <= low if low_open else value < low
-    bad_high = value >= high if high_open else value > high
-    if bad_low or bad_high or math.isnan(value):
-        lb, hb = ("(" if low_open else "["), (")" if high_open else "]")
-        raise ValueError(f"{name}={value} must lie in {lb}{low}, {high}{hb}")
-    return float(value)
-
-
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
     return value
 
 
@@ -233,10 +205,10 @@ def row_hashes(x: Tensor, chunk: int = 8192) -> Tensor:
     pw2 = _modpow_table(_B2, _P2, length)
     out = torch.empty(n, dtype=torch.long)
     for s in range(0, n, chunk):
-        r = x[s:s + chunk].long()
+        r = x[s : s + chunk].long()
         h1 = (((r % _P1) * pw1) % _P1).sum(1) % _P1
         h2 = (((r % _P2) * pw2) % _P2).sum(1) % _P2
-        out[s:s + chunk] = h1 * _P2 + h2
+        out[s : s + chunk] = h1 * _P2 + h2
     return out
 
 
@@ -396,16 +368,24 @@ class SyntheticTaskDataModule(pl.LightningDataModule):
         keep = ~dup
         self.leakage_report = {"test_in_train": found, "regenerated": found - dropped, "dropped": dropped}
         if found:
-            log.warning("%s: %d test rows also occurred in training: %d regenerated, %d dropped",
-                        self.task_name, found, found - dropped, dropped)
+            log.warning(
+                "%s: %d test rows also occurred in training: %d regenerated, %d dropped",
+                self.task_name,
+                found,
+                found - dropped,
+                dropped,
+            )
         return TensorDictDataset(x[keep], y[keep], s[keep])
 
     def cache_path(self) -> str | None:
         """Cache file for this configuration (None when caching is off)."""
         if self.config.cache_dir is None:
             return None
-        key = json.dumps({"task": self.task_name, "version": GENERATOR_VERSION, **self.config.data_fields()},
-                         sort_keys=True, default=str)
+        key = json.dumps(
+            {"task": self.task_name, "version": GENERATOR_VERSION, **self.config.data_fields()},
+            sort_keys=True,
+            default=str,
+        )
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         return os.path.join(os.fspath(self.config.cache_dir), f"{self.task_name}-{digest}.pt")
 
@@ -426,16 +406,23 @@ class SyntheticTaskDataModule(pl.LightningDataModule):
         if path is not None:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.{os.getpid()}.tmp"
-            torch.save({"train": train.tensors(), "test": test.tensors(),
-                        "leakage_report": self.leakage_report}, tmp)
+            torch.save(
+                {"train": train.tensors(), "test": test.tensors(), "leakage_report": self.leakage_report}, tmp
+            )
             os.replace(tmp, path)
 
     # ---- loaders
     def _loader(self, data: TensorDictDataset, shuffle: bool) -> DataLoader:
         c = self.config
-        return DataLoader(data, batch_size=c.batch_size, shuffle=shuffle, num_workers=c.num_workers,
-                          collate_fn=collate_batch, persistent_workers=c.num_workers > 0,
-                          generator=self._loader_generator if shuffle else None)
+        return DataLoader(
+            data,
+            batch_size=c.batch_size,
+            shuffle=shuffle,
+            num_workers=c.num_workers,
+            collate_fn=collate_batch,
+            persistent_workers=c.num_workers > 0,
+            generator=self._loader_generator if shuffle else None,
+        )
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
@@ -452,6 +439,12 @@ class SyntheticTaskDataModule(pl.LightningDataModule):
 
     def describe(self) -> dict[str, Any]:
         """Attributes used downstream, as a dict (for logging)."""
-        return {"task": self.task_name, "vocab_size": self.vocab_size, "seq_len": self.seq_len,
-                "slice_names": list(self.slice_names), "pad_token": self.pad_token,
-                "num_kv_pairs": self.num_kv_pairs, "slice_kv_pairs": self.slice_kv_pairs}
+        return {
+            "task": self.task_name,
+            "vocab_size": self.vocab_size,
+            "seq_len": self.seq_len,
+            "slice_names": list(self.slice_names),
+            "pad_token": self.pad_token,
+            "num_kv_pairs": self.num_kv_pairs,
+            "slice_kv_pairs": self.slice_kv_pairs,
+        }

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ess_train.checks import check_float, check_int
+
 from .base import (
     IGNORE_INDEX,
     SyntheticTaskDataModule,
     TaskConfig,
-    check_float,
-    check_int,
     randint,
     sample_distinct,
 )
@@ -40,9 +40,16 @@ def segment_length(num_kv_pairs: int, num_queries: int, num_absent_queries: int)
     return 2 * num_kv_pairs + num_queries + num_absent_queries + 1
 
 
-def generate_delimited_recall(n: int, vocab_size: int, num_segments: int, num_kv_pairs: int,
-                              num_queries: int, num_absent_queries: int = 0, key_reuse: float = 0.5,
-                              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def generate_delimited_recall(
+    n: int,
+    vocab_size: int,
+    num_segments: int,
+    num_kv_pairs: int,
+    num_queries: int,
+    num_absent_queries: int = 0,
+    key_reuse: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """``(inputs, labels)``, ``Long[n, num_segments * segment_length]`` (see module docstring)."""
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     k, q, a = num_kv_pairs, num_queries, num_absent_queries
@@ -78,8 +85,16 @@ def generate_delimited_recall(n: int, vocab_size: int, num_segments: int, num_kv
         kv = torch.stack([keys, vals], dim=2).flatten(1)
         eos = torch.full((n, 1), voc["eos"], dtype=torch.long)
         xs.append(torch.cat([kv, qk, eos], dim=1))
-        ys.append(torch.cat([torch.full((n, 2 * k), IGNORE_INDEX, dtype=torch.long), qv,
-                             torch.full((n, 1), IGNORE_INDEX, dtype=torch.long)], dim=1))
+        ys.append(
+            torch.cat(
+                [
+                    torch.full((n, 2 * k), IGNORE_INDEX, dtype=torch.long),
+                    qv,
+                    torch.full((n, 1), IGNORE_INDEX, dtype=torch.long),
+                ],
+                dim=1,
+            )
+        )
         prev_keys, prev_vals = keys, vals
     return torch.cat(xs, dim=1), torch.cat(ys, dim=1)
 
@@ -108,8 +123,13 @@ class DelimitedRecallConfig(TaskConfig):
         check_int("vocab_size", self.vocab_size, 8)
         check_int("num_segments", self.num_segments, 1)
         check_int("num_kv_pairs", self.num_kv_pairs, 1)
-        check_int("num_queries", self.num_queries, 0, self.num_kv_pairs,
-                  why=f" (queries ask distinct keys of the segment; num_kv_pairs={self.num_kv_pairs})")
+        check_int(
+            "num_queries",
+            self.num_queries,
+            0,
+            self.num_kv_pairs,
+            why=f" (queries ask distinct keys of the segment; num_kv_pairs={self.num_kv_pairs})",
+        )
         check_int("num_absent_queries", self.num_absent_queries, 0)
         if self.num_queries + self.num_absent_queries < 1:
             raise ValueError("num_queries + num_absent_queries must be >= 1 (a segment needs a query)")
@@ -119,17 +139,24 @@ class DelimitedRecallConfig(TaskConfig):
         r = round(self.key_reuse * self.num_kv_pairs)
         need = self.num_kv_pairs + max(self.num_absent_queries, self.num_kv_pairs - r)
         if need > nk:
-            raise ValueError(f"vocab_size={self.vocab_size} has {nk} keys; num_kv_pairs={self.num_kv_pairs} "
-                             f"with key_reuse={self.key_reuse} and "
-                             f"num_absent_queries={self.num_absent_queries} needs {need} "
-                             "(fresh keys avoid the previous segment's)")
+            raise ValueError(
+                f"vocab_size={self.vocab_size} has {nk} keys; num_kv_pairs={self.num_kv_pairs} "
+                f"with key_reuse={self.key_reuse} and "
+                f"num_absent_queries={self.num_absent_queries} needs {need} "
+                "(fresh keys avoid the previous segment's)"
+            )
         if nv < (2 if r else 1):
-            raise ValueError(f"vocab_size={self.vocab_size} leaves {nv} value tokens; "
-                             "need >= 2 with key_reuse")
+            raise ValueError(
+                f"vocab_size={self.vocab_size} leaves {nv} value tokens; need >= 2 with key_reuse"
+            )
         length = self.content_length()
         if self.seq_len is not None:
-            check_int("seq_len", self.seq_len, length, why=" (num_segments * (2*num_kv_pairs + num_queries"
-                      " + num_absent_queries + 1))")
+            check_int(
+                "seq_len",
+                self.seq_len,
+                length,
+                why=" (num_segments * (2*num_kv_pairs + num_queries + num_absent_queries + 1))",
+            )
 
     def content_length(self) -> int:
         per_segment = segment_length(self.num_kv_pairs, self.num_queries, self.num_absent_queries)
@@ -161,5 +188,13 @@ class DelimitedRecallDataModule(SyntheticTaskDataModule):
 
     def _generate(self, slice_id: int, n: int, g: torch.Generator, split: str) -> tuple[Tensor, Tensor]:
         c = self.config
-        return generate_delimited_recall(n, c.vocab_size, c.num_segments, c.num_kv_pairs, c.num_queries,
-                                         c.num_absent_queries, c.key_reuse, g)
+        return generate_delimited_recall(
+            n,
+            c.vocab_size,
+            c.num_segments,
+            c.num_kv_pairs,
+            c.num_queries,
+            c.num_absent_queries,
+            c.key_reuse,
+            g,
+        )

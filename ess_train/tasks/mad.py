@@ -24,13 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ess_train.checks import check_bool, check_float, check_int
+
 from .base import (
     IGNORE_INDEX,
     SyntheticTaskDataModule,
     TaskConfig,
-    check_bool,
-    check_float,
-    check_int,
     first_occurrence,
     make_generator,
     randint,
@@ -55,9 +54,15 @@ def recall_vocab(vocab_size: int, noise_vocab_size: int, specials: int) -> tuple
     return ns // 2, ns - ns // 2, ns
 
 
-def generate_in_context_recall(n: int, seq_len: int, vocab_size: int, multi_query: bool = True,
-                               noise_vocab_size: int = 0, frac_noise: float = 0.0,
-                               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def generate_in_context_recall(
+    n: int,
+    seq_len: int,
+    vocab_size: int,
+    multi_query: bool = True,
+    noise_vocab_size: int = 0,
+    frac_noise: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """MAD in-context recall (and noisy recall with ``frac_noise > 0``): ``Long[n, seq_len]`` pairs.
 
     Row: ``seq_len/2 - 1`` pairs ``key value`` (keys uniform with replacement, each key's value fixed
@@ -104,11 +109,18 @@ def _motif_codes(tok: Tensor, size: Tensor, base: int) -> Tensor:
     return ((tok + 1) * powers * valid).sum(-1)
 
 
-def generate_fuzzy_in_context_recall(n: int, seq_len: int, vocab_size: int, k_motif_size: int = 3,
-                                     v_motif_size: int = 3, multi_query: bool = True,
-                                     noise_vocab_size: int = 0, frac_noise: float = 0.0,
-                                     is_training: bool = True, generator: torch.Generator | None = None
-                                     ) -> tuple[Tensor, Tensor]:
+def generate_fuzzy_in_context_recall(
+    n: int,
+    seq_len: int,
+    vocab_size: int,
+    k_motif_size: int = 3,
+    v_motif_size: int = 3,
+    multi_query: bool = True,
+    noise_vocab_size: int = 0,
+    frac_noise: float = 0.0,
+    is_training: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """MAD fuzzy in-context recall: keys and values are motifs of 1..k_motif_size / 1..v_motif_size
     distinct tokens (test rows: keys always ``k_motif_size`` long, as in MAD).
 
@@ -201,8 +213,11 @@ def generate_fuzzy_in_context_recall(n: int, seq_len: int, vocab_size: int, k_mo
     off0 = 0 if multi_query else 1
     fk = (fw >= off0) & (fw < off0 + kps[:, None])
     fv = (fw >= off0 + kps[:, None]) & (fw < off0 + kvp[:, None])
-    ftok = torch.where(fk, torch.nn.functional.pad(kp_tok, (off0, F - off0 - km)),
-                       vp_tok.gather(1, (fw - off0 - kps[:, None]).clamp(0, vm - 1)))
+    ftok = torch.where(
+        fk,
+        torch.nn.functional.pad(kp_tok, (off0, F - off0 - km)),
+        vp_tok.gather(1, (fw - off0 - kps[:, None]).clamp(0, vm - 1)),
+    )
     if not multi_query:
         ftok[:, 0] = vocab_size - 1
     ftgt = torch.where(fv, ftok, IGNORE_INDEX)
@@ -220,11 +235,12 @@ def generate_fuzzy_in_context_recall(n: int, seq_len: int, vocab_size: int, k_mo
     fpos = torch.where(fvalid, (offset + content)[:, None] + fw, L + 1)
     buf.scatter_(1, fpos, ftok)
     tbuf.scatter_(1, fpos, ftgt)
-    return buf[:, :L], tbuf[:, 1:L + 1]
+    return buf[:, :L], tbuf[:, 1 : L + 1]
 
 
-def generate_selective_copying(n: int, seq_len: int, vocab_size: int, num_tokens_to_copy: int,
-                               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def generate_selective_copying(
+    n: int, seq_len: int, vocab_size: int, num_tokens_to_copy: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """MAD selective copying. Row: a prefix of ``seq_len - m - 1`` tokens holding ``m`` tokens from
     ``[0, V-2)`` at random positions (the rest ``blank = V-2``), ``copy = V-1``, then ``m`` blanks
     whose labels are the ``m`` tokens in order."""
@@ -238,13 +254,18 @@ def generate_selective_copying(n: int, seq_len: int, vocab_size: int, num_tokens
     inputs.scatter_(1, pos, tok)
     inputs[:, prefix] = copy
     labels = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)
-    labels[:, prefix + 1:] = tok
+    labels[:, prefix + 1 :] = tok
     return inputs, labels
 
 
-def generate_compression(n: int, seq_len: int, vocab_size: int, noise_vocab_size: int = 0,
-                         frac_noise: float = 0.0, generator: torch.Generator | None = None
-                         ) -> tuple[Tensor, Tensor]:
+def generate_compression(
+    n: int,
+    seq_len: int,
+    vocab_size: int,
+    noise_vocab_size: int = 0,
+    frac_noise: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """MAD compression, causal form. Row: ``m = seq_len/2`` tokens from ``[0, ns)`` (each replaced by a
     noise token with probability ``frac_noise``), then ``m`` compression tokens ``V-1``; the label at
     the j-th compression token is the j-th token (-100 for noise). A recurrent model has to carry the
@@ -269,9 +290,15 @@ def make_memorization_map(vocab_size: int, noise_vocab_size: int, generator: tor
     return torch.randperm(nv, generator=generator)[:nk] + nk
 
 
-def generate_memorization(n: int, seq_len: int, vocab_size: int, kv_map: Tensor, noise_vocab_size: int = 0,
-                          frac_noise: float = 0.0, generator: torch.Generator | None = None
-                          ) -> tuple[Tensor, Tensor]:
+def generate_memorization(
+    n: int,
+    seq_len: int,
+    vocab_size: int,
+    kv_map: Tensor,
+    noise_vocab_size: int = 0,
+    frac_noise: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """MAD memorization. Row: ``seq_len/2`` pairs ``key insert`` (``insert = V-1``, keys uniform); the
     label at the insert token is ``kv_map[key]``, a map fixed for the whole dataset (train and test),
     so it must be stored in the weights. Noise pairs: two noise tokens, unscored."""
@@ -298,8 +325,10 @@ def _check_noise(cfg: TaskConfig, specials: int, min_regular: int = 2) -> None:
         raise ValueError(f"noise_vocab_size={cfg.noise_vocab_size} must be >= 1 when frac_noise > 0")
     ns = cfg.vocab_size - specials - cfg.noise_vocab_size
     if ns < min_regular:
-        raise ValueError(f"vocab_size={cfg.vocab_size} leaves {ns} regular tokens after {specials} special "
-                         f"and noise_vocab_size={cfg.noise_vocab_size} noise tokens; need >= {min_regular}")
+        raise ValueError(
+            f"vocab_size={cfg.vocab_size} leaves {ns} regular tokens after {specials} special "
+            f"and noise_vocab_size={cfg.noise_vocab_size} noise tokens; need >= {min_regular}"
+        )
 
 
 def _check_even_len(seq_len: int, low: int) -> None:
@@ -327,8 +356,10 @@ class InContextRecallConfig(TaskConfig):
 
     def _check_vocab(self, specials: int) -> None:
         if self.vocab_size - specials < 2:
-            raise ValueError(f"vocab_size={self.vocab_size} must be >= {2 + specials} (one key, one value"
-                             f"{', the copy prefix' if specials else ''})")
+            raise ValueError(
+                f"vocab_size={self.vocab_size} must be >= {2 + specials} (one key, one value"
+                f"{', the copy prefix' if specials else ''})"
+            )
 
 
 @dataclass
@@ -367,17 +398,24 @@ class FuzzyInContextRecallConfig(TaskConfig):
         _check_noise(self, specials)
         nk, nv, _ = recall_vocab(self.vocab_size, self.noise_vocab_size, specials)
         if self.k_motif_size > nk:
-            raise ValueError(f"k_motif_size={self.k_motif_size} exceeds the {nk} key tokens (motif tokens "
-                             f"are distinct); raise vocab_size")
+            raise ValueError(
+                f"k_motif_size={self.k_motif_size} exceeds the {nk} key tokens (motif tokens "
+                f"are distinct); raise vocab_size"
+            )
         if self.v_motif_size > nv:
-            raise ValueError(f"v_motif_size={self.v_motif_size} exceeds the {nv} value tokens; "
-                             "raise vocab_size")
+            raise ValueError(
+                f"v_motif_size={self.v_motif_size} exceeds the {nv} value tokens; raise vocab_size"
+            )
         if self.k_motif_size * (nk + 1).bit_length() > 62:
             raise ValueError(f"k_motif_size={self.k_motif_size} too large for vocab_size={self.vocab_size}")
         w = self.k_motif_size + self.v_motif_size
         need = 3 * w + (0 if self.multi_query else 1)
-        check_int("seq_len", self.seq_len, need,
-                  why=" (3 * (k_motif_size + v_motif_size): room for pairs, the probe and the final query)")
+        check_int(
+            "seq_len",
+            self.seq_len,
+            need,
+            why=" (3 * (k_motif_size + v_motif_size): room for pairs, the probe and the final query)",
+        )
 
 
 @dataclass
@@ -396,8 +434,10 @@ class SelectiveCopyingConfig(TaskConfig):
         check_int("num_tokens_to_copy", self.num_tokens_to_copy, 1)
         check_int("seq_len", self.seq_len, 1)
         if self.seq_len <= 2 * self.num_tokens_to_copy + 1:
-            raise ValueError(f"num_tokens_to_copy={self.num_tokens_to_copy} is too many for seq_len="
-                             f"{self.seq_len}: need seq_len > 2 * num_tokens_to_copy + 1 (MAD's bound)")
+            raise ValueError(
+                f"num_tokens_to_copy={self.num_tokens_to_copy} is too many for seq_len="
+                f"{self.seq_len}: need seq_len > 2 * num_tokens_to_copy + 1 (MAD's bound)"
+            )
 
 
 @dataclass
@@ -465,8 +505,15 @@ class InContextRecallDataModule(_SingleSliceDataModule):
 
     def _generate(self, slice_id: int, n: int, g: torch.Generator, split: str) -> tuple[Tensor, Tensor]:
         c = self.config
-        return generate_in_context_recall(n, c.seq_len, c.vocab_size, c.multi_query,
-                                          getattr(c, "noise_vocab_size", 0), getattr(c, "frac_noise", 0.0), g)
+        return generate_in_context_recall(
+            n,
+            c.seq_len,
+            c.vocab_size,
+            c.multi_query,
+            getattr(c, "noise_vocab_size", 0),
+            getattr(c, "frac_noise", 0.0),
+            g,
+        )
 
 
 class NoisyInContextRecallDataModule(InContextRecallDataModule):
@@ -496,9 +543,18 @@ class FuzzyInContextRecallDataModule(_SingleSliceDataModule):
 
     def _generate(self, slice_id: int, n: int, g: torch.Generator, split: str) -> tuple[Tensor, Tensor]:
         c = self.config
-        return generate_fuzzy_in_context_recall(n, c.seq_len, c.vocab_size, c.k_motif_size, c.v_motif_size,
-                                                c.multi_query, c.noise_vocab_size, c.frac_noise,
-                                                is_training=split == "train", generator=g)
+        return generate_fuzzy_in_context_recall(
+            n,
+            c.seq_len,
+            c.vocab_size,
+            c.k_motif_size,
+            c.v_motif_size,
+            c.multi_query,
+            c.noise_vocab_size,
+            c.frac_noise,
+            is_training=split == "train",
+            generator=g,
+        )
 
 
 class SelectiveCopyingDataModule(_SingleSliceDataModule):
@@ -532,10 +588,12 @@ class MemorizationDataModule(_SingleSliceDataModule):
     def _layout(self) -> None:
         super()._layout()
         c = self.config
-        self.kv_map = make_memorization_map(c.vocab_size, c.noise_vocab_size,
-                                            make_generator(c.seed, self.task_name, "kv_map"))
+        self.kv_map = make_memorization_map(
+            c.vocab_size, c.noise_vocab_size, make_generator(c.seed, self.task_name, "kv_map")
+        )
 
     def _generate(self, slice_id: int, n: int, g: torch.Generator, split: str) -> tuple[Tensor, Tensor]:
         c = self.config
-        return generate_memorization(n, c.seq_len, c.vocab_size, self.kv_map, c.noise_vocab_size,
-                                     c.frac_noise, g)
+        return generate_memorization(
+            n, c.seq_len, c.vocab_size, self.kv_map, c.noise_vocab_size, c.frac_noise, g
+        )

@@ -23,8 +23,9 @@ def _per_slice(values: Tensor, slice_id: Tensor, num_slices: int) -> Tensor:
     return out.index_add_(0, slice_id.to(values.device), values.to(torch.float64))
 
 
-def _report(correct: Tensor, total: Tensor, slice_names: Sequence[str] | None,
-            slice_kv_pairs: Sequence[int] | None) -> dict[str, Tensor]:
+def _report(
+    correct: Tensor, total: Tensor, slice_names: Sequence[str] | None, slice_kv_pairs: Sequence[int] | None
+) -> dict[str, Tensor]:
     """Dict from per-slice correct/total counts (float64, ``[S]``)."""
     overall_total = total.sum()
     out: dict[str, Tensor] = {
@@ -42,9 +43,14 @@ def _report(correct: Tensor, total: Tensor, slice_names: Sequence[str] | None,
     return out
 
 
-def answer_accuracy(logits: Tensor, labels: Tensor, slice_id: Tensor | None = None,
-                    slice_names: Sequence[str] | None = None, slice_kv_pairs: Sequence[int] | None = None,
-                    ignore_index: int = IGNORE_INDEX) -> dict[str, Tensor]:
+def answer_accuracy(
+    logits: Tensor,
+    labels: Tensor,
+    slice_id: Tensor | None = None,
+    slice_names: Sequence[str] | None = None,
+    slice_kv_pairs: Sequence[int] | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> dict[str, Tensor]:
     """Accuracy on the answer positions of one batch.
 
     logits ``[B, L, V]``, labels ``[B, L]``, slice_id ``[B]`` (indices into ``slice_names``).
@@ -63,8 +69,12 @@ def answer_accuracy(logits: Tensor, labels: Tensor, slice_id: Tensor | None = No
 class SliceAccuracy:
     """Accumulates correct/answer counts per slice over batches (e.g. a validation epoch)."""
 
-    def __init__(self, slice_names: Sequence[str], slice_kv_pairs: Sequence[int] | None = None,
-                 ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(
+        self,
+        slice_names: Sequence[str],
+        slice_kv_pairs: Sequence[int] | None = None,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
         self.slice_names = list(slice_names)
         self.slice_kv_pairs = None if slice_kv_pairs is None else list(slice_kv_pairs)
         self.ignore_index = ignore_index

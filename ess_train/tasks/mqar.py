@@ -24,13 +24,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ess_train.checks import check_bool, check_float, check_int
+
 from .base import (
     IGNORE_INDEX,
     SyntheticTaskDataModule,
     TaskConfig,
-    check_bool,
-    check_float,
-    check_int,
     randint,
     sample_distinct,
     weighted_sample_distinct,
@@ -59,18 +58,28 @@ def check_mqar(vocab_size: int, seq_len: int, num_kv_pairs: int, where: str = ""
         raise ValueError(f"{where}seq_len={seq_len} must be even (key-value pairs and query slots are pairs)")
     check_int(f"{where}num_kv_pairs", num_kv_pairs, 1)
     if 4 * num_kv_pairs > seq_len:
-        raise ValueError(f"{where}num_kv_pairs={num_kv_pairs} is too many for seq_len={seq_len}: "
-                         f"need 4 * num_kv_pairs <= seq_len (Zoology's bound), i.e. <= {seq_len // 4}")
+        raise ValueError(
+            f"{where}num_kv_pairs={num_kv_pairs} is too many for seq_len={seq_len}: "
+            f"need 4 * num_kv_pairs <= seq_len (Zoology's bound), i.e. <= {seq_len // 4}"
+        )
     if vocab_size <= seq_len:
         raise ValueError(f"vocab_size={vocab_size} must be > {where}seq_len={seq_len} (Zoology's bound)")
     if num_kv_pairs > vocab_size // 2 - 1 or num_kv_pairs > vocab_size - vocab_size // 2:
-        raise ValueError(f"{where}num_kv_pairs={num_kv_pairs} exceeds the {vocab_size // 2 - 1} "
-                         f"distinct keys of vocab_size={vocab_size}")
+        raise ValueError(
+            f"{where}num_kv_pairs={num_kv_pairs} exceeds the {vocab_size // 2 - 1} "
+            f"distinct keys of vocab_size={vocab_size}"
+        )
 
 
-def generate_mqar(n: int, seq_len: int, num_kv_pairs: int, vocab_size: int, power_a: float = 0.01,
-                  random_non_queries: bool = True, generator: torch.Generator | None = None
-                  ) -> tuple[Tensor, Tensor]:
+def generate_mqar(
+    n: int,
+    seq_len: int,
+    num_kv_pairs: int,
+    vocab_size: int,
+    power_a: float = 0.01,
+    random_non_queries: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """``n`` MQAR rows: ``(inputs, labels)``, both ``Long[n, seq_len]`` (see module docstring)."""
     check_mqar(vocab_size, seq_len, num_kv_pairs)
     g = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -127,14 +136,18 @@ class MQARConfig(TaskConfig):
                 allowed = {"seq_len", "num_kv_pairs", "num_examples"}
                 unknown = sorted(set(item) - allowed)
                 if unknown or not {"seq_len", "num_kv_pairs"} <= set(item):
-                    raise ValueError(f"{name}[{i}]={item}: keys must be seq_len, num_kv_pairs and optionally "
-                                     f"num_examples (unknown: {unknown})")
+                    raise ValueError(
+                        f"{name}[{i}]={item}: keys must be seq_len, num_kv_pairs and optionally "
+                        f"num_examples (unknown: {unknown})"
+                    )
                 vals = [item["seq_len"], item["num_kv_pairs"], item.get("num_examples", default_n)]
             elif isinstance(item, list) and len(item) in (2, 3):
                 vals = list(item) + ([default_n] if len(item) == 2 else [])
             else:
-                raise ValueError(f"{name}[{i}]={item!r} must be [seq_len, num_kv_pairs] or "
-                                 f"[seq_len, num_kv_pairs, num_examples]")
+                raise ValueError(
+                    f"{name}[{i}]={item!r} must be [seq_len, num_kv_pairs] or "
+                    f"[seq_len, num_kv_pairs, num_examples]"
+                )
             s = MQARSlice(*vals)
             check_mqar(self.vocab_size, s.seq_len, s.num_kv_pairs, where=f"{name}[{i}].")
             check_int(f"{name}[{i}].num_examples", s.num_examples, 1)
@@ -144,8 +157,10 @@ class MQARConfig(TaskConfig):
     def resolved_slices(self) -> tuple[list[MQARSlice], list[MQARSlice]]:
         """``(train, test)`` slice lists after defaults."""
         if self.train_slices is None:
-            single = [DEFAULT_SEQ_LEN if self.seq_len is None else self.seq_len,
-                      DEFAULT_NUM_KV_PAIRS if self.num_kv_pairs is None else self.num_kv_pairs]
+            single = [
+                DEFAULT_SEQ_LEN if self.seq_len is None else self.seq_len,
+                DEFAULT_NUM_KV_PAIRS if self.num_kv_pairs is None else self.num_kv_pairs,
+            ]
             train = self._parse_slices("train_slices", [single], self.num_train)
         else:
             train = self._parse_slices("train_slices", self.train_slices, self.num_train)
@@ -163,8 +178,10 @@ class MQARConfig(TaskConfig):
             check_float("test_power_a", self.test_power_a, 0.0, math.inf, low_open=True, high_open=True)
         check_bool("random_non_queries", self.random_non_queries)
         if self.train_slices is not None and (self.seq_len is not None or self.num_kv_pairs is not None):
-            raise ValueError("seq_len/num_kv_pairs and train_slices both given: give the single setting "
-                             "(seq_len, num_kv_pairs) or the mixture (train_slices), not both")
+            raise ValueError(
+                "seq_len/num_kv_pairs and train_slices both given: give the single setting "
+                "(seq_len, num_kv_pairs) or the mixture (train_slices), not both"
+            )
         self.resolved_slices()
 
 
@@ -187,8 +204,10 @@ class MQARDataModule(SyntheticTaskDataModule):
             if (s.seq_len, s.num_kv_pairs) not in keys:
                 keys.append((s.seq_len, s.num_kv_pairs))
         self._slice_keys = keys
-        self._plans = {split: [(keys.index((s.seq_len, s.num_kv_pairs)), s.num_examples) for s in sl]
-                       for split, sl in (("train", train), ("test", test))}
+        self._plans = {
+            split: [(keys.index((s.seq_len, s.num_kv_pairs)), s.num_examples) for s in sl]
+            for split, sl in (("train", train), ("test", test))
+        }
         self.slice_names = [f"L{L}_kv{k}" for L, k in keys]
         self.slice_seq_lens = [L for L, _ in keys]
         self.slice_kv_pairs = [k for _, k in keys]

@@ -10,12 +10,19 @@ Both kernels loop over chunks only (never over tokens) and upcast half precision
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ess_train.checks import (
+    check_bool,
+    check_choice,
+    check_open_unit,
+    check_positive_float,
+    check_positive_int,
+)
 
 __all__ = [
     "check_positive_int",
@@ -34,43 +41,6 @@ __all__ = [
     "chunk_delta_rule",
     "sub_chunk_for",
 ]
-
-
-# ----------------------------------------------------------------------------------------------------
-# argument checks
-def check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def check_positive_float(name: str, value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-    return value
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
-def check_open_unit(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be a number in the open interval (0, 1), got {value!r}")
-    return float(value)
 
 
 def head_dims(d_model: Any, num_heads: Any, expand: Any = 1.0, expand_name: str = "expand") -> int:

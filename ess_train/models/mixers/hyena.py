@@ -17,9 +17,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ess_train.checks import check_int, check_positive_float, check_positive_int
 from ess_train.ess import DenseOperator
 from ess_train.ess.operators import compute_dtype
-from ess_train.models.mixers.mamba import _check_float, _check_int
 from ess_train.models.mixers.s4d import fft_causal_conv
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
@@ -176,18 +176,18 @@ class Hyena(ESSMixer):
         modulate: bool = True,
     ) -> None:
         super().__init__()
-        self.d_model = _check_int("d_model", d_model)
-        self.max_seq_len = _check_int("max_seq_len", max_seq_len, minimum=2)
-        _check_int("filter_order", filter_order)
-        _check_int("emb_dim", emb_dim, minimum=3)
+        self.d_model = check_positive_int("d_model", d_model)
+        self.max_seq_len = check_int("max_seq_len", max_seq_len, low=2)
+        check_positive_int("filter_order", filter_order)
+        check_int("emb_dim", emb_dim, low=3)
         if emb_dim % 2 == 0:
             raise ValueError(f"emb_dim must be odd (time plus sine/cosine pairs), got {emb_dim}")
-        _check_int("num_inner_mlps", num_inner_mlps, minimum=0)
-        self.short_filter_order = _check_int("short_filter_order", short_filter_order)
-        _check_float("w", w)
-        _check_float("fast_decay_pct", fast_decay_pct)
-        _check_float("slow_decay_pct", slow_decay_pct)
-        if not 0 < _check_float("decay_target", decay_target) < 1:
+        check_int("num_inner_mlps", num_inner_mlps, low=0)
+        self.short_filter_order = check_positive_int("short_filter_order", short_filter_order)
+        check_positive_float("w", w)
+        check_positive_float("fast_decay_pct", fast_decay_pct)
+        check_positive_float("slow_decay_pct", slow_decay_pct)
+        if not 0 < check_positive_float("decay_target", decay_target) < 1:
             raise ValueError(f"decay_target must be in (0, 1), got {decay_target!r}")
         if not isinstance(modulate, bool):
             raise ValueError(f"modulate must be a bool, got {modulate!r}")

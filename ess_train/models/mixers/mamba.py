@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from ess_train.checks import check_choice, check_positive_float, check_positive_int
 from ess_train.ess import RecurrentOperator
 from ess_train.ess.operators import compute_dtype
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
@@ -56,30 +57,11 @@ DT_RANGES: tuple[tuple[float, float], ...] = ((0.001, 0.1), (0.0001, 0.01), (0.0
 
 # ----------------------------------------------------------------------------------------------------
 # argument checks (ValueError naming the argument)
-def _check_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_float(name: str, value: Any, *, positive: bool = True) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or (positive and value <= 0):
-        raise ValueError(f"{name} must be a {'positive ' if positive else ''}finite number, got {value!r}")
-    return float(value)
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return value
-
-
 def check_dt_range(
     dt_min: Any, dt_max: Any, names: tuple[str, str] = ("dt_min", "dt_max")
 ) -> tuple[float, float]:
     """Validate ``0 < dt_min <= dt_max`` (errors name ``names``); returns floats."""
-    lo, hi = _check_float(names[0], dt_min), _check_float(names[1], dt_max)
+    lo, hi = check_positive_float(names[0], dt_min), check_positive_float(names[1], dt_max)
     if lo > hi:
         raise ValueError(f"{names[0]} must be <= {names[1]}, got {names[0]}={lo}, {names[1]}={hi}")
     return lo, hi
@@ -96,7 +78,7 @@ def _parse_dt_range(value: Any) -> tuple[float, float]:
 @torch.no_grad()
 def init_a_log_(A_log: Tensor, a_init: str) -> Tensor:
     """Fill ``A_log [channels, N]`` in place: ``A = -exp(A_log)`` follows ``a_init`` (:data:`A_INITS`)."""
-    _check_choice("a_init", a_init, A_INITS)
+    check_choice("a_init", a_init, A_INITS)
     N = A_log.shape[-1]
     if a_init == "s4d_real":
         mags = torch.arange(1, N + 1, dtype=torch.float32, device=A_log.device).expand_as(A_log)
@@ -259,7 +241,7 @@ def selective_scan(
         raise ValueError(
             f"log_a and x must have the same shape [..., L, N], got {tuple(log_a.shape)} and {tuple(x.shape)}"
         )
-    chunk = _auto_chunk(x.shape[-2]) if chunk_size is None else _check_int("chunk_size", chunk_size)
+    chunk = _auto_chunk(x.shape[-2]) if chunk_size is None else check_positive_int("chunk_size", chunk_size)
     dtype = torch.promote_types(torch.promote_types(log_a.dtype, x.dtype), torch.float32)
     if c is not None:
         if torch.broadcast_shapes(c.shape, x.shape) != x.shape:
@@ -532,23 +514,23 @@ class Mamba(ESSMixer):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.d_model = _check_int("d_model", d_model)
-        self.d_state = _check_int("d_state", d_state)
-        self.d_conv = _check_int("d_conv", d_conv)
-        self.expand = _check_float("expand", expand)
+        self.d_model = check_positive_int("d_model", d_model)
+        self.d_state = check_positive_int("d_state", d_state)
+        self.d_conv = check_positive_int("d_conv", d_conv)
+        self.expand = check_positive_float("expand", expand)
         self.d_inner = int(self.expand * d_model)
         if self.d_inner < 1:
             raise ValueError(f"expand * d_model must be >= 1, got expand={expand}, d_model={d_model}")
         if dt_rank == "auto":
             self.dt_rank = math.ceil(d_model / 16)
         else:
-            self.dt_rank = _check_int("dt_rank", dt_rank)
+            self.dt_rank = check_positive_int("dt_rank", dt_rank)
         self.dt_min, self.dt_max = check_dt_range(dt_min, dt_max)
-        self.dt_init = _check_choice("dt_init", dt_init, ("random", "constant"))
-        self.dt_scale = _check_float("dt_scale", dt_scale)
-        self.dt_init_floor = _check_float("dt_init_floor", dt_init_floor)
-        self.a_init = _check_choice("a_init", a_init, A_INITS)
-        self.chunk_size = None if chunk_size is None else _check_int("chunk_size", chunk_size)
+        self.dt_init = check_choice("dt_init", dt_init, ("random", "constant"))
+        self.dt_scale = check_positive_float("dt_scale", dt_scale)
+        self.dt_init_floor = check_positive_float("dt_init_floor", dt_init_floor)
+        self.a_init = check_choice("a_init", a_init, A_INITS)
+        self.chunk_size = None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
         for name, flag in (("conv_bias", conv_bias), ("bias", bias)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be a bool, got {flag!r}")
@@ -599,7 +581,7 @@ class Mamba(ESSMixer):
             lo, hi = _parse_dt_range(setting["dt_range"])
             init_dt_bias_(self.dt_proj.bias, lo, hi, self.dt_init_floor)
         if "a_init" in setting:
-            init_a_log_(self.A_log, _check_choice("a_init", setting["a_init"], A_INITS))
+            init_a_log_(self.A_log, check_choice("a_init", setting["a_init"], A_INITS))
 
     # ------------------------------------------------------------------------------------------ forward
     def _features(self, x: Tensor) -> dict[str, Tensor]:

@@ -20,13 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ess_train.checks import check_choice, check_positive_int
 from ess_train.ess import RecurrentOperator
 from ess_train.ess.operators import compute_dtype
 from ess_train.models.mixers.mamba import (
     A_INITS,
     DT_RANGES,
-    _check_choice,
-    _check_int,
     _parse_dt_range,
     check_dt_range,
     exp_nonpositive,
@@ -76,11 +75,11 @@ class S4D(ESSMixer):
         gated_output: bool = True,
     ) -> None:
         super().__init__()
-        self.d_model = _check_int("d_model", d_model)
-        self.d_state = _check_int("d_state", d_state)
+        self.d_model = check_positive_int("d_model", d_model)
+        self.d_state = check_positive_int("d_state", d_state)
         self.dt_min, self.dt_max = check_dt_range(dt_min, dt_max)
-        self.a_init = _check_choice("a_init", a_init, A_INITS)
-        self.activation = _check_choice("activation", activation, ("gelu", "identity"))
+        self.a_init = check_choice("a_init", a_init, A_INITS)
+        self.activation = check_choice("activation", activation, ("gelu", "identity"))
         if not isinstance(gated_output, bool):
             raise ValueError(f"gated_output must be a bool, got {gated_output!r}")
         self.gated_output = gated_output
@@ -125,7 +124,7 @@ class S4D(ESSMixer):
         if "dt_range" in setting:
             self._init_log_dt(*_parse_dt_range(setting["dt_range"]))
         if "a_init" in setting:
-            init_a_log_(self.A_log, _check_choice("a_init", setting["a_init"], A_INITS))
+            init_a_log_(self.A_log, check_choice("a_init", setting["a_init"], A_INITS))
 
     def ssm(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
         """Discrete per-channel ``(log a, b, c)``, each ``[d_model, N]``: ``a = exp(dt A)``, ``b = dt B``."""

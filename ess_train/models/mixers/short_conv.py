@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ess_train.checks import check_choice, check_int, check_positive_int
 from ess_train.ess import RecurrentOperator
-from ess_train.models.mixers.mamba import _check_choice, _check_int
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
 __all__ = ["ShortConv", "shift_register_operator"]
@@ -56,11 +56,11 @@ class ShortConv(ESSMixer):
         self, d_model: int, kernel_size: int = 4, bias: bool = False, activation: str = "identity"
     ) -> None:
         super().__init__()
-        self.d_model = _check_int("d_model", d_model)
-        self.kernel_size = _check_int("kernel_size", kernel_size, minimum=2)
+        self.d_model = check_positive_int("d_model", d_model)
+        self.kernel_size = check_int("kernel_size", kernel_size, low=2)
         if not isinstance(bias, bool):
             raise ValueError(f"bias must be a bool, got {bias!r}")
-        self.activation = _check_choice("activation", activation, ("identity", "silu"))
+        self.activation = check_choice("activation", activation, ("identity", "silu"))
         # nn.Conv1d layout [d_model, 1, k] (cross-correlation: weight[..., k - 1 - j] is the tap on lag j)
         self.conv = nn.Conv1d(
             d_model, d_model, kernel_size, groups=d_model, padding=kernel_size - 1, bias=bias
