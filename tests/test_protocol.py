@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ess_train.ess import RecurrentOperator
+from ess_train.models import build_mixer, mixer_names
 from ess_train.models.protocol import (
     ESSMixer,
     OperatorView,
@@ -118,3 +119,21 @@ def test_state_size_is_frozen() -> None:
     s = StateSize(total=8, per_operator=4, multiplicity=2)
     with pytest.raises(AttributeError):
         s.total = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", mixer_names())
+def test_operator_subset_is_the_cut_of_the_whole_operator(name: str) -> None:
+    """``op.subset(rows, index)`` (what the callbacks estimate ESS on) is the same kind of operator and
+    equals the corresponding block of the whole operator; lazy zoo operators cut their factors."""
+    torch.manual_seed(0)
+    mixer = build_mixer(name, d_model=16)
+    view = mixer.operator(torch.randn(3, 10, 16))
+    op = view.op
+    G = op.batch_shape[1]
+    index = torch.tensor([G - 1, 0])
+    sub = op.subset(2, index)
+    assert type(sub) is type(op)
+    assert tuple(sub.batch_shape) == (2, 2, *op.batch_shape[2:])
+    torch.testing.assert_close(sub.dense(), op.dense()[:2].index_select(1, index))
+    if hasattr(sub, "dt"):  # Mamba: the factors are cut, not a materialized [batch, D, L, N]
+        assert sub.dt.shape == (2, 2, 10) and sub.A.shape[0] == 2

@@ -207,32 +207,21 @@ def compute_copy(
     The operators are evenly spaced with stride ``G // operators``, starting at ``offset`` (mod ``G``): an
     increasing ``offset`` (the regularizer passes its call count) cycles through all of them.
 
-    Returns ``op`` itself when nothing is cut (so zoo subclasses reach the engine as they are); otherwise
-    a plain operator over the (materialized) tensors, graph preserved. Dtypes are kept: the engine
-    computes in float32 (float64 stays) whatever the operator's dtype.
+    Returns ``op`` itself when nothing is cut, otherwise ``op.subset(...)``: the same kind of operator
+    (a lazy zoo operator, e.g. Mamba's, cuts its factors, so nothing full-size is materialized), graph
+    preserved. Dtypes are kept: the engine computes in float32 (float64 stays) whatever the operator's dtype.
     """
     batch = op.batch_shape
     cut_rows = rows is not None and len(batch) > 0 and batch[0] > rows
     cut_ops = operators is not None and len(batch) > 1 and batch[1] > operators
     if not (cut_rows or cut_ops):
         return op
-
-    def cut(x: Tensor) -> Tensor:
-        if cut_rows:
-            x = x[:rows]
-        if cut_ops:
-            G = x.shape[1]
-            stride = G // operators
-            idx = (offset + stride * torch.arange(operators, device=x.device)) % G
-            x = x.index_select(1, idx)
-        return x
-
-    if isinstance(op, RecurrentOperator):
-        return RecurrentOperator(cut(op.a), cut(op.b), cut(op.c), validate=False)
-    if isinstance(op, DenseOperator):
-        T = op.T
-        return DenseOperator(cut(T.expand(*batch, *T.shape[-2:])), validate=False)
-    raise TypeError(f"unsupported operator type {type(op).__name__}")
+    index = None
+    if cut_ops:
+        G = batch[1]
+        stride = G // operators
+        index = (offset + stride * torch.arange(operators, device=op.device)) % G
+    return op.subset(rows if cut_rows else None, index)
 
 
 # ------------------------------------------------------------------------------------------------- ESS
@@ -289,14 +278,12 @@ def entropy_profile(op: DenseOperator | RecurrentOperator, positions: list[int] 
     return ent.reshape(ent.shape[0], -1, ent.shape[-1])
 
 
-def _batch_key(op: DenseOperator | RecurrentOperator, positions: list[int] | None) -> tuple[Any, ...] | None:
-    """Operators with equal keys can share one engine call (``None``: a subclass, kept on its own)."""
+def _batch_key(op: DenseOperator | RecurrentOperator, positions: list[int] | None) -> tuple[Any, ...]:
+    """Operators with equal keys can share one engine call."""
     pos = None if positions is None else tuple(positions)
-    if type(op) is RecurrentOperator:
+    if isinstance(op, RecurrentOperator):
         return ("recurrent", op.diagonal, op.seq_len, op.state_dim, op.dtype, op.device, pos)
-    if type(op) is DenseOperator:
-        return ("dense", op.seq_len, op.dtype, op.device, pos)
-    return None
+    return ("dense", op.seq_len, op.dtype, op.device, pos)
 
 
 def _concat_operators(ops: list[DenseOperator | RecurrentOperator]) -> DenseOperator | RecurrentOperator:
@@ -327,11 +314,7 @@ def entropy_profiles(
     out: list[Tensor | None] = [None] * len(ops)
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, (op, pos) in enumerate(zip(ops, positions)):
-        key = _batch_key(op, pos)
-        if key is None:
-            out[i] = entropy_profile(op, pos)
-        else:
-            groups.setdefault(key, []).append(i)
+        groups.setdefault(_batch_key(op, pos), []).append(i)
     for members in groups.values():
         if len(members) == 1:
             out[members[0]] = entropy_profile(ops[members[0]], positions[members[0]])

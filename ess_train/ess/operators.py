@@ -21,6 +21,7 @@ __all__ = [
     "CAUSALITY_RTOL",
     "compute_dtype",
     "check_finite",
+    "select_batch",
 ]
 
 # Entries above the diagonal up to this fraction of max|T| are taken as round-off.
@@ -49,6 +50,20 @@ def check_finite(name: str, x: Tensor) -> None:
         raise ValueError(
             f"{name} (shape {tuple(x.shape)}) contains non-finite values: {n_nan} NaN and {n_inf} inf"
         )
+
+
+def select_batch(
+    x: Tensor, batch_shape: torch.Size, tail: int, rows: int | None = None, index: Tensor | None = None
+) -> Tensor:
+    """``x`` (batch dims broadcastable to ``batch_shape``, then ``tail`` own dims) cut to its first ``rows``
+    rows of batch dim 0 and the entries ``index`` of batch dim 1. Broadcast dims are expanded as views, so
+    only the selected part is ever materialized; the autograd graph is kept."""
+    x = x.expand(*batch_shape, *x.shape[x.dim() - tail :])
+    if rows is not None:
+        x = x[:rows]
+    if index is not None:
+        x = x.index_select(1, index.to(x.device))
+    return x
 
 
 class DenseOperator:
@@ -105,6 +120,11 @@ class DenseOperator:
         vec = _check_input(u, self.seq_len, self.batch_shape)
         out = self.T @ (u.unsqueeze(-1) if vec else u)
         return out.squeeze(-1) if vec else out
+
+    def subset(self, rows: int | None = None, index: Tensor | None = None) -> DenseOperator:
+        """The operator on its first ``rows`` batch rows and the operators ``index`` of batch dim 1
+        (``None``: all). Subclasses that build ``T`` lazily cut their factors instead."""
+        return DenseOperator(select_batch(self.T, self.batch_shape, 2, rows, index), validate=False)
 
     def __repr__(self) -> str:
         return f"DenseOperator(shape={tuple(self.T.shape)}, dtype={self.T.dtype})"
@@ -195,6 +215,14 @@ class RecurrentOperator:
             H = torch.stack(states, dim=-3)  # [..., L, N, P]
             out = (c.unsqueeze(-1) * H).sum(-2)
         return out.squeeze(-1) if vec else out
+
+    def subset(self, rows: int | None = None, index: Tensor | None = None) -> RecurrentOperator:
+        """The operator on its first ``rows`` batch rows and the operators ``index`` of batch dim 1
+        (``None``: all). Subclasses that build ``a``/``b``/``c`` lazily cut their factors instead."""
+        batch, tail = self.batch_shape, 2 if self.diagonal else 3
+        a = select_batch(self.a, batch, tail, rows, index)
+        b, c = (select_batch(x, batch, 2, rows, index) for x in (self.b, self.c))
+        return RecurrentOperator(a, b, c, validate=False)
 
     def dense(self) -> Tensor:
         """``T`` as ``[..., L, L]`` (materialized: ``O(L^2)`` memory; for tests and small L)."""

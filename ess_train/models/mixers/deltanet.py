@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ess_train.ess import RecurrentOperator
+from ess_train.ess.operators import select_batch
 from ess_train.models.mixers._common import (
     RMSNorm,
     check_bool,
@@ -50,6 +51,12 @@ class DeltaRuleOperator(RecurrentOperator):
         self.b = beta[..., None] * k
         self.c = c
         self.diagonal = False
+
+    def subset(self, rows: int | None = None, index: Tensor | None = None) -> DeltaRuleOperator:
+        """Cut ``k``, ``beta`` and ``c``: no ``[..., L, N, N]`` transitions are built."""
+        batch = self.batch_shape
+        k, c = (select_batch(x, batch, 2, rows, index) for x in (self.k, self.c))
+        return DeltaRuleOperator(k, select_batch(self.beta, batch, 1, rows, index), c)
 
     @property
     def a(self) -> Tensor:  # type: ignore[override]

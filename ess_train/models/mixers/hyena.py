@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ess_train.checks import check_int, check_positive_float, check_positive_int
 from ess_train.ess import DenseOperator
-from ess_train.ess.operators import compute_dtype
+from ess_train.ess.operators import compute_dtype, select_batch
 from ess_train.models.mixers.s4d import fft_causal_conv
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
@@ -53,6 +53,13 @@ class GatedToeplitzOperator(DenseOperator):
             band = self.h[..., lag.clamp(min=0)] * (lag >= 0).to(self.h.dtype)  # [..., L, L]
             self._T = self.g_out[..., :, None] * band * self.g_in[..., None, :]
         return self._T
+
+    def subset(self, rows: int | None = None, index: Tensor | None = None) -> GatedToeplitzOperator:
+        """Cut the filter and the gates: only the selected operators' ``T`` is ever built."""
+        batch = self.batch_shape
+        return GatedToeplitzOperator(
+            *(select_batch(x, batch, 1, rows, index) for x in (self.h, self.g_out, self.g_in))
+        )
 
     @property
     def seq_len(self) -> int:

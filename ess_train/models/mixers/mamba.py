@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from ess_train.checks import check_choice, check_positive_float, check_positive_int
 from ess_train.ess import RecurrentOperator
-from ess_train.ess.operators import compute_dtype
+from ess_train.ess.operators import compute_dtype, select_batch
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
 __all__ = [
@@ -451,6 +451,14 @@ class SelectiveSSMOperator(RecurrentOperator):
     def c(self) -> Tensor:  # type: ignore[override]
         batch, D, L = self.dt.shape
         return self.C[:, None, :, :].expand(batch, D, L, self.A.shape[1])
+
+    def subset(self, rows: int | None = None, index: Tensor | None = None) -> SelectiveSSMOperator:
+        """Cut the factors (``dt`` rows and channels, ``A`` channels, ``B``/``C`` rows): nothing of size
+        ``[batch, D, L, N]`` is built."""
+        dt = select_batch(self.dt, self.batch_shape, 1, rows, index)
+        A = self.A if index is None else self.A.index_select(0, index.to(self.A.device))
+        B, C = (x if rows is None else x[:rows] for x in (self.B, self.C))
+        return SelectiveSSMOperator(dt, A, B, C)
 
     @property
     def seq_len(self) -> int:
