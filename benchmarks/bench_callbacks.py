@@ -172,9 +172,21 @@ def main() -> None:
     p.add_argument(
         "--ab-iters", type=int, default=30, help="interleaved A/B iterations of the penalty (0: skip)"
     )
+    p.add_argument(
+        "--ab-mixers",
+        nargs="*",
+        default=["mamba", "decayed_linear_attention", "attention"],
+        help="mixers for a second A/B table of the penalty's cost (none: skip)",
+    )
     args = p.parse_args()
     if args.quick:  # smaller defaults; options given explicitly still win
-        for key, value in (("steps", 60), ("monitor_every", 20), ("repeats", 1), ("ab_iters", 10)):
+        for key, value in (
+            ("steps", 60),
+            ("monitor_every", 20),
+            ("repeats", 1),
+            ("ab_iters", 10),
+            ("ab_mixers", []),
+        ):
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
     positions = None if args.monitor_positions == "all" else int(args.monitor_positions)
@@ -234,6 +246,18 @@ def main() -> None:
             f"forward+backward, interleaved A/B x{args.ab_iters} (median): {1000 * plain:.1f} ms plain, "
             f"{1000 * penalized:.1f} ms with the ESS penalty: ratio {penalized / plain:.3f}"
         )
+        others = [m for m in args.ab_mixers if m != args.mixer]
+        if others:
+            print(
+                f"\nthe same A/B for other mixers (d_model {args.d_model}, {args.layers} layers, "
+                f"L {args.seq_len}):"
+            )
+            print("| mixer | plain ms | with penalty ms | ratio |\n|---|---|---|---|")
+            for mixer in others:
+                plain, penalized = interleaved_penalty_cost(
+                    argparse.Namespace(**{**vars(args), "mixer": mixer}), dm, args.ab_iters
+                )
+                print(f"| {mixer} | {1000 * plain:.1f} | {1000 * penalized:.1f} | {penalized / plain:.3f} |")
 
 
 if __name__ == "__main__":
