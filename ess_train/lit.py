@@ -81,7 +81,7 @@ class SequenceLM(pl.LightningModule):
         acc = self._val_accuracy
         if acc.correct is None:
             return
-        if self.trainer.world_size > 1:  # counts over all ranks (DistributedSampler may repeat a few rows)
+        if self.trainer.world_size > 1:  # counts over all ranks (task data modules pad, never repeat, rows)
             acc.correct = self.all_gather(acc.correct).reshape(-1, len(acc.slice_names)).sum(0)
             acc.total = self.all_gather(acc.total).reshape(-1, len(acc.slice_names)).sum(0)
         report = acc.compute()

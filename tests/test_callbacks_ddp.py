@@ -75,3 +75,53 @@ def test_ddp_two_processes(tmp_path):
     assert ess_steps == [0, 2, 3, 4, 6]  # exactly one row per measured step
     assert any(r.get("ess/reg_loss") for r in rows)
     assert sum(1 for r in rows if r.get("tss/total")) == 1
+
+
+EVAL_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import DDPStrategy
+    from ess_train.lit import SequenceLM
+    from ess_train.models import SequenceModel
+    from ess_train.tasks import MQARDataModule
+
+    if __name__ == "__main__":
+        out = sys.argv[1]
+        pl.seed_everything(0)
+        dm = MQARDataModule(
+            vocab_size=32, seq_len=16, num_kv_pairs=2, num_train=64, num_test=13, batch_size=4
+        )
+        lm = SequenceLM(SequenceModel(vocab_size=32, d_model=16, n_layers=1, mixer="linear_attention"))
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=2,
+            strategy=DDPStrategy(process_group_backend="gloo", start_method="popen"),
+            max_steps=2, val_check_interval=2, num_sanity_val_steps=0, logger=False,
+            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        )
+        trainer.fit(lm, dm)
+        acc = lm._val_accuracy
+        expected = int((dm.test_data.labels != -100).sum())
+        with open(os.path.join(out, f"eval{trainer.global_rank}.json"), "w") as f:
+            json.dump({"scored": int(acc.total.sum()), "expected": expected}, f)
+    """
+)
+
+
+@pytest.mark.timeout(180)
+def test_ddp_validation_scores_every_example_once(tmp_path):
+    """13 test rows on 2 ranks: DistributedSampler would score row 0 twice; the task loaders pad instead."""
+    script = tmp_path / "ddp_eval.py"
+    script.write_text(EVAL_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0 = json.loads((tmp_path / "eval0.json").read_text())
+    assert r0["scored"] == r0["expected"] > 0

@@ -291,3 +291,20 @@ def test_sample_distinct_excludes() -> None:
         s = sample_distinct(30, k, 500, g, exclude=excl)
         assert not (s[:, :, None] == excl[:, None, :]).any()
         assert (s.sort(1).values.diff(dim=1) != 0).all()
+
+
+def test_padded_eval_sampler_splits_without_repeats():
+    """Every index once over the ranks, equal counts per rank, the rest padding rows (labels ignored)."""
+    from ess_train.tasks.base import IGNORE_INDEX, PaddedEvalSampler, TensorDictDataset
+
+    data = TensorDictDataset(
+        torch.arange(13 * 4).reshape(13, 4),
+        torch.ones(13, 4, dtype=torch.long),
+        torch.zeros(13, dtype=torch.long),
+    )
+    shards = [list(PaddedEvalSampler(data, num_replicas=3, rank=rank)) for rank in range(3)]
+    assert {len(s) for s in shards} == {5}
+    flat = [i for s in shards for i in s]
+    assert sorted(i for i in flat if i < 13) == list(range(13)) and flat.count(13) == 2
+    batch = data.__getitems__(shards[1])
+    assert bool((batch["labels"][-1] == IGNORE_INDEX).all()) and bool((batch["labels"][:-1] == 1).all())

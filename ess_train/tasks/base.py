@@ -14,14 +14,14 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torch.utils.data._utils.collate import default_collate
 
 from ess_train.checks import check_int
@@ -252,14 +252,38 @@ class TensorDictDataset(Dataset):
         return self.inputs.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {"inputs": self.inputs[i], "labels": self.labels[i], "slice_id": self.slice_id[i]}
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
 
     def __getitems__(self, idx: list[int]) -> dict[str, Tensor]:
+        """Rows ``idx``; the index ``len(self)`` is a padding row (a copy of row 0 whose labels are all
+        ``IGNORE_INDEX``), which :class:`PaddedEvalSampler` uses so that no example is scored twice."""
         t = torch.as_tensor(idx, dtype=torch.long)
+        pad = t == len(self)
+        if bool(pad.any()):
+            t = t.masked_fill(pad, 0)
+            labels = self.labels[t].masked_fill_(pad[:, None], IGNORE_INDEX)
+            return {"inputs": self.inputs[t], "labels": labels, "slice_id": self.slice_id[t]}
         return {"inputs": self.inputs[t], "labels": self.labels[t], "slice_id": self.slice_id[t]}
 
     def tensors(self) -> dict[str, Tensor]:
         return {"inputs": self.inputs, "labels": self.labels, "slice_id": self.slice_id}
+
+
+class PaddedEvalSampler(DistributedSampler):
+    """Evaluation under DDP: like ``DistributedSampler(shuffle=False)`` every rank gets the same number of
+    rows (equal batch counts, so collectives never hang), but the rows that make the count divisible are
+    padding rows (index ``len(dataset)``, labels ignored) instead of repeats of the first examples, so
+    metrics summed over ranks count every test example exactly once."""
+
+    def __init__(
+        self, dataset: TensorDictDataset, num_replicas: int | None = None, rank: int | None = None
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Iterator[int]:
+        n = len(self.dataset)
+        order = list(range(n)) + [n] * (self.total_size - n)
+        return iter(order[self.rank : self.total_size : self.num_replicas])
 
 
 def collate_batch(batch: Any) -> dict[str, Tensor]:
@@ -414,10 +438,15 @@ class SyntheticTaskDataModule(pl.LightningDataModule):
     # ---- loaders
     def _loader(self, data: TensorDictDataset, shuffle: bool) -> DataLoader:
         c = self.config
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        # evaluation under DDP: padding rows instead of DistributedSampler's repeats (Lightning keeps a
+        # sampler that is already a DistributedSampler); training keeps Lightning's shuffled sampler
+        sampler = PaddedEvalSampler(data) if distributed and not shuffle else None
         return DataLoader(
             data,
             batch_size=c.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else False,
+            sampler=sampler,
             num_workers=c.num_workers,
             collate_fn=collate_batch,
             persistent_workers=c.num_workers > 0,
