@@ -308,3 +308,52 @@ def test_padded_eval_sampler_splits_without_repeats():
     assert sorted(i for i in flat if i < 13) == list(range(13)) and flat.count(13) == 2
     batch = data.__getitems__(shards[1])
     assert bool((batch["labels"][-1] == IGNORE_INDEX).all()) and bool((batch["labels"][:-1] == 1).all())
+
+
+def test_resumed_training_sees_the_batches_of_an_uninterrupted_run(tmp_path):
+    """Checkpoint mid-epoch (step 3 of 5 per epoch) and across an epoch boundary (step 6), resume: the
+    batches after the checkpoint, and the final weights, are those of the uninterrupted run."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ess_train.lit import SequenceLM
+    from ess_train.models import SequenceModel
+    from ess_train.tasks import MQARDataModule
+
+    class Record(pl.Callback):
+        def __init__(self) -> None:
+            self.seen: dict[int, int] = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.seen[trainer.global_step] = hash(tuple(batch["inputs"].flatten().tolist()))
+
+    def run(max_steps: int, ckpt: str | None = None, save: bool = False) -> tuple[Record, SequenceLM]:
+        pl.seed_everything(0)
+        dm = MQARDataModule(vocab_size=32, seq_len=16, num_kv_pairs=2, num_train=20, num_test=8, batch_size=4)
+        lm = SequenceLM(SequenceModel(vocab_size=32, d_model=16, n_layers=1, mixer="linear_attention"))
+        rec = Record()
+        callbacks: list[pl.Callback] = [rec]
+        if save:
+            callbacks.append(
+                ModelCheckpoint(tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+            )
+        trainer = pl.Trainer(
+            max_steps=max_steps,
+            accelerator="cpu",
+            logger=False,
+            limit_val_batches=0,
+            callbacks=callbacks,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=save,
+        )
+        trainer.fit(lm, dm, ckpt_path=ckpt)
+        return rec, lm
+
+    full, lm_full = run(9, save=True)
+    assert [full.seen[s] for s in range(4)] != [full.seen[s] for s in range(5, 9)]  # reshuffled per epoch
+    for step in (3, 6):
+        resumed, lm_resumed = run(9, ckpt=str(tmp_path / f"step={step}.ckpt"))
+        assert resumed.seen == {s: h for s, h in full.seen.items() if s >= step}
+        for p, q in zip(lm_full.parameters(), lm_resumed.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)

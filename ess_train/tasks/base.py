@@ -14,14 +14,14 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from ess_train.checks import check_int
@@ -286,6 +286,52 @@ class PaddedEvalSampler(DistributedSampler):
         return iter(order[self.rank : self.total_size : self.num_replicas])
 
 
+class ResumableShuffleSampler(Sampler[int]):
+    """A shuffle whose order depends only on ``(seed, epoch)`` (Lightning calls :meth:`set_epoch` at each
+    epoch start). :meth:`resume` drops the first rows of one epoch's order, the rows a checkpointed run had
+    already trained on, so a resumed run sees exactly the rows an uninterrupted one would."""
+
+    def __init__(self, num_rows: int, seed: int) -> None:
+        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
+        self._resume: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def resume(self, epoch: int, rows_done: int) -> None:
+        self._resume = (int(epoch), int(rows_done))
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(
+            self.num_rows, generator=make_generator(self.seed, "loader", self.epoch)
+        ).tolist()
+        if self._resume is not None and self._resume[0] == self.epoch:
+            order = order[self._resume[1] :]
+        self._resume = None
+        return iter(order)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+
+class ResumableDataLoader(DataLoader):
+    """The training loader: its state (epoch, batches already trained on in that epoch, read from the
+    trainer through ``batches_done``) is saved in Lightning checkpoints (a loader with ``state_dict`` and
+    ``load_state_dict``) and restored on resume, where :class:`ResumableShuffleSampler` skips those rows."""
+
+    def __init__(self, *args: Any, batches_done: Callable[[], int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        epoch = getattr(self.sampler, "epoch", 0)
+        return {"epoch": epoch, "batches_done": int(self.batches_done()) if self.batches_done else 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if isinstance(self.sampler, ResumableShuffleSampler):
+            self.sampler.resume(state["epoch"], state["batches_done"] * int(self.batch_size or 1))
+
+
 def collate_batch(batch: Any) -> dict[str, Tensor]:
     """Batches from ``TensorDictDataset.__getitems__`` are already dicts; anything else is stacked."""
     return batch if isinstance(batch, dict) else default_collate(batch)
@@ -332,7 +378,6 @@ class SyntheticTaskDataModule(pl.LightningDataModule):
         self.train_data: TensorDictDataset | None = None
         self.test_data: TensorDictDataset | None = None
         self.leakage_report: dict[str, int] = {}
-        self._loader_generator = make_generator(config.seed, "loader")
         self._layout()
 
     # ---- to implement
@@ -438,20 +483,28 @@ class SyntheticTaskDataModule(pl.LightningDataModule):
     # ---- loaders
     def _loader(self, data: TensorDictDataset, shuffle: bool) -> DataLoader:
         c = self.config
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        # evaluation under DDP: padding rows instead of DistributedSampler's repeats (Lightning keeps a
-        # sampler that is already a DistributedSampler); training keeps Lightning's shuffled sampler
-        sampler = PaddedEvalSampler(data) if distributed and not shuffle else None
-        return DataLoader(
-            data,
+        common = dict(
             batch_size=c.batch_size,
-            shuffle=shuffle if sampler is None else False,
-            sampler=sampler,
             num_workers=c.num_workers,
             collate_fn=collate_batch,
             persistent_workers=c.num_workers > 0,
-            generator=self._loader_generator if shuffle else None,
         )
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not shuffle:
+            # evaluation under DDP: padding rows instead of DistributedSampler's repeats (Lightning keeps a
+            # sampler that is already a DistributedSampler)
+            return DataLoader(data, sampler=PaddedEvalSampler(data) if distributed else None, **common)
+        if distributed:  # Lightning's DistributedSampler: seeded, set_epoch per epoch
+            return DataLoader(data, shuffle=True, generator=make_generator(c.seed, "loader"), **common)
+        sampler = ResumableShuffleSampler(len(data), c.seed)
+        return ResumableDataLoader(data, sampler=sampler, batches_done=self._batches_done, **common)
+
+    def _batches_done(self) -> int:
+        """Batches trained on so far in the current epoch (what a resumed run must skip)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
