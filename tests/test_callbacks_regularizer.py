@@ -222,3 +222,14 @@ def test_entropy_profiles_batches_compatible_operators_without_changing_results(
     sum(entropy_profile(op, pos).sum() for op, pos in zip(ops, positions)).backward()
     for a, b in zip(grads, [x.grad for trio in leaves for x in trio] + [T.grad]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_penalty_is_logged_on_the_steps_lightning_writes(tmp_path):
+    """``ess/reg_loss`` reaches the logger at every written step (log_every_n_steps=3: steps 2 and 5)."""
+    from tests.toy_modules import read_metrics_csv
+
+    reg = ESSRegularizer(weight=0.1, target=0.9)
+    trainer = make_trainer(tmp_path, [reg], max_steps=7, log_every_n_steps=3, limit_val_batches=0)
+    trainer.fit(ToyLM(), ToyDataModule(n=64, batch_size=4))
+    logged = [int(r["step"]) for r in read_metrics_csv(trainer) if r.get("ess/reg_loss")]
+    assert logged == [2, 5] and reg.num_calls == 7
