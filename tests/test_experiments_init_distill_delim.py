@@ -27,6 +27,17 @@ def test_initialization_smoke(tmp_path):
     assert (tmp_path / "table.md").read_text().count("| gla |") >= 2
 
 
+def test_initialization_hybrid_smoke(tmp_path):
+    from experiments.initialization import plot, run
+
+    run.main(["--smoke", "--hybrid", "--part", "b", "--models", "gla", "--out", str(tmp_path)])
+    b = read_rows(tmp_path / "init_vs_default.csv")
+    assert len(b) == 2 and not any(r.get("error") for r in b)
+    assert all("[short_conv,gla]" in r["overrides"] for r in b)
+    plot.main(["--results", str(tmp_path)])  # part (a) absent: only the part (b) table and figure
+    assert (tmp_path / "init_vs_default.png").stat().st_size > 0
+
+
 def test_distillation_smoke(tmp_path):
     from experiments.distillation import plot, run
 
@@ -38,12 +49,17 @@ def test_distillation_smoke(tmp_path):
     assert (tmp_path / "distill.png").stat().st_size > 0
 
 
-def test_delimiters_smoke(tmp_path):
+@pytest.mark.parametrize("hybrid", [False, True], ids=["plain", "hybrid"])
+def test_delimiters_smoke(tmp_path, hybrid):
     from experiments.delimiters import plot, run
 
-    run.main(["--smoke", "--out", str(tmp_path)])
+    run.main(["--smoke", "--out", str(tmp_path), *(["--hybrid"] if hybrid else [])])
     rows = read_rows(tmp_path / "delim_modulation.csv")
     assert {r["model"] for r in rows} == {"linear_attention", "gla", "attention"}
+    for key in ("dip_tol_mean", "acc_fresh", "acc_reused", "acc_absent", "stale_reused"):
+        assert all(r[key] != "" for r in rows), key
+    if hybrid:  # the conv layer is measured but left out of the scores
+        assert "[short_conv," in read_rows(tmp_path / "delim_runs.csv")[0]["overrides"]
     plot.main(["--results", str(tmp_path)])
     assert (tmp_path / "delim.png").stat().st_size > 0 and (
         tmp_path / "delim_profiles.png"

@@ -28,12 +28,14 @@ def test_experiment_configs_compose() -> None:
     for name, overrides in (
         ("mqar_ess", next(iter(mqar_run.points().values()))),
         ("collapse", next(iter(collapse_run.points().values()))),
+        ("collapse_hybrid", collapse_run.points(hybrid=True)["gla_floor_s0"]),
     ):
         assert f"experiment={name}" in overrides
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("config", overrides=[*overrides, "output_dir=/tmp/unused"])
         validate_config(cfg)
     assert len(mqar_run.points()) == 90
+    assert len(collapse_run.points()) == len(collapse_run.points(hybrid=True)) == 12
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -59,3 +61,14 @@ def test_collapse_smoke(tmp_path: Path) -> None:
     assert "val/acc" in metrics and any(m.endswith("/utilization") for m in metrics)
     for png in collapse_plot.main(["--csv", str(csv_path)]):
         assert png.exists() and png.stat().st_size > 0
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_collapse_hybrid_smoke(tmp_path: Path) -> None:
+    csv_path = collapse_run.main(["--smoke", "--hybrid", "--out", str(tmp_path)])
+    rows = _rows(csv_path)
+    assert len(rows) == 2 and all(not r.get("error") and r["val_acc"] for r in rows)
+    assert all("[short_conv,gla]" in r["overrides"] for r in rows)
+    for png in collapse_plot.main(["--csv", str(csv_path), "--layer", "blocks.1.mixer"]):
+        assert png.exists() and png.stat().st_size > 0
+    assert "layer blocks.1.mixer" in (tmp_path / "collapse_table.md").read_text()

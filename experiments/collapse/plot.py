@@ -40,14 +40,22 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def load_curves(path: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """``run_id -> metric -> [(step, value)]``; per-layer utilizations are averaged into ``utilization``."""
+def load_curves(path: Path, layer: str | None = None) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """``run_id -> metric -> [(step, value)]``; per-layer utilizations are averaged into ``utilization``.
+
+    ``layer`` (a substring such as ``blocks.1.mixer``): only that layer's utilization, and its ESS per kv pair
+    in place of the model's ``ess/per_kv``."""
     raw: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
     )
     for rec in read_rows(path):
         metric = rec["metric"]
-        if metric.endswith("/utilization"):
+        per_layer = "blocks." in metric
+        if layer and (metric == "ess/per_kv" or (per_layer and layer not in metric)):
+            continue
+        if layer and per_layer and metric.endswith("/per_kv"):
+            metric = "ess/per_kv"
+        elif metric.endswith("/utilization"):
             metric = "utilization"
         raw[rec["run_id"]][metric][int(rec["step"])].append(float(rec["value"]))
     return {
@@ -55,9 +63,10 @@ def load_curves(path: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
     }
 
 
-def table(rows: list[dict], curves: dict) -> str:
+def table(rows: list[dict], curves: dict, layer: str | None = None) -> str:
+    which = f"layer {layer}" if layer else "mean of layers"
     lines = [
-        "| mixer | condition | seeds | final acc (mean) | per seed | final utilization (mean of layers) | "
+        f"| mixer | condition | seeds | final acc (mean) | per seed | final utilization ({which}) | "
         "min utilization over training | final ESS/kv |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -71,12 +80,22 @@ def table(rows: list[dict], curves: dict) -> str:
             if not sub:
                 continue
             acc = [float(r["val_acc"]) for r in sub]
-            util = [_mean([float(v) for k, v in r.items() if k.endswith("/utilization") and v]) for r in sub]
+            util = [
+                _mean(
+                    [
+                        float(v)
+                        for k, v in r.items()
+                        if k.endswith("/utilization") and v and (not layer or layer in k)
+                    ]
+                )
+                for r in sub
+            ]
             mins = [
                 min((v for _, v in curves.get(r["run_id"], {}).get("utilization", [])), default=math.nan)
                 for r in sub
             ]
-            ess = [float(r["ess_per_kv"]) for r in sub if r.get("ess_per_kv")]
+            kv_key = f"ess/{layer}/per_kv" if layer else "ess_per_kv"
+            ess = [float(r[kv_key]) for r in sub if r.get(kv_key)]
             lines.append(
                 f"| {mixer} | {cond} | {len(sub)} | {_mean(acc):.3f} | {', '.join(f'{a:.3f}' for a in acc)} "
                 f"| {_mean(util):.3f} | {_mean(mins):.3f} | {_mean(ess):.2f} |"
@@ -86,11 +105,11 @@ def table(rows: list[dict], curves: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(rows: list[dict], curves: dict, path: Path) -> None:
+def plot_curves(rows: list[dict], curves: dict, path: Path, layer: str | None = None) -> None:
     mixers = sorted({parse_run_id(r["run_id"])[0] for r in rows})
     panels = [
-        ("utilization", "ESS utilization (mean of layers)"),
-        ("ess/per_kv", "ESS per kv pair (model)"),
+        ("utilization", f"ESS utilization ({layer or 'mean of layers'})"),
+        ("ess/per_kv", f"ESS per kv pair ({layer or 'model'})"),
         ("val/acc", "validation accuracy"),
     ]
     fig, axes = plt.subplots(
@@ -146,17 +165,20 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", type=Path, default=HERE / "results" / "collapse.csv")
     parser.add_argument("--out", type=Path, default=None, help="figure directory (default: the CSV's)")
+    parser.add_argument(
+        "--layer", default=None, help="one layer's utilization and ESS/kv only (e.g. blocks.1.mixer)"
+    )
     args = parser.parse_args(argv)
     out = args.out or args.csv.parent
     out.mkdir(parents=True, exist_ok=True)
     rows = [r for r in read_rows(args.csv) if not r.get("error") and r.get("val_acc")]
     if not rows:
         raise SystemExit(f"no finished rows in {args.csv}")
-    curves = load_curves(args.csv.with_name(f"{args.csv.stem}_curves.csv"))
+    curves = load_curves(args.csv.with_name(f"{args.csv.stem}_curves.csv"), args.layer)
     paths = [out / "collapse_curves.png", out / "collapse_final.png"]
-    plot_curves(rows, curves, paths[0])
+    plot_curves(rows, curves, paths[0], args.layer)
     plot_final(rows, paths[1])
-    text = table(rows, curves)
+    text = table(rows, curves, args.layer)
     (out / "collapse_table.md").write_text(text + "\n")
     print(text)
     return paths

@@ -30,78 +30,81 @@ def main(argv: list[str] | None = None) -> None:
     offsets = prof["offsets"]
     layer_names = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("modulation/")})
     md = [
-        "| run | val acc | modulation (mean) | "
-        + " | ".join(f"mod {n}" for n in layer_names)
-        + " | "
-        + " | ".join(f"ESS before→after {n}" for n in layer_names)
-        + " |",
-        "|---" * (3 + 2 * len(layer_names)) + "|",
+        "| run | val acc | acc fresh / reused / absent | stale (reused) | modulation (entropy) | dip (entropy) "
+        "| dip (tolerance) | " + " | ".join(f"ESS before→after {n}" for n in layer_names) + " |",
+        "|---" * (7 + len(layer_names)) + "|",
     ]
     for r in rows:
         md.append(
-            f"| {r['run_id']} | {float(r['val_acc']):.3f} | {float(r['modulation_mean']):.3f} | "
-            + " | ".join(f"{float(r[f'modulation/{n}']):.3f}" for n in layer_names)
-            + " | "
+            f"| {r['run_id']} | {float(r['val_acc']):.3f} | {float(r['acc_fresh']):.3f} / "
+            f"{float(r['acc_reused']):.3f} / {float(r['acc_absent']):.3f} | {float(r['stale_reused']):.3f} | "
+            f"{float(r['modulation_mean']):.3f} | {float(r['dip_mean']):.3f} | {float(r['dip_tol_mean']):.3f} | "
             + " | ".join(
                 f"{float(r[f'ess_before/{n}']):.2f}→{float(r[f'ess_after/{n}']):.2f}" for n in layer_names
             )
             + " |"
         )
-    # aligned profiles, averaged over seeds, per model and layer
+    md += [
+        "",
+        "modulation, dip: mean over the non-conv layers; ESS before→after: entropy-ESS at offsets 0 and +1; "
+        f"tolerance-ESS threshold: {next(iter(prof['runs'].values()))['tol_rtol']} x the operator's largest "
+        "singular value.",
+    ]
+    # aligned profiles (entropy, tolerance), averaged over seeds, per model and layer
     models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(layer_names) + 1, figsize=(5 * (len(layer_names) + 1), 4))
-    for mi, m in enumerate(models):
-        runs = [rid for rid in prof["runs"] if rid.rsplit("_s", 1)[0] == m]
+    kinds = [("aligned", "entropy-ESS"), ("aligned_tol", "tolerance-ESS")]
+    fig, axes = plt.subplots(2, len(layer_names) + 1, figsize=(5 * (len(layer_names) + 1), 8), squeeze=False)
+    for ki, (key, label) in enumerate(kinds):
+        for mi, m in enumerate(models):
+            runs = [rid for rid in prof["runs"] if rid.rsplit("_s", 1)[0] == m]
+            for li, n in enumerate(layer_names):
+                curves = [prof["runs"][rid]["layers"][n][key] for rid in runs]
+                avg = [mean(c[i] for c in curves) for i in range(len(offsets))]
+                axes[ki][li].plot(offsets, avg, "o-", color=f"C{mi}", label=m)
         for li, n in enumerate(layer_names):
-            curves = [prof["runs"][rid]["layers"][n]["aligned"] for rid in runs]
-            avg = [mean(c[i] for c in curves) for i in range(len(offsets))]
-            axes[li].plot(offsets, avg, "o-", color=f"C{mi}", label=m)
-    for li, n in enumerate(layer_names):
-        axes[li].axvline(0.5, color="k", ls=":", lw=1)
-        axes[li].set_title(f"{n}: entropy-ESS around EOS")
-        axes[li].set_xlabel("position - EOS index (EOS enters the past between 0 and +1)")
-        axes[li].set_ylabel("ESS per operator")
-        axes[li].set_yscale("log")
-        axes[li].grid(alpha=0.3)
-        axes[li].legend(fontsize=8)
-    ax = axes[-1]
-    for mi, m in enumerate(models):
-        rs = [r for r in rows if r["model"] == m]
-        ax.scatter(
-            [float(r["modulation_mean"]) for r in rs],
-            [float(r["val_acc"]) for r in rs],
-            color=f"C{mi}",
-            label=m,
-            s=40,
-        )
-    ax.set_xlabel("modulation score (ESS[e] - ESS[e+1]) / ESS[e], mean of layers")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("modulation vs accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+            ax = axes[ki][li]
+            ax.axvline(0, color="k", ls=":", lw=1)
+            ax.set_title(f"{n}: {label} around EOS", fontsize=9)
+            ax.set_xlabel("position - EOS index (offset 0: H_e, past = before the EOS)", fontsize=8)
+            ax.set_ylabel(f"{label} per operator")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    scatters = [
+        ("dip_tol_mean", "val_acc", "dip (tolerance-ESS) vs accuracy"),
+        ("dip_tol_mean", "acc_reused", "dip (tolerance-ESS) vs accuracy on reused keys"),
+    ]
+    for ki, (xk, yk, title) in enumerate(scatters):
+        ax = axes[ki][-1]
+        for mi, m in enumerate(models):
+            rs = [r for r in rows if r["model"] == m]
+            ax.scatter([float(r[xk]) for r in rs], [float(r[yk]) for r in rs], color=f"C{mi}", label=m, s=40)
+        ax.set_xlabel("dip = 1 - ESS[e] / max ESS[e-4..e-1] (non-conv layers)", fontsize=8)
+        ax.set_ylabel(yk.replace("_", " "))
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(res / "delim.png", dpi=110)
+    fig.savefig(res / "delim.png", dpi=100)
     plt.close(fig)
-    # full profiles of seed-0 runs
-    fig, axes = plt.subplots(1, len(layer_names), figsize=(6 * len(layer_names), 3.8))
-    axes = axes if len(layer_names) > 1 else [axes]
-    for mi, m in enumerate(models):
-        rid = next((r for r in prof["runs"] if r.rsplit("_s", 1)[0] == m), None)
-        if rid is None:
-            continue
-        run = prof["runs"][rid]
+    # full profiles of seed-0 runs (entropy, tolerance)
+    fig, axes = plt.subplots(2, len(layer_names), figsize=(6 * len(layer_names), 7.6), squeeze=False)
+    for ki, (key, label) in enumerate([("profile", "entropy-ESS"), ("profile_tol", "tolerance-ESS")]):
+        for mi, m in enumerate(models):
+            rid = next((r for r in prof["runs"] if r.rsplit("_s", 1)[0] == m), None)
+            if rid is None:
+                continue
+            run = prof["runs"][rid]
+            for li, n in enumerate(layer_names):
+                y = run["layers"][n][key]
+                axes[ki][li].plot(range(1, len(y) + 1), y, color=f"C{mi}", label=rid)
         for li, n in enumerate(layer_names):
-            y = run["layers"][n]["profile"]
-            axes[li].plot(range(1, len(y) + 1), y, color=f"C{mi}", label=rid)
-    for li, n in enumerate(layer_names):
-        for e in next(iter(prof["runs"].values()))["eos_positions"]:
-            axes[li].axvline(e + 0.5, color="k", ls=":", lw=1)
-        axes[li].set_title(f"{n}: ESS by position (dotted: EOS)")
-        axes[li].set_xlabel("position i")
-        axes[li].set_yscale("log")
-        axes[li].legend(fontsize=8)
+            for e in next(iter(prof["runs"].values()))["eos_positions"]:
+                axes[ki][li].axvline(e, color="k", ls=":", lw=1)
+            axes[ki][li].set_title(f"{n}: {label} by position (dotted: EOS index)", fontsize=9)
+            axes[ki][li].set_xlabel("position i")
+            axes[ki][li].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(res / "delim_profiles.png", dpi=110)
+    fig.savefig(res / "delim_profiles.png", dpi=100)
     plt.close(fig)
     (res / "table.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -7,10 +7,19 @@ per layer; profiles are aligned relative to each EOS that has a successor segmen
 position ``e`` = the EOS index, i.e. ``H_e`` has the inputs *before* the EOS as its past; offset +1 is the first
 block whose past contains the EOS) and averaged over EOSs.
 Modulation score per layer: ``(ESS[e] - ESS[e+1]) / ESS[e]`` averaged over EOSs (1: memory wiped at the
-delimiter, 0: no change, < 0: ESS grows across it). -> ``results/delim_modulation.csv``, ``delim_profiles.json``.
+delimiter, 0: no change, < 0: ESS grows across it); ``modulation_mean`` averages it over the layers that are not
+``short_conv``. Accuracy is also split by query type on the validation set (``fresh`` key, key ``reused`` from
+the previous segment with a new value, ``absent`` key -> null) with the share of ``stale`` answers (the previous
+segment's value). -> ``results/delim_modulation.csv``, ``delim_profiles.json``.
+
+``--hybrid``: each model is a short causal convolution followed by the mixer (``model.mixer=[short_conv,<m>]``,
+the app's default kind of model, which learns in the CPU budget); the conv layer is measured too but left out
+of ``modulation_mean``.
 
     PYTHONPATH=. .venv/bin/python experiments/delimiters/run.py            # full (~10 min, 1 CPU thread)
-    PYTHONPATH=. .venv/bin/python experiments/delimiters/run.py --smoke    # seconds
+    PYTHONPATH=. .venv/bin/python experiments/delimiters/run.py --hybrid --steps 1000 --lr 3e-3 \
+        --out experiments/delimiters/results/hybrid
+    PYTHONPATH=. .venv/bin/python experiments/delimiters/run.py --smoke [--hybrid]   # seconds
 """
 
 from __future__ import annotations
@@ -29,13 +38,21 @@ from experiments.distillation.distill import load_trained
 HERE = Path(__file__).resolve().parent
 MODELS = ["linear_attention", "gla", "attention"]
 OFFSETS = list(range(-4, 5))
+TOL_RTOL = 0.1  # tolerance-ESS threshold, relative to the operator's largest singular value
 
 
-def points(smoke: bool, steps: int, seeds: list[int]) -> dict[str, list[str]]:
+def points(
+    smoke: bool,
+    steps: int,
+    seeds: list[int],
+    lr: float = 1e-2,
+    hybrid: bool = False,
+    models: list[str] | None = None,
+) -> dict[str, list[str]]:
     # optim.lr / save_plots are passed here (the grid is explicit about everything it varies).
     common = [
         "experiment=delim",
-        "optim.lr=1e-2",
+        f"optim.lr={lr:g}",
         "save_plots=false",
         f"trainer.max_steps={steps}",
         f"trainer.val_check_interval={steps}",
@@ -43,13 +60,41 @@ def points(smoke: bool, steps: int, seeds: list[int]) -> dict[str, list[str]]:
     ]
     if smoke:
         common += ["task.num_train=128", "task.num_test=64", "task.batch_size=16", "task.num_segments=2"]
-    return {f"{m}_s{s}": [*common, f"model={m}", f"seed={s}"] for m in MODELS for s in seeds}
+    return {
+        f"{m}_s{s}": [
+            *common,
+            f"model={m}",
+            *([f"model.mixer=[short_conv,{m}]"] if hybrid else []),
+            f"seed={s}",
+        ]
+        for m in models or MODELS
+        for s in seeds
+    }
+
+
+def _dip(ess: dict[int, float], eos: list[int]) -> float:
+    """Mean over EOSs of ``1 - ESS[e] / max(ESS[e-4..e-1])`` (1: nothing carried across the EOS)."""
+    ref = [max(ess[e + o] for o in OFFSETS if o < 0) for e in eos]
+    vals = [1 - ess[e] / r for e, r in zip(eos, ref) if r > 0]
+    return sum(vals) / len(vals) if vals else float("nan")
 
 
 @torch.no_grad()
 def eos_profiles(model: torch.nn.Module, inputs: torch.Tensor, eos: int) -> dict:
-    """Per layer: full ESS profile (positions 1..L-1), EOS-aligned mean profile and the modulation score."""
-    from ess_train.callbacks._common import layer_ess
+    """Per layer: ESS profiles (positions 1..L-1), EOS-aligned mean profiles and the modulation scores.
+
+    ``profile``: entropy-ESS (mean over rows and operators, the monitor's reduction). ``profile_tol``:
+    tolerance-ESS ``#{k: sigma_k(H_i) > TOL_RTOL * s_max}`` with ``s_max`` the operator's largest singular value
+    over all positions of the row: unlike entropy-ESS (scale-invariant, so a state multiplied by a gate near 0
+    keeps its effective rank), it drops when a gate shrinks what is carried. Scores per layer:
+    ``modulation`` = ``(ESS[e] - ESS[e+1]) / ESS[e]`` (entropy), ``dip`` / ``dip_tol`` = ``1 - ESS[e] /
+    max(ESS[e-4..e-1])`` (entropy / tolerance): ``H_e`` maps the inputs before the EOS to the outputs from the
+    EOS on, through the EOS step's own transition, so a reset by the EOS token shows at offset 0 already."""
+    from ess_train.ess import (
+        entropy_ess_from_singular_values,
+        hankel_singular_values,
+        tolerance_ess_from_singular_values,
+    )
 
     L = inputs.shape[1]
     positions = list(range(1, L))
@@ -57,21 +102,78 @@ def eos_profiles(model: torch.nn.Module, inputs: torch.Tensor, eos: int) -> dict
     assert all(bool((inputs[:, e] == eos).all()) for e in eos_pos), "EOS positions differ across rows"
     eos_inner = [e for e in eos_pos if e + max(OFFSETS) < L and e + min(OFFSETS) >= 1]
     sizes = model.state_sizes(L)
-    out = {"eos_positions": eos_pos, "used_eos": eos_inner, "layers": {}}
+    mixers = {f"blocks.{i}.mixer": m for i, m in enumerate(model.mixer_names)}
+    out = {"eos_positions": eos_pos, "used_eos": eos_inner, "tol_rtol": TOL_RTOL, "layers": {}}
     for name, view in model.ess_operators(inputs).items():
-        prof = layer_ess(view, sizes[name], positions, tolerance=False).profile
-        ess = dict(zip(positions, prof))
+        sigma = hankel_singular_values(view.op, positions)  # [B, G..., P, K]
+        sigma = sigma.reshape(sigma.shape[0], -1, *sigma.shape[-2:]).float()
+        prof = entropy_ess_from_singular_values(sigma).mean(dim=(0, 1)).tolist()
+        prof_tol = tolerance_ess_from_singular_values(sigma, TOL_RTOL).float().mean(dim=(0, 1)).tolist()
+        ess, ess_tol = dict(zip(positions, prof)), dict(zip(positions, prof_tol))
         aligned = [sum(ess[e + o] for e in eos_inner) / len(eos_inner) for o in OFFSETS]
+        aligned_tol = [sum(ess_tol[e + o] for e in eos_inner) / len(eos_inner) for o in OFFSETS]
         mods = [(ess[e] - ess[e + 1]) / ess[e] for e in eos_inner if ess[e] > 0]
         out["layers"][name.removeprefix("blocks.")] = {
+            "mixer": mixers.get(name, name),
             "profile": prof,
+            "profile_tol": prof_tol,
             "aligned": aligned,
+            "aligned_tol": aligned_tol,
             "modulation": sum(mods) / len(mods),
+            "dip": _dip(ess, eos_inner),
+            "dip_tol": _dip(ess_tol, eos_inner),
             "ess_before": aligned[OFFSETS.index(0)],
             "ess_after": aligned[OFFSETS.index(1)],
             "avg_ess": sum(prof) / len(prof),
             "tss_per_op": sizes[name].per_operator,
         }
+    return out
+
+
+@torch.no_grad()
+def query_type_accuracy(model: torch.nn.Module, dm, max_batches: int | None = None) -> dict[str, float]:
+    """Validation accuracy by query type, and the share of stale answers (the previous segment's value).
+
+    ``fresh``: a present key that was not in the previous segment; ``reused``: a present key that was in the
+    previous segment with another value; ``absent``: a key not in the segment (label null). ``stale_reused`` /
+    ``stale_absent``: answers equal to the key's value in the previous segment (over reused queries / absent
+    queries whose key was in the previous segment)."""
+    from ess_train.tasks.delimited import segment_length
+
+    c = dm.config
+    k, nq = c.num_kv_pairs, c.num_queries + c.num_absent_queries
+    seg = segment_length(k, c.num_queries, c.num_absent_queries)
+    correct = dict.fromkeys(("fresh", "reused", "absent"), 0)
+    total = dict.fromkeys(("fresh", "reused", "absent"), 0)
+    stale = {"reused": 0, "absent": 0}
+    stale_total = {"reused": 0, "absent": 0}
+    for bi, batch in enumerate(dm.val_dataloader()):
+        if max_batches is not None and bi >= max_batches:
+            break
+        x, y = batch["inputs"], batch["labels"]
+        pred = model(x).argmax(-1)
+        prev_k = prev_v = None
+        for s in range(c.num_segments):
+            o = s * seg
+            qk, lab, ans = (t[:, o + 2 * k : o + 2 * k + nq] for t in (x, y, pred))
+            if prev_k is None:
+                in_prev = torch.zeros_like(qk, dtype=torch.bool)
+                old = torch.full_like(qk, -1)
+            else:
+                match = qk[..., None] == prev_k[:, None, :]
+                in_prev = match.any(-1)
+                old = torch.where(in_prev, (match * prev_v[:, None, :]).sum(-1), -1)
+            absent = lab == dm.null_token
+            kinds = {"fresh": ~absent & ~in_prev, "reused": ~absent & in_prev, "absent": absent}
+            for name, m in kinds.items():
+                correct[name] += int(((ans == lab) & m).sum())
+                total[name] += int(m.sum())
+            for name, m in (("reused", kinds["reused"]), ("absent", absent & in_prev)):
+                stale[name] += int(((ans == old) & m).sum())
+                stale_total[name] += int(m.sum())
+            prev_k, prev_v = x[:, o : o + 2 * k : 2], x[:, o + 1 : o + 2 * k : 2]
+    out = {f"acc_{n}": correct[n] / total[n] if total[n] else float("nan") for n in correct}
+    out |= {f"stale_{n}": stale[n] / stale_total[n] if stale_total[n] else float("nan") for n in stale}
     return out
 
 
@@ -81,11 +183,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument(
+        "--hybrid", action="store_true", help="short conv + mixer (ESS modulation: the mixer layer)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("ESS_THREADS", "1")))
     t0 = time.process_time(), time.time()
     seeds = [0] if args.smoke else args.seeds
-    pts = points(args.smoke, 3 if args.smoke else args.steps, seeds)
+    steps = 3 if args.smoke else args.steps
+    pts = points(args.smoke, steps, seeds, args.lr, args.hybrid, args.models)
     rows = {r["run_id"]: r for r in run_grid(pts, args.out / "delim_runs.csv", args.out, workers=1)}
     profiles, mod_rows = {}, []
     for run_id, ov in pts.items():
@@ -100,21 +208,29 @@ def main(argv: list[str] | None = None) -> None:
         res = eos_profiles(model, inputs, eos)
         profiles[run_id] = res
         layers = res["layers"]
+        measured = {n: v for n, v in layers.items() if v["mixer"] != "short_conv"} or layers
         mod_rows.append(
             {
                 "run_id": run_id,
                 "model": run_id.rsplit("_s", 1)[0],
                 "seed": run_id.rsplit("_s", 1)[1],
                 "val_acc": float(rows[run_id]["val_acc"]),
-                "modulation_mean": sum(v["modulation"] for v in layers.values()) / len(layers),
+                "modulation_mean": sum(v["modulation"] for v in measured.values()) / len(measured),
+                "dip_mean": sum(v["dip"] for v in measured.values()) / len(measured),
+                "dip_tol_mean": sum(v["dip_tol"] for v in measured.values()) / len(measured),
+                **query_type_accuracy(model, dm, max_batches=1 if args.smoke else None),
                 **{f"modulation/{k}": v["modulation"] for k, v in layers.items()},
+                **{f"dip_tol/{k}": v["dip_tol"] for k, v in layers.items()},
                 **{f"ess_before/{k}": v["ess_before"] for k, v in layers.items()},
                 **{f"ess_after/{k}": v["ess_after"] for k, v in layers.items()},
                 **{f"avg_ess/{k}": v["avg_ess"] for k, v in layers.items()},
             }
         )
         print(
-            f"{run_id}: acc {mod_rows[-1]['val_acc']:.3f} modulation {mod_rows[-1]['modulation_mean']:.3f}",
+            f"{run_id}: acc {mod_rows[-1]['val_acc']:.3f} modulation {mod_rows[-1]['modulation_mean']:.3f} "
+            f"dip {mod_rows[-1]['dip_mean']:.3f} dip_tol {mod_rows[-1]['dip_tol_mean']:.3f} "
+            f"(fresh {mod_rows[-1]['acc_fresh']:.3f} reused {mod_rows[-1]['acc_reused']:.3f} "
+            f"absent {mod_rows[-1]['acc_absent']:.3f} stale {mod_rows[-1]['stale_reused']:.3f})",
             flush=True,
         )
     dump_json({"offsets": OFFSETS, "runs": profiles}, args.out / "delim_profiles.json")

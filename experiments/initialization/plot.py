@@ -30,55 +30,57 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     res = args.results
-    md = [
-        "## ESS at initialization (mean over 2 layers and seeds)",
-        "",
-        "| family | sweep | setting | per-op bound | TSS/layer | ESS/op | ESS/op / bound | total ESS | total/TSS |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    md: list[str] = []
     a = read_rows(res / "ess_at_init.csv")
-    groups: dict[tuple, list] = defaultdict(list)
-    for r in a:
-        groups[(r["family"], r["sweep"], r[SWEEP_KEY[r["sweep"]]])].append(r)
-    series: dict[tuple, list] = defaultdict(list)
-    for (fam, sweep, setting), rs in groups.items():
-        tss = _f(rs[0]["tss"])
-        vals = {
-            k: mean(_f(r[k]) for r in rs)
-            for k in ("avg_entropy", "utilization", "total_ess", "total_over_tss")
-        }
-        series[(fam, sweep)].append((tss, vals))
-        md.append(
-            f"| {fam} | {sweep} | {setting} | {rs[0]['per_operator_bound']} | {tss:.0f} | "
-            f"{vals['avg_entropy']:.2f} | {vals['utilization']:.3f} | {vals['total_ess']:.0f} | "
-            f"{vals['total_over_tss']:.3f} |"
-        )
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for (fam, sweep), pts in series.items():
-        pts.sort(key=lambda t: t[0])
-        x = [t for t, _ in pts]
-        lab = f"{fam}: {sweep}"
-        axes[0].plot(x, [v["total_ess"] for _, v in pts], "o-", label=lab)
-        axes[1].plot(x, [v["total_over_tss"] for _, v in pts], "o-", label=lab)
-        axes[2].plot(x, [v["utilization"] for _, v in pts], "o-", label=lab)
-    lim = [
-        min(min(t for t, _ in p) for p in series.values()),
-        max(max(t for t, _ in p) for p in series.values()),
-    ]
-    axes[0].plot(lim, lim, "k:", lw=1, label="ESS = TSS")
-    for ax, title in zip(
-        axes, ["total ESS per layer", "total ESS / TSS", "per-operator ESS / per-operator bound"]
-    ):
-        ax.set_xscale("log")
-        ax.set_xlabel("TSS per layer")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Study 3a: entropy-ESS at initialization on MQAR inputs (L=64, 8 kv pairs)")
-    fig.tight_layout()
-    fig.savefig(res / "ess_at_init.png", dpi=110)
-    plt.close(fig)
+    if a:  # part (a) (absent from a part-(b)-only results folder, e.g. results/hybrid)
+        md += [
+            "## ESS at initialization (mean over 2 layers and seeds)",
+            "",
+            "| family | sweep | setting | per-op bound | TSS/layer | ESS/op | ESS/op / bound | total ESS | total/TSS |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        groups: dict[tuple, list] = defaultdict(list)
+        for r in a:
+            groups[(r["family"], r["sweep"], r[SWEEP_KEY[r["sweep"]]])].append(r)
+        series: dict[tuple, list] = defaultdict(list)
+        for (fam, sweep, setting), rs in groups.items():
+            tss = _f(rs[0]["tss"])
+            vals = {
+                k: mean(_f(r[k]) for r in rs)
+                for k in ("avg_entropy", "utilization", "total_ess", "total_over_tss")
+            }
+            series[(fam, sweep)].append((tss, vals))
+            md.append(
+                f"| {fam} | {sweep} | {setting} | {rs[0]['per_operator_bound']} | {tss:.0f} | "
+                f"{vals['avg_entropy']:.2f} | {vals['utilization']:.3f} | {vals['total_ess']:.0f} | "
+                f"{vals['total_over_tss']:.3f} |"
+            )
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        for (fam, sweep), pts in series.items():
+            pts.sort(key=lambda t: t[0])
+            x = [t for t, _ in pts]
+            lab = f"{fam}: {sweep}"
+            axes[0].plot(x, [v["total_ess"] for _, v in pts], "o-", label=lab)
+            axes[1].plot(x, [v["total_over_tss"] for _, v in pts], "o-", label=lab)
+            axes[2].plot(x, [v["utilization"] for _, v in pts], "o-", label=lab)
+        lim = [
+            min(min(t for t, _ in p) for p in series.values()),
+            max(max(t for t, _ in p) for p in series.values()),
+        ]
+        axes[0].plot(lim, lim, "k:", lw=1, label="ESS = TSS")
+        for ax, title in zip(
+            axes, ["total ESS per layer", "total ESS / TSS", "per-operator ESS / per-operator bound"]
+        ):
+            ax.set_xscale("log")
+            ax.set_xlabel("TSS per layer")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        axes[0].set_yscale("log")
+        axes[0].legend(fontsize=8)
+        fig.suptitle("Study 3a: entropy-ESS at initialization on MQAR inputs (L=64, 8 kv pairs)")
+        fig.tight_layout()
+        fig.savefig(res / "ess_at_init.png", dpi=110)
+        plt.close(fig)
 
     b = [r for r in read_rows(res / "init_vs_default.csv") if not r.get("error")]
     md += [
