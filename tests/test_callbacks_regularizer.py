@@ -233,3 +233,25 @@ def test_penalty_is_logged_on_the_steps_lightning_writes(tmp_path):
     trainer.fit(ToyLM(), ToyDataModule(n=64, batch_size=4))
     logged = [int(r["step"]) for r in read_metrics_csv(trainer) if r.get("ess/reg_loss")]
     assert logged == [2, 5] and reg.num_calls == 7
+
+
+def test_decay_identity_counts_only_learned_transitions():
+    """A short conv's shift register and linear attention's identity are fixed: they neither add a
+    constant nor dilute the mean over the layers whose transitions the penalty can move."""
+    from ess_train.models import SequenceModel
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 32, (2, 16))
+    hybrid = SequenceModel(vocab_size=32, d_model=16, n_layers=2, mixer=["short_conv", "gla"])
+    layers = find_ess_layers(hybrid)
+    assert set(layers) == {"blocks.0.mixer", "blocks.1.mixer"}
+    views = operators_of(hybrid, tokens)
+    assert ess_penalty(views, layers, "decay_identity") is not None
+    gla_only = {"blocks.1.mixer": layers["blocks.1.mixer"]}
+    torch.testing.assert_close(
+        ess_penalty(views, layers, "decay_identity"), ess_penalty(views, gla_only, "decay_identity")
+    )
+    fixed = SequenceModel(vocab_size=32, d_model=16, n_layers=2, mixer=["short_conv", "linear_attention"])
+    views = operators_of(fixed, tokens)
+    assert all(isinstance(v.op, RecurrentOperator) for v in views.values())
+    assert ess_penalty(views, find_ess_layers(fixed), "decay_identity") is None

@@ -54,6 +54,9 @@ def ess_penalty(
       operator; the mean is over the evaluated positions, rows and operators);
     - ``decay_identity``: mean over recurrent layers of ``mean((1 - a)^2)`` (diagonal transitions) or
       ``mean_t ||A_t - I||_F^2 / N`` (full), which pulls transitions towards the identity (longer memory).
+      Only learned transitions count (``a.requires_grad``): a fixed one (the short convolution's shift
+      register, linear attention's identity) has nothing to pull and would only add a constant and
+      dilute the mean over the layers that do.
 
     Entropy-ESS runs in float32 with autocast off, on the first ``batch_rows`` rows, ``max_operators``
     operators (stride ``G // max_operators``, starting at ``offset``) and ``num_positions`` evenly spaced
@@ -76,7 +79,7 @@ def ess_penalty(
             continue
         op = view.op
         if mode == "decay_identity":
-            if not isinstance(op, RecurrentOperator):
+            if not isinstance(op, RecurrentOperator) or not op.a.requires_grad:
                 continue
             a = op.a.float() if op.a.dtype != torch.float64 else op.a
             if op.diagonal:
@@ -306,7 +309,7 @@ class ESSRegularizer(Callback):
             self._warn_once(
                 "no-views",
                 f"ESSRegularizer: no operator applies to mode={self.mode!r} in this step's forward "
-                "(layers not called, or no recurrent transitions for decay_identity); nothing added.",
+                "(layers not called, or no learned recurrent transitions for decay_identity); nothing added.",
             )
             return out
         if not bool(torch.isfinite(penalty.detach())):  # one host sync; never put NaN/inf into the loss
