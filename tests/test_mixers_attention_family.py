@@ -369,6 +369,18 @@ def test_gated_kernel_factored_path_shrinks_chunks_for_strong_gates() -> None:
     assert torch.isfinite(y32).all() and rel(y32.double(), ref) < 1e-5
 
 
+def test_gated_kernel_pairwise_path_for_gates_too_strong_to_factor() -> None:
+    """Gates down to -40 per step: no chunk length keeps the factored exponents bounded, the kernel takes
+    the pairwise path at the original chunking (with a padded, non-multiple length) and stays exact."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 70, 4, dtype=torch.float64) for _ in range(3))
+    g = -40.0 * torch.rand(2, 3, 70, 4, dtype=torch.float64)
+    ref = gated_reference(q, k, v, g, 1.0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        y = chunk_linear_attention(*(x.to(dtype) for x in (q, k, v, g)), chunk_size=64, sub_chunk_size=16)
+        assert torch.isfinite(y).all() and rel(y.double(), ref) < tol, dtype
+
+
 def test_gla_normalizer_survives_a_checkpoint() -> None:
     """ESSInitializer may change the normalizer (no parameter): it must travel in the state dict."""
     from ess_train.models import build_mixer

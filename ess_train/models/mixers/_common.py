@@ -189,16 +189,17 @@ def chunk_linear_attention(
     else:
         # padded gates are 0 (no decay): padded tokens have k = 0, so they add nothing
         g = _pad_len(log_gate.to(dtype), Lp - L)
-        fast = _fast_chunk_for(g, C, c, _factor_bound(dtype))
+        fast, G = _fast_chunk_for(g, C, c, _factor_bound(dtype))  # G: local cumsums, non-increasing
         if fast is not None and fast != C:  # smaller chunks keep the factored exponents bounded
             C, n = fast, Lp // fast
             q, k, v = (x.reshape(*lead, n, C, x.shape[-1]) for x in (q, k, v))
-        G = g.reshape(*lead, n, C, dk).cumsum(-2)  # local, non-increasing
+        elif fast is None:  # pairwise path at the original chunk length
+            G = g.reshape(*lead, n, C, dk).cumsum(-2)
         G_end = G[..., -1:, :]  # [..., n, 1, dk]
         if fast is not None:
             # q * exp(G) = q_f * exp(G_mid), k * exp(G_end - G) = k_f * exp(G_end - G_mid): exponents <= 0
             q_f, k_f, G_mid = _factored(q, k, G)
-            y = _tril_(q_f @ k_f.transpose(-1, -2)) @ v
+            y = (q_f @ k_f.transpose(-1, -2)).tril_() @ v  # in place: 4x cheaper than masked_fill_
             q_in, k_out = q_f * torch.exp(G_mid), k_f * torch.exp(G_end - G_mid)
         else:
             y = _intra_chunk_gated(q, k, G, c) @ v
@@ -211,7 +212,7 @@ def chunk_linear_attention(
             for i in range(n - 1):
                 S = torch.addcmul(kv[..., i, :, :], decay[..., i, :, :], S)
                 states.append(S)
-            y = y + q_in @ torch.stack(states, dim=-3)
+            y += q_in @ torch.stack(states, dim=-3)
     return y.reshape(*lead, Lp, dv)[..., :L, :].to(out_dtype)
 
 
@@ -269,10 +270,12 @@ def _factor_bound(dtype: torch.dtype) -> float:
     return 300.0 if dtype == torch.float64 else 30.0
 
 
-def _fast_chunk_for(g: Tensor, C: int, c: int, bound: float) -> int | None:
+def _fast_chunk_for(g: Tensor, C: int, c: int, bound: float) -> tuple[int | None, Tensor]:
     """The largest chunk ``C' in {C, C/2, ...}`` (``C'`` a multiple of ``c``, dividing the padded length) for
-    which :func:`_intra_chunk_factored` is safe: ``|G_t - G_mid| <= bound`` in every chunk. None: none is
-    (very strong gates), use the pairwise path. ``g: [..., Lp, dk]`` log-gates (``Lp`` a multiple of ``C``).
+    which :func:`_factored` is safe: ``|G_t - G_mid| <= bound`` in every chunk, and the local cumulative
+    gates ``G: [..., Lp / C', C', dk]`` of that chunking. None (``G`` then belongs to the smallest chunk
+    tried): none is (very strong gates), use the pairwise path. ``g: [..., Lp, dk]`` log-gates (``Lp`` a
+    multiple of ``C``).
     """
     *lead, Lp, dk = g.shape
     while True:
@@ -280,10 +283,10 @@ def _fast_chunk_for(g: Tensor, C: int, c: int, bound: float) -> int | None:
         span = (G[..., :1, :] - G[..., C // 2 : C // 2 + 1, :]).abs().amax()
         span = torch.maximum(span, (G[..., C // 2 : C // 2 + 1, :] - G[..., -1:, :]).abs().amax())
         if bool(span <= bound):  # (one check over the whole batch: a single sync)
-            return C
+            return C, G
         half = C // 2
         if half < 8 or half % c or Lp % half:
-            return None
+            return None, G
         C = half
 
 
@@ -301,13 +304,6 @@ def _factored(q: Tensor, k: Tensor, G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     G_mid = G[..., C // 2 : C // 2 + 1, :].detach()
     e = G - G_mid
     return q * e.exp(), k * torch.exp(-e), G_mid
-
-
-def _tril_(A: Tensor) -> Tensor:
-    """Zero the strictly upper triangle of ``A [..., C, C]`` in place (cheaper than ``torch.tril``)."""
-    C = A.shape[-1]
-    upper = torch.ones(C, C, dtype=torch.bool, device=A.device).triu(1)
-    return A.masked_fill_(upper, 0.0)
 
 
 def _intra_chunk_gated(q: Tensor, k: Tensor, G: Tensor, c: int) -> Tensor:
