@@ -182,7 +182,7 @@ def chunk_linear_attention(
     kt = k.transpose(-1, -2)
 
     if log_gate is None:
-        y = torch.tril(q @ kt) @ v
+        y = (q @ kt).tril_() @ v
         kv = kt @ v  # [..., n, dk, dv]
         S = torch.cat([torch.zeros_like(kv[..., :1, :, :]), kv[..., :-1, :, :].cumsum(-3)], dim=-3)
         y = y + q @ S
@@ -361,10 +361,10 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, chunk_siz
     kb, vb = k * beta, v * beta
     kt = k.transpose(-1, -2)
     eye = torch.eye(C, dtype=dtype, device=q.device)
-    M = eye + torch.tril(kb @ kt, diagonal=-1)
+    M = (kb @ kt).tril_(-1) + eye
     W = torch.linalg.solve_triangular(M, kb, upper=False, unitriangular=True)
     U = torch.linalg.solve_triangular(M, vb, upper=False, unitriangular=True)
-    A_qk = torch.tril(q @ kt)
+    A_qk = (q @ kt).tril_()
     S = q.new_zeros(*lead, dk, dv)
     outs = []
     for i in range(n):
