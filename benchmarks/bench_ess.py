@@ -17,6 +17,8 @@ Columns (all in one run, same process, same thread count):
 Then, for a few positions (the training-time estimates of the regularizer: 16 of them, or L / 4), the
 segment path against the full Gramian scan at the same positions (both exact; ``use_segments`` picks the
 segment path there), forward and forward+backward, 16 channels, N = 16.
+Then the dense path (softmax attention) at those few positions: crops planned to pad the SVD work at most
+2x (the default) against one crop for all positions (``max_waste=inf``), forward and forward+backward.
 Then the peak memory of the dense path at the largest L, measured in a subprocess (peak RSS, VmHWM after
 resetting it, minus the RSS before) on its largest chunk of positions, which bounds the peak of a full run.
 """
@@ -24,6 +26,7 @@ resetting it, minus the RSS before) on its largest chunk of positions, which bou
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import subprocess
@@ -37,7 +40,8 @@ if __package__ in (None, ""):
 
 import ess_train.ess.gramian as gramian  # noqa: E402
 from ess_train.ess import DEFAULT_CHUNK_ELEMENTS, RecurrentOperator, entropy_ess  # noqa: E402
-from ess_train.ess.dense import plan_dense_chunks  # noqa: E402
+from ess_train.ess.dense import dense_hankel_singular_values, plan_dense_chunks  # noqa: E402
+from ess_train.ess.measures import entropy_ess_from_singular_values  # noqa: E402
 
 
 def make_operator(channels: int, L: int, N: int, seed: int = 0) -> RecurrentOperator:
@@ -188,6 +192,45 @@ def segment_vs_scan(Ls: list[int], channels: int = 16, N: int = 16, reps: int = 
         gramian.use_segments = real
 
 
+def dense_entropy(T0: torch.Tensor, pos: torch.Tensor, max_waste: float, backward: bool) -> None:
+    """Entropy-ESS of a dense ``T0 [ops, L, L]`` at ``pos`` (and its backward) with the given crop plan."""
+    T = T0.clone().requires_grad_(backward)
+    s = dense_hankel_singular_values(
+        T, positions=pos, K=T.shape[-1] // 2, chunk_elements=DEFAULT_CHUNK_ELEMENTS, max_waste=max_waste
+    )
+    ess = entropy_ess_from_singular_values(s)
+    if backward:
+        ess.sum().backward()
+
+
+def dense_few_positions(Ls: list[int], operators: int = 8, n_pos: int = 16, reps: int = 3) -> None:
+    """Table: the dense path at ``n_pos`` positions, planned crops against one crop (best of ``reps``)."""
+    print(
+        f"\nfew positions, dense (attention-like) T, {operators} operators, {n_pos} positions, float32: "
+        f"planned crops vs one crop (best of {reps})"
+    )
+    header = f"{'L':>5} | {'one fwd':>9} {'planned':>9} {'x':>6} | {'one f+b':>9} {'planned':>9} {'x':>6}"
+    print(header)
+    print("-" * len(header))
+    for L in Ls:
+        gen = torch.Generator().manual_seed(0)
+        scores = torch.randn(operators, L, L, generator=gen)
+        T0 = scores.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+        pos = torch.linspace(1, L - 1, n_pos).round().long().unique()
+        row = {}
+        for name, waste in (("one", math.inf), ("planned", 2.0)):
+            dense_entropy(T0, pos, waste, False)  # warm-up
+            row[name] = tuple(
+                min(timed(functools.partial(dense_entropy, T0, pos, waste, b)) for _ in range(reps))
+                for b in (False, True)
+            )
+        (of, ob), (pf, pb) = row["one"], row["planned"]
+        print(
+            f"{L:>5} | {fmt_s(of):>9} {fmt_s(pf):>9} {of / pf:>5.1f}x | "
+            f"{fmt_s(ob):>9} {fmt_s(pb):>9} {ob / pb:>5.1f}x"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="L = 256, 8 channels, memory at L = 1024 (seconds)")
@@ -232,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     print("~ = estimated from 9 positions (a full run of one channel would exceed the budget);")
     print("obvious/ch measured once per L on channel 0 (its cost does not depend on N).")
     segment_vs_scan([256] if args.quick else [128, 1024, 4096])
+    dense_few_positions([128] if args.quick else [128, 256, 1024])
     if not args.no_memory:
         L = 1024 if args.quick else max(Ls)
         peak, positions = dense_peak_memory(L, args.threads)

@@ -412,3 +412,24 @@ def test_auto_picks_segments_for_few_positions_only():
 
     assert use_segments(16, 128) and use_segments(16, 64) and use_segments(256, 1024)
     assert not use_segments(128, 128) and not use_segments(257, 1024)
+
+
+def test_dense_chunks_bound_memory_and_padding() -> None:
+    """Every position lands in exactly one chunk; a chunk holds at most ``budget`` entries (or one
+    position) and pads its SVD work to at most twice its positions' own: few spread-out positions are
+    not all cropped to ``[L - 1, L - 1]``."""
+    from ess_train.ess.dense import plan_dense_chunks
+
+    def svd_cost(r: int, c: int) -> int:
+        return r * c * min(r, c)
+
+    L = 128
+    for pos, budget in (([1, 9, 17, 33, 64, 100, 127], 1 << 30), (list(range(L)), 4000), ([0, 5], 10)):
+        chunks = plan_dense_chunks(pos, L, budget)
+        assert [i for lo, hi in chunks for i in pos[lo:hi]] == pos
+        for lo, hi in chunks:
+            n, i0, i1 = hi - lo, pos[lo], pos[hi - 1]
+            if n > 1:
+                assert n * (L - i0) * i1 <= budget
+                assert n * svd_cost(L - i0, i1) <= 2 * sum(svd_cost(L - i, i) for i in pos[lo:hi])
+    assert len(plan_dense_chunks([1, 9, 17, 33, 64, 100, 127], L, 1 << 30)) > 1
