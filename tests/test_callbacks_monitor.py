@@ -63,6 +63,9 @@ def test_metrics_logged_to_csv_and_callback_metrics(tmp_path):
     assert hist["steps"] == [0, 3, 4, 6]
     assert len(hist["profiles"]) == 4 and len(hist["profiles"][0]) == len(hist["positions"]) == 12
     assert hist["profiles"][0][0] == 0.0  # ESS_0 = 0
+    tol = hist["tolerance_profiles"]
+    assert len(tol) == 4 and len(tol[-1]) == 12 and tol[-1][0] == 0.0
+    assert sum(tol[-1]) / 12 == pytest.approx(float(last["ess/layers.0/avg_tolerance"]), rel=1e-5)
     paths = monitor.save_plots(tmp_path / "plots")
     assert {p.name for p in paths} == {
         "layers.0_heatmap.png",
@@ -222,6 +225,30 @@ def test_resume_restores_history_and_probe(tmp_path):
     assert torch.equal(resumed._probe[0], monitor._probe[0])  # the checkpointed probe wins
 
 
+def test_resume_from_a_history_without_tolerance_profiles(tmp_path):
+    """Checkpoints written before tolerance profiles were kept still resume: the old steps read NaN."""
+    pl.seed_everything(0)
+    monitor = ESSMonitor(every_n_steps=2)
+    trainer = make_trainer(None, [monitor], max_steps=2)
+    trainer.fit(ToyLM(), ToyDataModule())
+    ckpt = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=False)
+    (key,) = [k for k in state["callbacks"] if k.startswith("ESSMonitor")]
+    for hist in state["callbacks"][key]["history"].values():
+        del hist["tolerance_profiles"]
+    torch.save(state, ckpt)
+
+    resumed = ESSMonitor(every_n_steps=2)
+    make_trainer(None, [resumed], max_steps=4).fit(ToyLM(), ToyDataModule(), ckpt_path=ckpt)
+    hist = resumed.history["layers.0"]
+    assert hist["steps"] == [0, 2, 4]
+    tol = hist["tolerance_profiles"]
+    assert len(tol) == 3 and all(math.isnan(v) for v in tol[0] + tol[1])
+    assert all(math.isfinite(v) for v in tol[2])
+    assert resumed.save_plots(tmp_path / "plots")
+
+
 class RecordingLogger(pl.loggers.Logger):
     """A logger that records what it is sent (stands in for W&B-style media checks)."""
 
@@ -283,3 +310,5 @@ def test_wandb_media(tmp_path, monkeypatch):
     assert not ess_warnings(record, "W&B media")
     keys = {k for m in sent for k in m}
     assert {"ess/layers.0/profile", "ess/layers.1/heatmap", "ess/total"} <= keys
+    chart = next(m["ess/layers.0/profile"] for m in sent if "ess/layers.0/profile" in m)
+    assert {row[1] for row in chart.table.data} == {"entropy-ESS", "tolerance-ESS"}

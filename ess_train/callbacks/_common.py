@@ -330,7 +330,9 @@ def entropy_profiles(
 
 @dataclass
 class LayerESS:
-    """ESS summary of one layer on one batch (floats; ``profile`` is the mean over rows and operators).
+    """ESS summary of one layer on one batch (floats; ``profile`` is the mean over rows and operators of
+    entropy-ESS, ``tolerance_profile`` the same for tolerance-ESS, which, unlike the scale-invariant
+    entropy-ESS, drops where a gate shrinks the state, e.g. a reset at a delimiter).
 
     ``avg_entropy``/``avg_tolerance``: mean over the evaluated positions (position 0, whose ESS is 0, counts
     when it is evaluated, as with ``positions=None``), operators and rows. ``utilization``:
@@ -341,6 +343,7 @@ class LayerESS:
 
     positions: list[int]
     profile: list[float]
+    tolerance_profile: list[float] | None
     avg_entropy: float
     max_entropy: float
     avg_tolerance: float | None
@@ -403,6 +406,7 @@ def layer_ess(
     return LayerESS(
         positions=pos,
         profile=[float(v) for v in profile],
+        tolerance_profile=None if tol is None else [float(v) for v in tol.reshape(-1, tol.shape[-1]).mean(0)],
         avg_entropy=avg,
         max_entropy=float(profile.max()),
         avg_tolerance=None if tol is None else float(tol.float().mean()),

@@ -126,7 +126,8 @@ class ESSMonitor(Callback):
         self.max_operators = max_operators
 
         self.layers: dict[str, nn.Module] = {}
-        #: per layer: ``steps``, ``positions``, ``profiles`` (one list per step) and one list per summary key.
+        #: per layer: ``steps``, ``positions``, ``profiles`` and ``tolerance_profiles`` (entropy- and
+        #: tolerance-ESS by position, one list per step) and one list per summary key.
         self.history: dict[str, dict[str, list]] = {}
         #: model level: ``steps``, ``total``, ``per_kv``.
         self.totals: dict[str, list] = {"steps": [], "total": [], "per_kv": []}
@@ -269,10 +270,21 @@ class ESSMonitor(Callback):
             paths.append(out / f"{stem}_heatmap.png")
             fig = Figure(figsize=(6, 3.5), dpi=80)
             ax = fig.add_subplot(1, 1, 1)
+            tol_hist = hist.get("tolerance_profiles", [])
             for i in sorted({0, len(hist["steps"]) - 1}):
-                ax.plot(hist["positions"], np.asarray(hist["profiles"][i]), label=f"step {hist['steps'][i]}")
+                (line,) = ax.plot(
+                    hist["positions"], np.asarray(hist["profiles"][i]), label=f"step {hist['steps'][i]}"
+                )
+                if i < len(tol_hist) and any(math.isfinite(v) for v in tol_hist[i]):
+                    ax.plot(
+                        hist["positions"],
+                        np.asarray(tol_hist[i]),
+                        "--",
+                        color=line.get_color(),
+                        label=f"step {hist['steps'][i]} (tolerance)",
+                    )
             ax.set_xlabel("position")
-            ax.set_ylabel("entropy-ESS")
+            ax.set_ylabel("ESS (solid: entropy, dashed: tolerance)")
             ax.set_title(f"{name}: ESS by position")
             ax.legend()
             fig.tight_layout()
@@ -369,7 +381,9 @@ class ESSMonitor(Callback):
         missing = 0
         for name, layer in self.layers.items():
             view = views.get(name)
-            hist = self.history.setdefault(name, {"steps": [], "positions": [], "profiles": []})
+            hist = self.history.setdefault(
+                name, {"steps": [], "positions": [], "profiles": [], "tolerance_profiles": []}
+            )
             if view is None:
                 missing += 1
                 self._warn_once(
@@ -435,16 +449,23 @@ class ESSMonitor(Callback):
 
     def _record(self, hist: dict[str, list], step: int, stats: Any) -> None:
         hist["steps"].append(step)
+        # (a history from a checkpoint of an older version has no tolerance profiles: NaN for those steps)
+        tol_hist = hist.setdefault("tolerance_profiles", [])
+        tol_hist.extend([[math.nan] * len(hist["positions"])] * (len(hist["profiles"]) - len(tol_hist)))
         if stats is None:
             width = len(hist["positions"]) or 1
             hist["profiles"].append([math.nan] * width)
+            tol_hist.append([math.nan] * width)
             for key in SUMMARY_KEYS:
                 hist.setdefault(key, []).append(math.nan)
             return
         if hist["positions"] != stats.positions:  # first record, or the probe length changed
             hist["positions"] = list(stats.positions)
             hist["profiles"] = [[math.nan] * len(stats.positions) for _ in hist["profiles"]]
+            hist["tolerance_profiles"] = tol_hist = [[math.nan] * len(stats.positions) for _ in tol_hist]
         hist["profiles"].append(stats.profile)
+        tol = stats.tolerance_profile
+        tol_hist.append(list(tol) if tol is not None else [math.nan] * len(stats.positions))
         values = stats.metrics()
         for key in SUMMARY_KEYS:
             hist.setdefault(key, []).append(values.get(key, math.nan))
@@ -493,11 +514,17 @@ class ESSMonitor(Callback):
             profile = hist["profiles"][-1]
             if not all(math.isfinite(v) for v in profile):
                 continue
-            table = wandb.Table(
-                columns=["position", "entropy_ess"], data=[list(r) for r in zip(hist["positions"], profile)]
-            )
-            payload[f"ess/{name}/profile"] = wandb.plot.line(
-                table, "position", "entropy_ess", title=f"{name}: entropy-ESS by position (step {step})"
+            tol = (hist.get("tolerance_profiles") or [[]])[-1]
+            ys, keys = [profile], ["entropy-ESS"]
+            if len(tol) == len(profile) and all(math.isfinite(v) for v in tol):
+                ys.append(tol)
+                keys.append("tolerance-ESS")
+            payload[f"ess/{name}/profile"] = wandb.plot.line_series(
+                xs=hist["positions"],
+                ys=ys,
+                keys=keys,
+                title=f"{name}: ESS by position (step {step})",
+                xname="position",
             )
         for logger in wandb_loggers:
             logger.log_metrics(payload, step=step)
