@@ -312,3 +312,24 @@ def test_wandb_media(tmp_path, monkeypatch):
     assert {"ess/layers.0/profile", "ess/layers.1/heatmap", "ess/total"} <= keys
     chart = next(m["ess/layers.0/profile"] for m in sent if "ess/layers.0/profile" in m)
     assert {row[1] for row in chart.table.data} == {"entropy-ESS", "tolerance-ESS"}
+
+
+def test_stands_aside_under_parameter_sharding():
+    """FSDP (GPU-only in Lightning, so checked on the strategy object): a rank-0-only probe forward would
+    hang on the other ranks' all-gathers, so the monitor warns once and stands aside; DDP is fine."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from ess_train.callbacks.monitor import sharding_strategy
+
+    assert sharding_strategy(SimpleNamespace(strategy=DDPStrategy())) is None
+    assert sharding_strategy(SimpleNamespace(strategy=FSDPStrategy())) == "FSDPStrategy"
+    monitor = ESSMonitor()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        monitor.setup(SimpleNamespace(strategy=FSDPStrategy()), ToyLM(), "fit")
+    assert monitor._disabled and len(ess_warnings(record, "shards the parameters")) == 1
+    monitor = ESSMonitor()
+    monitor.setup(SimpleNamespace(strategy=DDPStrategy()), ToyLM(), "fit")
+    assert not monitor._disabled

@@ -164,6 +164,16 @@ class ESSMonitor(Callback):
                 f"(operator() and state_size()) matching include={self.include} exclude={self.exclude}; "
                 "the monitor stands aside.",
             )
+        sharded = sharding_strategy(trainer)
+        if sharded is not None and not self._disabled:
+            self._disabled = True
+            self._warn_once(
+                "sharded",
+                f"ESSMonitor: the {sharded} strategy shards the parameters, and the monitor's probe forward "
+                "runs on rank 0 alone (it would wait forever for the other ranks' all-gathers); the "
+                "monitor stands aside. Measure a checkpoint or a DDP run instead (ESSRegularizer works "
+                "on each rank's own batch and is not affected).",
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._disabled or not trainer.is_global_zero:
@@ -546,6 +556,19 @@ class ESSMonitor(Callback):
                 for logger in wandb_loggers:
                     logger.log_metrics({f"ess/{name}/heatmap": wandb.Image(image)}, step=step)
         rank_zero_info(f"ESSMonitor: logged ESS heatmaps for {len(self.history)} layer(s) at step {step}")
+
+
+def sharding_strategy(trainer: pl.Trainer) -> str | None:
+    """Name of the trainer's strategy when it shards parameters across ranks (FSDP, ModelParallel,
+    DeepSpeed ZeRO-3), where a forward on one rank alone would hang; None otherwise."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        return type(strategy).__name__
+    if isinstance(strategy, DeepSpeedStrategy) and getattr(strategy, "zero_stage_3", False):
+        return "DeepSpeedStrategy (ZeRO stage 3)"
+    return None
 
 
 def render_heatmap(name: str, steps: list[int], positions: list[int], profiles: list[list[float]]) -> Any:
