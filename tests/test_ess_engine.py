@@ -433,3 +433,5 @@ def test_dense_chunks_bound_memory_and_padding() -> None:
                 assert n * (L - i0) * i1 <= budget
                 assert n * svd_cost(L - i0, i1) <= 2 * sum(svd_cost(L - i, i) for i in pos[lo:hi])
     assert len(plan_dense_chunks([1, 9, 17, 33, 64, 100, 127], L, 1 << 30)) > 1
+    with pytest.raises(ValueError, match="max_waste"):
+        plan_dense_chunks([1, 2], L, 100, float("nan"))

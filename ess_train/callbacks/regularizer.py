@@ -56,7 +56,8 @@ def ess_penalty(
       ``mean_t ||A_t - I||_F^2 / N`` (full), which pulls transitions towards the identity (longer memory).
       Only learned transitions count (``a.requires_grad``): a fixed one (the short convolution's shift
       register, linear attention's identity) has nothing to pull and would only add a constant and
-      dilute the mean over the layers that do.
+      dilute the mean over the layers that do. Hence views captured under ``torch.no_grad()`` (or with
+      every parameter upstream of the gates frozen) give ``None``: nothing could receive a gradient.
 
     Entropy-ESS runs in float32 with autocast off, on the first ``batch_rows`` rows, ``max_operators``
     operators (stride ``G // max_operators``, starting at ``offset``) and ``num_positions`` evenly spaced
@@ -79,9 +80,12 @@ def ess_penalty(
             continue
         op = view.op
         if mode == "decay_identity":
-            if not isinstance(op, RecurrentOperator) or not op.a.requires_grad:
+            if not isinstance(op, RecurrentOperator):
                 continue
-            a = op.a.float() if op.a.dtype != torch.float64 else op.a
+            a = op.a  # (built on each read by the lazy operators: read once)
+            if not a.requires_grad:
+                continue
+            a = a if a.dtype == torch.float64 else a.float()
             if op.diagonal:
                 terms.append((1.0 - a).square().mean())
             else:

@@ -30,7 +30,9 @@ def plan_dense_chunks(
 ) -> list[tuple[int, int]]:
     """Greedy split of sorted positions into ``(start, stop)`` index ranges, each of at most ``budget``
     entries and with padded SVD work (``n`` crops of ``[L - i0, i1]``) at most ``max_waste`` times the
-    work of its positions' own ``[L - i, i]`` blocks."""
+    work of its positions' own ``[L - i, i]`` blocks (``inf``: memory is the only limit)."""
+    if not max_waste > 0:
+        raise ValueError(f"max_waste must be > 0 (inf for no limit), got {max_waste}")
     chunks = []
     start = 0
     own = _svd_cost(L - pos_list[0], pos_list[0]) if pos_list else 0  # of pos_list[start : j]
