@@ -166,7 +166,7 @@ def chunk_linear_attention(
     """
     L = q.shape[-2]
     lead = q.shape[:-2]
-    dk, dv = q.shape[-1], v.shape[-1]
+    dv = v.shape[-1]
     if L == 0:
         return v.new_zeros(v.shape)
     c = min(sub_chunk_size, chunk_size)
@@ -193,8 +193,6 @@ def chunk_linear_attention(
         if fast is not None and fast != C:  # smaller chunks keep the factored exponents bounded
             C, n = fast, Lp // fast
             q, k, v = (x.reshape(*lead, n, C, x.shape[-1]) for x in (q, k, v))
-        elif fast is None:  # pairwise path at the original chunk length
-            G = g.reshape(*lead, n, C, dk).cumsum(-2)
         G_end = G[..., -1:, :]  # [..., n, 1, dk]
         if fast is not None:
             # q * exp(G) = q_f * exp(G_mid), k * exp(G_end - G) = k_f * exp(G_end - G_mid): exponents <= 0
@@ -273,20 +271,21 @@ def _factor_bound(dtype: torch.dtype) -> float:
 def _fast_chunk_for(g: Tensor, C: int, c: int, bound: float) -> tuple[int | None, Tensor]:
     """The largest chunk ``C' in {C, C/2, ...}`` (``C'`` a multiple of ``c``, dividing the padded length) for
     which :func:`_factored` is safe: ``|G_t - G_mid| <= bound`` in every chunk, and the local cumulative
-    gates ``G: [..., Lp / C', C', dk]`` of that chunking. None (``G`` then belongs to the smallest chunk
-    tried): none is (very strong gates), use the pairwise path. ``g: [..., Lp, dk]`` log-gates (``Lp`` a
-    multiple of ``C``).
+    gates ``G: [..., Lp / C', C', dk]`` of that chunking. None (with ``G`` at the original ``C``): none is
+    (very strong gates), use the pairwise path. ``g: [..., Lp, dk]`` log-gates (``Lp`` a multiple of ``C``).
     """
     *lead, Lp, dk = g.shape
+    G_first = None
     while True:
         G = g.reshape(*lead, Lp // C, C, dk).cumsum(-2)
+        G_first = G if G_first is None else G_first
         span = (G[..., :1, :] - G[..., C // 2 : C // 2 + 1, :]).abs().amax()
         span = torch.maximum(span, (G[..., C // 2 : C // 2 + 1, :] - G[..., -1:, :]).abs().amax())
         if bool(span <= bound):  # (one check over the whole batch: a single sync)
             return C, G
         half = C // 2
         if half < 8 or half % c or Lp % half:
-            return None, G
+            return None, G_first
         C = half
 
 
