@@ -1,8 +1,10 @@
 """The Hydra app: ``ess-train`` / ``python -m ess_train``.
 
-Composes ``conf/`` (model, task, trainer, logger, callbacks, experiment), validates every key
-before anything is built, trains, and prints a summary: accuracy (overall and per slice), ESS per
-layer, and where the offline W&B run and the plots are.
+Composes ``conf/`` (model, task, trainer, logger, callbacks, checkpoint, experiment), validates every key
+before anything is built, trains with checkpoints in the run directory (and a clean stop on SIGTERM or
+Ctrl-C), and prints a summary: accuracy (overall and per slice), ESS per layer, and where the checkpoint,
+the offline W&B run and the plots are. ``resume=<run dir>`` continues a run (see :mod:`ess_train.rundir`).
+A configuration error prints one line and exits with status 2 (``HYDRA_FULL_ERROR=1`` for the traceback).
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,19 +26,39 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ess_train.config import validate_config
+from ess_train.config import ConfigError, validate_config
+from ess_train.interrupt import GracefulStop, SIGTERMException
 from ess_train.lit import SequenceLM
+from ess_train.progress import StepProgressBar
+from ess_train.rundir import (
+    CHECKPOINT_DIR,
+    LAST_CHECKPOINT,
+    check_resume_argument,
+    output_subdir_resolver,
+    plan_resume,
+    run_dir_resolver,
+    save_run_file,
+)
 
-__all__ = ["main", "train"]
+__all__ = ["main", "train", "format_summary"]
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
-# conf/hydra/launcher/submitit_{local,slurm}.yaml keep the plugin's names on purpose, so Hydra validates them
-# against the plugin's schema (unknown launcher keys are rejected); Hydra 1.3 warns that this matching is
-# deprecated. hydra-core is pinned below 1.4 in pyproject.toml.
-warnings.filterwarnings("ignore", message=r".*is validated against ConfigStore schema with the same name.*")
+OmegaConf.register_new_resolver("ess_run_dir", run_dir_resolver, replace=True)
+OmegaConf.register_new_resolver("ess_output_subdir", output_subdir_resolver, replace=True)
+
+# Third-party warnings a user of the app cannot act on (filtered here, never in a user's own Trainer):
+# - conf/hydra/launcher/submitit_{local,slurm}.yaml keep the plugin's names on purpose, so Hydra validates
+#   them against the plugin's schema; Hydra 1.3 warns that this matching is deprecated (hydra-core < 1.4);
+# - Lightning's own pytree helper uses torch's deprecated LeafSpec (fixed upstream, not in Lightning 2.6).
+_IGNORED_WARNINGS = (
+    r".*is validated against ConfigStore schema with the same name.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+)
+for _pattern in _IGNORED_WARNINGS:
+    warnings.filterwarnings("ignore", message=_pattern)
 
 
 class _DropAdvertisements(logging.Filter):
@@ -43,51 +68,121 @@ class _DropAdvertisements(logging.Filter):
         return "Tip: For seamless cloud" not in record.getMessage()
 
 
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
+_DROP_ADVERTISEMENTS = _DropAdvertisements()
 
 
-def _build_logger(node: DictConfig | None) -> Any:
-    if node is None or node.get("_target_") is None:
-        return False
-    return instantiate(node)
+def _route_lightning_logs() -> None:
+    """Send Lightning's messages and Python warnings through the root logger's handlers (Hydra's console
+    and log file), when there are any (not when ``train`` is called from plain Python).
+
+    Lightning gives its loggers their own stream handlers and stops propagation when it is imported before
+    logging is configured, so its messages would miss the run's log file.
+    """
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DROP_ADVERTISEMENTS)
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+    logging.captureWarnings(True)
 
 
 def _float(value: Any) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
+def _build_logger(node: DictConfig | None, version: str | None) -> Any:
+    if node is None or node.get("_target_") is None:
+        return False
+    return instantiate(node, **({"version": version} if version is not None else {}))
+
+
+def _build_checkpointing(node: DictConfig | None) -> pl.Callback | None:
+    if node is None or node.get("_target_") is None:
+        return None
+    return instantiate(node)
+
+
+def _task_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Build everything from ``cfg``, fit, and return the run's summary (also written as summary.json)."""
+    """Build everything from ``cfg``, fit, and return the run's summary (also written as summary.json).
+
+    Raises :class:`ConfigError` for an unusable configuration and :class:`SIGTERMException` (after writing
+    the checkpoint, summary and plots) when a signal stopped the run.
+    """
+    _route_lightning_logs()
     validate_config(cfg)
+    try:
+        plan = plan_resume(cfg, _task_overrides())
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    cfg = plan.config
+    if plan.resuming:
+        validate_config(cfg)
+        log.info(f"Resuming {plan.run_dir} from {plan.checkpoint}")
+    out_dir = plan.run_dir
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate(cfg.task)
     model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
     module = SequenceLM(model, **OmegaConf.to_container(cfg.optim, resolve=True))
     callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
-    logger = _build_logger(cfg.logger)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-    if logger and hasattr(logger, "log_hyperparams"):
-        # without the `hydra` node: a config composed with return_hydra_config=True (experiments/common.py)
-        # carries it, and its runtime interpolations cannot be resolved outside a Hydra job
+    checkpointing = _build_checkpointing(cfg.get("checkpoint"))
+    last_path = None
+    if checkpointing is not None:
+        callbacks.append(checkpointing)
+        last_path = (
+            Path(getattr(checkpointing, "dirpath", None) or out_dir / CHECKPOINT_DIR) / LAST_CHECKPOINT
+        )
+    stopper = GracefulStop(last_path)
+    callbacks.append(stopper)
+    trainer_overrides: dict[str, Any] = {}
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())
+    if checkpointing is None:
+        trainer_overrides["enable_checkpointing"] = False
+    logger = _build_logger(cfg.logger, plan.logger_version)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **trainer_overrides)
+    if logger and hasattr(logger, "log_hyperparams") and not plan.resuming:
         hparams = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         logger.log_hyperparams(OmegaConf.to_container(hparams, resolve=True))
+    if trainer.is_global_zero:  # after log_hyperparams, which starts the W&B run and so fixes its id
+        save_run_file(out_dir, cfg, str(logger.version) if logger and logger.version is not None else None)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    final = trainer.validate(module, datamodule=datamodule, verbose=False)
-    metrics = {k: _float(v) for k, v in (final[0] if final else trainer.callback_metrics).items()}
+    stopped: SIGTERMException | None = None
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except SIGTERMException as exc:
+        stopped = exc
+    if stopped is None:
+        final = trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics = {k: _float(v) for k, v in (final[0] if final else trainer.callback_metrics).items()}
+    else:  # no final validation: a preempted job has seconds left; report the last validation instead
+        metrics = {k: _float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
-    out_dir = Path(str(cfg.output_dir))
     summary: dict[str, Any] = {
         "val_acc": metrics.get("val/acc", math.nan),
         "val_acc_per_slice": {
             k.removeprefix("val/acc/"): v for k, v in metrics.items() if k.startswith("val/acc/")
         },
         "steps": trainer.global_step,
+        "max_steps": trainer.max_steps,
         "output_dir": str(out_dir),
-        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+        "overrides": _task_overrides(),
+        "resumed_from": str(plan.checkpoint) if plan.resuming else None,
+        "interrupted": stopper.stopped_by if stopped is not None else None,
     }
+    if checkpointing is not None:
+        last = stopper.saved or getattr(checkpointing, "last_model_path", "") or None
+        summary["checkpoint"] = str(last) if last else None
+        summary["best_checkpoint"] = getattr(checkpointing, "best_model_path", "") or None
     for cb in callbacks:
-        if hasattr(cb, "summary"):
+        if hasattr(cb, "summary") and callable(cb.summary):
             summary["ess"] = cb.summary()
         if cfg.save_plots and hasattr(cb, "save_plots") and trainer.is_global_zero:
             summary["plots"] = [str(p) for p in cb.save_plots(out_dir / "plots")]
@@ -98,17 +193,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        print(format_summary(summary))
+        log.info(format_summary(summary))
     if logger and hasattr(logger, "finalize"):
-        logger.finalize("success")
+        logger.finalize("success" if stopped is None else "interrupted")
     if experiment is not None and hasattr(experiment, "finish"):
         experiment.finish()
+    if stopped is not None:
+        stopper.run_deferred()  # a cluster's requeue handler (submitit): requeues the job and exits
+        stopped.code = _exit_status(stopper.stopped_by)  # the process exits with 128 + signal number
+        raise stopped
     return summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """Human-readable end-of-run summary."""
     lines = ["", "=" * 72, f"ess-train summary  (steps: {summary['steps']})"]
+    if summary.get("interrupted"):
+        lines.append(
+            f"  STOPPED by {summary['interrupted']} at step {summary['steps']} of {summary.get('max_steps')}"
+        )
     lines.append(f"  validation accuracy: {summary['val_acc']:.3f}")
     for name, acc in summary.get("val_acc_per_slice", {}).items():
         lines.append(f"    {name:<28s} {acc:.3f}")
@@ -119,8 +222,17 @@ def format_summary(summary: dict[str, Any]) -> str:
             "  ESS per layer (entropy-ESS averaged over positions; utilization = ESS / its rank bound):"
         )
         for name, row in layers.items():
-            cells = "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-            lines.append(f"    {name:<20s} {cells}")
+            kind = f" ({row['mixer']})" if row.get("mixer") else ""
+            cells = "  ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in row.items()
+                if k != "mixer" and not (k == "flags" and not v)
+            )
+            lines.append(f"    {name}{kind}: {cells}")
+    if summary.get("checkpoint"):
+        lines.append(f"  checkpoint: {summary['checkpoint']}")
+    if summary.get("interrupted") and summary.get("checkpoint"):
+        lines.append(f"    continue with: ess-train resume={summary['output_dir']}")
     if "logger_dir" in summary:
         lines.append(f"  logger run directory: {summary['logger_dir']}")
         if "wandb" in summary["logger_dir"]:
@@ -132,7 +244,28 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _exit_status(signal_name: str | None) -> int:
+    """128 + the signal's number, as a shell reports a process a signal ended (143 for SIGTERM)."""
+    return 128 + int(getattr(signal, signal_name or "SIGTERM", signal.SIGTERM))
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Console entry point. Returns validation accuracy (for Hydra sweepers)."""
-    return float(train(cfg)["val_acc"])
+def _hydra_main(cfg: DictConfig) -> float:
+    """The Hydra task: returns validation accuracy (for Hydra's sweepers)."""
+    try:
+        return float(train(cfg)["val_acc"])
+    except ConfigError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"ess-train: configuration error: {err}", file=sys.stderr)
+        print("  (set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    """Console entry point (``ess-train``, ``python -m ess_train``)."""
+    problem = check_resume_argument(sys.argv[1:])
+    if problem is not None:
+        print(f"ess-train: configuration error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()

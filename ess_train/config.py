@@ -31,6 +31,8 @@ TOP_LEVEL_KEYS = frozenset(
         "optim",
         "output_dir",
         "ckpt_path",
+        "resume",
+        "checkpoint",
         "save_plots",
         "hydra",
     }
@@ -122,7 +124,7 @@ def validate_config(cfg: DictConfig) -> None:
                 f"{key}: unknown top-level key{_suggest(str(key), TOP_LEVEL_KEYS)}; "
                 f"valid keys: {', '.join(sorted(TOP_LEVEL_KEYS - {'hydra'}))}"
             )
-    for group in ("model", "task", "trainer", "logger", "callbacks"):
+    for group in ("model", "task", "trainer", "logger", "callbacks", "checkpoint"):
         node = cfg.get(group)
         if node is None:
             continue

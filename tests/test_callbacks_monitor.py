@@ -28,8 +28,15 @@ def test_metrics_logged_to_csv_and_callback_metrics(tmp_path):
 
     rows = read_metrics_csv(trainer)
     ess_rows = [r for r in rows if r.get("ess/total")]
-    # steps: 0 (train start), 3, 4 (validation end), 6
-    assert [int(r["step"]) for r in ess_rows] == [0, 3, 4, 6] == monitor.totals["steps"]
+    # optimizer steps: 0 (train start), 3, 4 (validation end), 6; logged at Lightning's step of the batch that
+    # just ran (one less), where train/loss and val/acc of the same moment are logged too
+    assert monitor.totals["steps"] == [0, 3, 4, 6]
+    assert [int(r["step"]) for r in ess_rows] == [0, 2, 3, 5]
+    by_step = {}
+    for r in rows:
+        by_step.setdefault(int(r["step"]), {}).update({k: v for k, v in r.items() if v not in ("", None)})
+    assert all("train/loss" in by_step[s] for s in (0, 2, 3, 5))
+    assert "val/acc" in by_step[3] and "ess/total" in by_step[3]  # validation after 4 steps: one row
     for layer in ("layers.0", "layers.1"):
         for key in KEYS:
             assert all(r[f"ess/{layer}/{key}"] for r in ess_rows), key
@@ -182,7 +189,7 @@ def test_nan_operator_is_missing_with_warning(tmp_path):
     msgs = ess_warnings(record, "is missing")
     assert len(msgs) == 1 and "'layers.1'" in msgs[0] and "NaN" in msgs[0]
     rows = [r for r in read_metrics_csv(trainer) if r.get("ess/total")]
-    assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    assert [int(r["step"]) for r in rows] == [0, 1, 3]  # optimizer steps 0, 2, 4 (Lightning's logging step)
     assert all(float(r["ess/missing_layers"]) == 1 for r in rows)
     assert all(r["ess/layers.0/avg_entropy"] and not r.get("ess/layers.1/avg_entropy") for r in rows)
     assert float(rows[-1]["ess/total"]) == pytest.approx(float(rows[-1]["ess/layers.0/total"]))
@@ -271,19 +278,22 @@ class RecordingLogger(pl.loggers.Logger):
         self.calls.append((step, dict(metrics)))
 
 
-def test_media_warn_once_and_tensorboard_heatmap(tmp_path):
+def test_media_on_other_loggers_is_no_warning_and_tensorboard_heatmap(tmp_path, caplog):
+    """A CSV-like logger gets the scalars with one info line (the user chose it; nothing to act on), no
+    ESSWarning; TensorBoard gets the heatmap image."""
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     rec = RecordingLogger()
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     monitor = ESSMonitor(every_n_steps=2)
-    with warnings.catch_warnings(record=True) as record:
+    with warnings.catch_warnings(record=True) as record, caplog.at_level("INFO", logger="ess_train"):
         warnings.simplefilter("always")
         make_trainer(None, [monitor], max_steps=4, val_check_interval=2, logger=[rec, tb]).fit(
             ToyLM(), ToyDataModule()
         )
-    assert len(ess_warnings(record, "W&B media")) == 1
+    assert not ess_warnings(record, "media")
+    assert sum("W&B/TensorBoard media" in r.getMessage() for r in caplog.records) == 1
     logged = {k for _, m in rec.calls for k in m}
     assert {"ess/total", "tss/total", "ess/layers.0/utilization"} <= logged
     assert not any("heatmap" in k or "profile" in k for k in logged)

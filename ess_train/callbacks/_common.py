@@ -41,6 +41,7 @@ __all__ = [
     "entropy_profile",
     "entropy_profiles",
     "log_to_loggers",
+    "logger_step",
     "short_traceback",
 ]
 
@@ -418,10 +419,24 @@ def layer_ess(
 
 
 # --------------------------------------------------------------------------------------------- logging
-def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, Any], step: int) -> None:
-    """Send ``metrics`` to every logger of ``trainer`` at ``step`` (loggers are rank-zero only)."""
+def logger_step(trainer: pl.Trainer) -> int:
+    """The step at which Lightning logs the current batch's own metrics (``train/loss``, ``val/acc``).
+
+    Inside ``fit`` that is the number of optimizer steps *before* the training batch that just ran
+    (``global_step - 1`` in ``on_train_batch_end`` and in a validation inside training), so that ESS rows
+    share steps with the loss and accuracy rows of the same moment (in ``metrics.csv``, W&B, TensorBoard).
+    ``global_step`` where there is no fit loop.
+    """
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    step = getattr(loop, "_batches_that_stepped", None)  # what Lightning's logger connector uses
+    return int(step) if isinstance(step, int) else int(trainer.global_step)
+
+
+def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, Any]) -> None:
+    """Send ``metrics`` to every logger of ``trainer`` at :func:`logger_step` (loggers are rank-zero only)."""
     if not metrics:
         return
+    step = logger_step(trainer)
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
 

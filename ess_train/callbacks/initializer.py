@@ -162,7 +162,7 @@ class ESSInitializer(Callback):
                 f"ESS {entry['ess_before']:.3g} -> {entry['ess_after']:.3g})"
             )
         if trainer is not None:
-            log_to_loggers(trainer, metrics, step=trainer.global_step)
+            log_to_loggers(trainer, metrics)
         return self.report
 
     # ---------------------------------------------------------------------------------------- internals

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -11,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from ess_train.callbacks._common import (
@@ -22,11 +23,14 @@ from ess_train.callbacks._common import (
     kv_pairs_for,
     layer_ess,
     log_to_loggers,
+    logger_step,
     probe_from_batch,
     resolve_positions,
     short_traceback,
 )
 from ess_train.models.protocol import capture_operators, find_ess_layers
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ESSMonitor"]
 
@@ -55,7 +59,9 @@ class ESSMonitor(Callback):
     - ``ess/<layer>/per_kv``: total / key-value pairs of the row (``num_kv_pairs``/``slice_kv_pairs``);
 
     plus ``ess/total`` (and ``ess/per_kv``) summed over layers, and ``tss/<layer>``, ``tss/total`` once at fit
-    start. Metrics go straight to ``trainer.loggers`` at ``step=trainer.global_step`` (not through
+    start. Metrics go straight to ``trainer.loggers`` at Lightning's logging step (``_common.logger_step``:
+    where ``train/loss`` and ``val/acc`` of the same moment are logged, one less than the ``global_step`` that
+    ``history`` and ``totals`` count; so CSV rows of ESS and loss join) (not through
     ``self.log``, so the cadence does not depend on ``log_every_n_steps``) and into
     ``trainer.callback_metrics``. Only global rank 0 computes and logs (the forward calls the bare
     LightningModule, never the DDP wrapper, so other ranks are not involved).
@@ -126,6 +132,8 @@ class ESSMonitor(Callback):
         self.max_operators = max_operators
 
         self.layers: dict[str, nn.Module] = {}
+        #: class name of each layer found (``"GatedLinearAttention"``), for plot labels; kept in checkpoints.
+        self.layer_kinds: dict[str, str] = {}
         #: per layer: ``steps``, ``positions``, ``profiles`` and ``tolerance_profiles`` (entropy- and
         #: tolerance-ESS by position, one list per step) and one list per summary key.
         self.history: dict[str, dict[str, list]] = {}
@@ -156,6 +164,7 @@ class ESSMonitor(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.layers = find_ess_layers(pl_module, include=self.include, exclude=self.exclude)
+        self.layer_kinds.update({name: type(layer).__name__ for name, layer in self.layers.items()})
         self._disabled = not self.layers
         if self._disabled:
             self._warn_once(
@@ -213,6 +222,7 @@ class ESSMonitor(Callback):
             "flags": self.flags,
             "probe": probe,
             "warned": sorted(self._warned),
+            "layer_kinds": dict(self.layer_kinds),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -222,6 +232,8 @@ class ESSMonitor(Callback):
         self.flags = state_dict.get("flags", {})
         self._warned |= set(state_dict.get("warned", []))
         self._tss_logged = bool(self.tss)
+        # (older checkpoints have no layer kinds; the ones found by this run's setup win)
+        self.layer_kinds = {**state_dict.get("layer_kinds", {}), **self.layer_kinds}
         probe = state_dict.get("probe")
         if probe is not None:
             self._probe = (probe["inputs"], probe.get("slice_id"))
@@ -256,62 +268,27 @@ class ESSMonitor(Callback):
                 layer["tss"] = self.tss[name]["total"]
                 layer["tss_per_operator"] = self.tss[name]["per_operator"]
             layer["flags"] = list(self.flags.get(name, []))
+            if name in self.layer_kinds:
+                layer["mixer"] = self.layer_kinds[name]
             out["layers"][name] = layer
         return out
 
     def save_plots(self, directory: str | Path) -> list[Path]:
-        """Write, per layer, ``<layer>_heatmap.png`` (ESS by position and step) and ``<layer>_profile.png``
-        (first and last ESS-by-position profiles), plus ``utilization.png`` (all layers over steps)."""
-        import numpy as np
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        """Write, per layer, ``<layer>_heatmap.png`` (entropy-ESS by position and step) and
+        ``<layer>_profile.png`` (first, a few intermediate and last ESS-by-position profiles), plus
+        ``utilization.png`` (all layers over steps, with the collapse/saturation thresholds); see
+        ``ess_train.plots``. Layers are labelled with their class, e.g. ``model.blocks.1.mixer
+        (GatedLinearAttention)``."""
+        from ess_train.plots import save_history_plots
 
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        paths: list[Path] = []
-        for name, hist in self.history.items():
-            if not hist["steps"] or not hist["positions"]:
-                continue
-            stem = name.replace("/", "_") or "model"
-            image = render_heatmap(name, hist["steps"], hist["positions"], hist["profiles"])
-            fig = Figure(figsize=(image.shape[1] / 80, image.shape[0] / 80), dpi=80)
-            fig.figimage(image)
-            FigureCanvasAgg(fig).print_png(str(out / f"{stem}_heatmap.png"))
-            paths.append(out / f"{stem}_heatmap.png")
-            fig = Figure(figsize=(6, 3.5), dpi=80)
-            ax = fig.add_subplot(1, 1, 1)
-            tol_hist = hist.get("tolerance_profiles", [])
-            for i in sorted({0, len(hist["steps"]) - 1}):
-                (line,) = ax.plot(
-                    hist["positions"], np.asarray(hist["profiles"][i]), label=f"step {hist['steps'][i]}"
-                )
-                if i < len(tol_hist) and any(math.isfinite(v) for v in tol_hist[i]):
-                    ax.plot(
-                        hist["positions"],
-                        np.asarray(tol_hist[i]),
-                        "--",
-                        color=line.get_color(),
-                        label=f"step {hist['steps'][i]} (tolerance)",
-                    )
-            ax.set_xlabel("position")
-            ax.set_ylabel("ESS (solid: entropy, dashed: tolerance)")
-            ax.set_title(f"{name}: ESS by position")
-            ax.legend()
-            fig.tight_layout()
-            FigureCanvasAgg(fig).print_png(str(out / f"{stem}_profile.png"))
-            paths.append(out / f"{stem}_profile.png")
-        if self.history:
-            fig = Figure(figsize=(6, 3.5), dpi=80)
-            ax = fig.add_subplot(1, 1, 1)
-            for name, hist in self.history.items():
-                ax.plot(hist["steps"], hist["utilization"], marker=".", label=name)
-            ax.set_xlabel("training step")
-            ax.set_ylabel("utilization (ESS / TSS)")
-            ax.legend(fontsize="small")
-            fig.tight_layout()
-            FigureCanvasAgg(fig).print_png(str(out / "utilization.png"))
-            paths.append(out / "utilization.png")
-        return paths
+        return save_history_plots(
+            directory,
+            self.history,
+            layer_kinds=self.layer_kinds,
+            tss=self.tss,
+            collapse_threshold=self.collapse_threshold,
+            saturation_threshold=self.saturation_threshold,
+        )
 
     # ---------------------------------------------------------------------------------------- internals
     def _guarded(self, trainer: pl.Trainer, fn: Callable[[], Any]) -> Any:
@@ -357,7 +334,7 @@ class ESSMonitor(Callback):
             }
             metrics[f"tss/{name}"] = float(size.total)
         metrics["tss/total"] = float(sum(v["total"] for v in self.tss.values()))
-        log_to_loggers(trainer, metrics, step=trainer.global_step)
+        log_to_loggers(trainer, metrics)
         self._tss_logged = True
 
     def _forward(self, pl_module: pl.LightningModule, inputs: Tensor) -> None:
@@ -451,7 +428,7 @@ class ESSMonitor(Callback):
             metrics["ess/per_kv"] = per_kv
         if missing:
             metrics["ess/missing_layers"] = float(missing)
-        log_to_loggers(trainer, metrics, step=step)
+        log_to_loggers(trainer, metrics)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         if self.log_heatmap:
             self._log_profiles(trainer, step)
@@ -502,12 +479,13 @@ class ESSMonitor(Callback):
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         tb_loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         others = [type(lg).__name__ for lg in trainer.loggers if not isinstance(lg, WandbLogger)]
-        if others:
-            self._warn_once(
-                "media",
-                f"ESSMonitor: ESS-by-position line plots are W&B media and heatmaps need W&B or TensorBoard; "
-                f"skipped on {', '.join(others)} (heatmaps are logged as images on TensorBoard). Scalars are "
-                "logged everywhere; the full profiles are in ESSMonitor.history and in checkpoints.",
+        if others and "media" not in self._warned:
+            # information, not a warning: the user chose these loggers, and save_plots() draws the same
+            self._warned.add("media")
+            log.info(
+                "ESSMonitor: ESS-by-position plots and heatmaps are W&B/TensorBoard media; "
+                f"{', '.join(others)} "
+                "gets the scalars (the profiles are in ESSMonitor.history, checkpoints and save_plots())."
             )
         return wandb_loggers, tb_loggers
 
@@ -537,25 +515,36 @@ class ESSMonitor(Callback):
                 xname="position",
             )
         for logger in wandb_loggers:
-            logger.log_metrics(payload, step=step)
+            logger.log_metrics(payload, step=logger_step(trainer))
 
     def _log_heatmaps(self, trainer: pl.Trainer) -> None:
         wandb_loggers, tb_loggers = self._media_loggers(trainer)
         if not (wandb_loggers or tb_loggers):
             return
+        from ess_train.plots import layer_label
+
         step = trainer.global_step
         for name, hist in self.history.items():
             if not hist["steps"] or not hist["positions"]:
                 continue
-            image = render_heatmap(name, hist["steps"], hist["positions"], hist["profiles"])
+            image = render_heatmap(
+                name,
+                hist["steps"],
+                hist["positions"],
+                hist["profiles"],
+                label=layer_label(name, self.layer_kinds.get(name)),
+                tss=self.tss.get(name),
+            )
             for logger in tb_loggers:
-                logger.experiment.add_image(f"ess/{name}/heatmap", image, step, dataformats="HWC")
+                logger.experiment.add_image(
+                    f"ess/{name}/heatmap", image, logger_step(trainer), dataformats="HWC"
+                )
             if wandb_loggers:
                 import wandb
 
                 for logger in wandb_loggers:
-                    logger.log_metrics({f"ess/{name}/heatmap": wandb.Image(image)}, step=step)
-        rank_zero_info(f"ESSMonitor: logged ESS heatmaps for {len(self.history)} layer(s) at step {step}")
+                    logger.log_metrics({f"ess/{name}/heatmap": wandb.Image(image)}, step=logger_step(trainer))
+        log.debug(f"ESSMonitor: logged ESS heatmaps for {len(self.history)} layer(s) at step {step}")
 
 
 def sharding_strategy(trainer: pl.Trainer) -> str | None:
@@ -571,26 +560,11 @@ def sharding_strategy(trainer: pl.Trainer) -> str | None:
     return None
 
 
-def render_heatmap(name: str, steps: list[int], positions: list[int], profiles: list[list[float]]) -> Any:
-    """An RGB ``uint8`` image ``[H, W, 3]``: entropy-ESS by position (y) and training step (x)."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def render_heatmap(
+    name: str, steps: list[int], positions: list[int], profiles: list[list[float]], **kwargs: Any
+) -> Any:
+    """An RGB ``uint8`` image ``[H, W, 3]``: entropy-ESS by position (y) and training step (x); see
+    ``ess_train.plots.render_heatmap`` (kept here for existing imports)."""
+    from ess_train.plots import render_heatmap as _render
 
-    data = np.asarray(profiles, dtype=float).T  # [P, steps]
-    fig = Figure(figsize=(6, 3.5), dpi=80)
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    x = np.asarray(steps, dtype=float)
-    y = np.asarray(positions, dtype=float)
-    if len(x) > 1 and len(y) > 1:
-        mesh = ax.pcolormesh(x, y, np.ma.masked_invalid(data), shading="nearest")
-    else:
-        mesh = ax.imshow(np.ma.masked_invalid(data), aspect="auto", origin="lower")
-    fig.colorbar(mesh, ax=ax, label="entropy-ESS")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("position")
-    ax.set_title(f"{name}: ESS by position")
-    fig.tight_layout()
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    return _render(name, steps, positions, profiles, **kwargs)

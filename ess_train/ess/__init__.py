@@ -1,6 +1,6 @@
 """The ESS engine: effective state-size of causal linear operators (torch only).
 
-Definitions and conventions: ``shared/ESS.md`` (Parnichkun et al., ICML 2025).
+Definitions and conventions: ``docs/ESS.md`` (Parnichkun et al., ICML 2025).
 """
 
 from ess_train.ess.measures import (

@@ -1,4 +1,4 @@
-"""Effective state-size measures (definitions: ``shared/ESS.md``).
+"""Effective state-size measures (definitions: ``docs/ESS.md``).
 
 Public entry points take an operator (``DenseOperator``, ``RecurrentOperator``, or a raw causal
 ``T`` tensor, wrapped in a ``DenseOperator``) and return one value per position

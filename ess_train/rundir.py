@@ -1,0 +1,163 @@
+"""A run's directory, and how an interrupted run is found and continued.
+
+::
+
+    <run dir>/
+      .hydra/          Hydra's composed config and overrides of the first start (.hydra/resume-*/ later)
+      run.json         the first start's resolved config and the logger's run id/version (what resume uses)
+      checkpoints/     last.ckpt (every validation, and on SIGTERM/SIGINT), best-*.ckpt (best val/acc)
+      summary.json     plots/     wandb/ (offline W&B run)     ess_train.log
+
+``resume`` (a top-level config key) is ``auto`` (default: continue when the run directory already holds a
+checkpoint, as after a SLURM requeue into the same directory), ``null`` (always start afresh), or a run
+directory (``ess-train resume=outputs/2026-12-02/10-00-00``: continue that run in its own directory, with its
+config, its logger run (same W&B id) and its ESS history; overrides given with it, such as
+``trainer.max_steps=4000``, are applied on top).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = [
+    "RUN_FILE",
+    "CHECKPOINT_DIR",
+    "LAST_CHECKPOINT",
+    "ResumePlan",
+    "plan_resume",
+    "save_run_file",
+    "latest_checkpoint",
+    "check_resume_argument",
+    "run_dir_resolver",
+    "output_subdir_resolver",
+]
+
+RUN_FILE = "run.json"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+_NO_RESUME = (None, "", "null", "none", "never", False)
+
+
+def _is_dir_value(resume: Any) -> bool:
+    return resume not in _NO_RESUME and str(resume) != "auto"
+
+
+def run_dir_resolver(resume: Any, default: str) -> str:
+    """``hydra.run.dir``: the run being resumed, else ``default`` (a new timestamped directory)."""
+    return str(resume) if _is_dir_value(resume) else default
+
+
+def output_subdir_resolver(resume: Any, stamp: str) -> str:
+    """``hydra.output_subdir``: keep the first start's ``.hydra/`` and put a resume's beside it."""
+    return f".hydra/resume-{stamp}" if _is_dir_value(resume) else ".hydra"
+
+
+def check_resume_argument(argv: list[str]) -> str | None:
+    """The problem with a ``resume=<dir>`` command-line argument whose directory does not exist, else None.
+
+    Checked before Hydra starts: Hydra would create that directory as the run directory.
+    """
+    for arg in argv:
+        if arg.startswith("resume="):
+            value = arg.split("=", 1)[1]
+            if _is_dir_value(value) and value not in ("null", "auto") and not Path(value).is_dir():
+                return f"resume={value}: no such run directory"
+    return None
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest resumable checkpoint of a run: ``checkpoints/last.ckpt`` or one of Lightning's SLURM
+    ``hpc_ckpt_*.ckpt`` (written on its SIGUSR1 auto-requeue), whichever was written last."""
+    run_dir = Path(run_dir)
+    candidates = [run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, *run_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = [p for p in candidates if p.is_file()]
+    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
+
+
+@dataclass
+class ResumePlan:
+    """What the app does about an earlier start of this run."""
+
+    config: DictConfig  #: the config to run (the saved one, with this start's overrides applied)
+    checkpoint: Path | None  #: checkpoint to continue from (None: a fresh run)
+    logger_version: str | None  #: the logger's run id/version to continue (W&B id, CSV/TensorBoard version)
+    run_dir: Path  #: where everything goes
+
+    @property
+    def resuming(self) -> bool:
+        return self.checkpoint is not None
+
+
+def _override_keys(overrides: list[str]) -> list[str]:
+    """Config keys set by command-line overrides (``+a.b=1`` -> ``a.b``; ``model=gla`` -> ``model``)."""
+    keys = []
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        key = key.split("@", 1)[0]  # group@package
+        if key in ("resume",) or key.startswith("hydra"):
+            continue
+        keys.append(key)
+    return keys
+
+
+def plan_resume(cfg: DictConfig, overrides: list[str]) -> ResumePlan:
+    """Decide, from ``cfg.resume`` and the run directory, whether this start continues an earlier one.
+
+    Raises ``ValueError`` naming the problem when ``resume`` names a directory that is not a resumable run.
+    """
+    resume = cfg.get("resume")
+    run_dir = Path(str(cfg.output_dir))
+    if resume in _NO_RESUME:
+        return ResumePlan(cfg, None, None, run_dir)
+    if _is_dir_value(resume):
+        run_dir = Path(str(resume))
+        if not run_dir.is_dir():
+            raise ValueError(f"resume={resume}: no such run directory")
+        if not (run_dir / RUN_FILE).is_file():
+            raise ValueError(
+                f"resume={resume}: not an ess-train run directory (no {RUN_FILE}; runs started before "
+                "checkpoints were on by default can be continued with ckpt_path=<file.ckpt>)"
+            )
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        if _is_dir_value(resume):
+            raise ValueError(
+                f"resume={resume}: the run left no checkpoint ({CHECKPOINT_DIR}/{LAST_CHECKPOINT}); it "
+                "stopped "
+                "before its first validation and was not stopped by a signal"
+            )
+        return ResumePlan(cfg, None, None, run_dir)
+    saved = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).is_file() else {}
+    config = (
+        OmegaConf.create(saved["config"])
+        if "config" in saved
+        else OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    )
+    # this start's command-line overrides win over the saved values (e.g. trainer.max_steps=4000)
+    for key in _override_keys(overrides):
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        OmegaConf.update(config, key, value, merge=False, force_add=True)
+    config.output_dir = str(run_dir)
+    config.resume = str(resume)
+    config.ckpt_path = str(checkpoint)
+    return ResumePlan(config, checkpoint, saved.get("logger_version"), run_dir)
+
+
+def save_run_file(run_dir: Path, config: DictConfig, logger_version: str | None) -> Path:
+    """Write ``run.json`` at a run's first start: its resolved config and the logger's run id/version."""
+    path = run_dir / RUN_FILE
+    if path.is_file():  # a resumed start keeps the first start's record
+        return path
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(
+        OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), resolve=True
+    )
+    path.write_text(json.dumps({"config": resolved, "logger_version": logger_version}, indent=2, default=str))
+    return path

@@ -1,0 +1,119 @@
+"""A run stopped by SIGTERM or Ctrl-C mid-way saves a checkpoint, its summary and plots, and exits; resuming
+it gives the weights, metrics and ESS history of an uninterrupted run, in one W&B run."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_app import TINY, _run_app
+from tests.wandb_offline import find_run_files, history
+
+# 12 steps, validation every 4, ESS every 2, all logged at every step
+RUN = [*TINY, "trainer.max_steps=12", "trainer.val_check_interval=4", "callbacks.monitor.every_n_steps=2"]
+STOP_AT = 6  # between validations (at 4 and 8), so the resumed run must rebuild the step-6..8 stretch exactly
+
+
+def _checkpoint(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def _monitor_state(ckpt: dict) -> dict:
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("ESSMonitor")]
+    return state
+
+
+def _rows_by_step(run_dir: Path) -> dict[int, dict]:
+    """Every logged scalar of every offline W&B run file under run_dir, by trainer step (Lightning's
+    ``trainer/global_step``; W&B's own ``_step`` counts calls and restarts in a resumed offline run)."""
+    out: dict[int, dict] = {}
+    for f in sorted(find_run_files(run_dir)):
+        for row in history(f):
+            step = row.get("trainer/global_step")
+            if step is None:
+                continue
+            scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not k.startswith("_")}
+            scalars.pop("_runtime", None)
+            out.setdefault(int(step), {}).update(scalars)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("full")
+    proc = _run_app([*RUN, f"hydra.run.dir={root}/run"], cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "run"
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_interrupt_then_resume_matches_an_uninterrupted_run(tmp_path, uninterrupted, signum, status):
+    run_dir = tmp_path / "run"
+    killer = [
+        "+callbacks.killer._target_=tests.signal_at.SignalAt",
+        f"+callbacks.killer.step={STOP_AT}",
+        f"+callbacks.killer.signum={int(signum)}",
+    ]
+    proc = _run_app([*RUN, *killer, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == status, proc.stdout[-2000:] + proc.stderr[-3000:]
+    stopped = json.loads((run_dir / "summary.json").read_text())
+    assert stopped["interrupted"] == signal.Signals(signum).name
+    assert stopped["steps"] == STOP_AT
+    assert Path(stopped["checkpoint"]) == run_dir / "checkpoints" / "last.ckpt"
+    assert _checkpoint(run_dir)["global_step"] == STOP_AT
+    assert {Path(p).name for p in stopped["plots"]} >= {"utilization.png"}
+    assert f"resume={run_dir}" in proc.stdout
+
+    proc = _run_app([f"resume={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    full = json.loads((uninterrupted / "summary.json").read_text())
+    assert resumed["steps"] == full["steps"] == 12
+    assert resumed["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
+    assert resumed["val_acc"] == full["val_acc"]
+    assert resumed["ess"]["layers"] == full["ess"]["layers"]
+
+    # the same weights (bit for bit: the same computation on the same machine)
+    a, b = _checkpoint(uninterrupted), _checkpoint(run_dir)
+    assert a["global_step"] == b["global_step"] == 12
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b["state_dict"][key]), key
+        else:
+            assert value == b["state_dict"][key], key
+    assert a["optimizer_states"][0]["state"].keys() == b["optimizer_states"][0]["state"].keys()
+    for key, value in a["optimizer_states"][0]["state"].items():
+        assert torch.equal(value["exp_avg_sq"], b["optimizer_states"][0]["state"][key]["exp_avg_sq"]), key
+    # the same ESS history, step by step
+    ha, hb = _monitor_state(a), _monitor_state(b)
+    assert ha["totals"]["steps"] == hb["totals"]["steps"] == [0, 2, 4, 6, 8, 10, 12]
+    for layer, hist in ha["history"].items():
+        for key, values in hist.items():
+            assert hb["history"][layer][key] == values, (layer, key)
+
+    # one W&B run (the same id in both offline run directories) with the metrics of the uninterrupted run
+    ids = {f.parent.name.rsplit("-", 1)[-1] for f in find_run_files(run_dir)}
+    assert len(find_run_files(run_dir)) == 2 and len(ids) == 1
+    rows_full, rows = _rows_by_step(uninterrupted), _rows_by_step(run_dir)
+    assert sorted(rows) == sorted(rows_full)
+    for step, row in rows_full.items():
+        for key, value in row.items():
+            if key.startswith(("ess/", "train/", "val/", "tss/")):
+                got = rows[step].get(key)
+                assert got is not None and (got == value or (math.isnan(got) and math.isnan(value))), (
+                    step,
+                    key,
+                )
+
+
+def test_resume_of_a_directory_that_is_not_a_run_is_a_config_error(tmp_path):
+    proc = _run_app([f"resume={tmp_path}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "not an ess-train run directory" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,33 @@
+"""The documentation holds in a clone: every relative link resolves inside the repository."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = sorted(
+    [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("*/README.md"), *ROOT.glob("*/*/README.md")]
+    + [ROOT / "experiments" / "RESULTS.md"]
+)
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve_inside_the_repository(doc: Path) -> None:
+    assert doc.is_file()
+    for target in LINK.findall(doc.read_text()):
+        if re.match(r"^[a-z]+://|^#|^mailto:", target):
+            continue
+        path = (doc.parent / target.split("#", 1)[0]).resolve()
+        assert path.exists(), f"{doc.relative_to(ROOT)} links {target}, which does not exist"
+        assert ROOT in path.parents or path == ROOT, f"{doc.relative_to(ROOT)} links {target} outside the repo"
+
+
+def test_the_definitions_live_in_the_repository() -> None:
+    text = (ROOT / "docs" / "ESS.md").read_text()
+    assert "Effective state-size" in text
+    for path in ROOT.glob("ess_train/**/*.py"):
+        assert "shared/ESS.md" not in path.read_text(), f"{path} names the team's copy, not docs/ESS.md"
