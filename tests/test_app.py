@@ -102,18 +102,38 @@ def test_every_group_option_validates(group: str) -> None:
         validate_config(_compose([f"{group}={option}"]))
 
 
-def test_cli_typo_fails_before_training(tmp_path: Path) -> None:
-    proc = _run_app(["+model.n_layer=3", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, timeout=120)
-    assert proc.returncode != 0
-    assert "model.n_layer" in proc.stderr + proc.stdout
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [("+model.n_layer=3", "model.n_layer"), ("model.mixer=[short_conv,glaa]", "unknown mixer 'glaa'")],
+)
+def test_cli_config_error_is_one_line_and_exit_2(tmp_path: Path, override: str, needle: str) -> None:
+    proc = _run_app([override, f"hydra.run.dir={tmp_path}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
     assert "Trainer.fit" not in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
+    (line,) = [ln for ln in proc.stderr.splitlines() if "configuration error" in ln]
+    assert line.startswith("ess-train: configuration error:") and needle in line
+    full = _run_app(
+        [override, f"hydra.run.dir={tmp_path}"], cwd=tmp_path, env_extra={"HYDRA_FULL_ERROR": "1"}
+    )
+    assert full.returncode != 0 and "Traceback" in full.stderr and "ConfigError" in full.stderr
 
 
 def test_tiny_run_writes_summary_and_offline_wandb_with_ess(tmp_path: Path) -> None:
-    proc = _run_app([*TINY, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    args = [*TINY, "trainer.enable_progress_bar=true", f"hydra.run.dir={tmp_path}/run"]
+    proc = _run_app(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ess-train summary" in proc.stdout
+    # the console: progress in steps toward max_steps, none of the known third-party warnings
+    out = proc.stdout + proc.stderr
+    assert "step 6/6" in out
+    for noise in ("LeafSpec", "anonymous setting", "ESSWarning", "Tip: For seamless cloud"):
+        assert noise not in out, noise
+    log_lines = (tmp_path / "run" / "ess_train.log").read_text().splitlines()
+    assert any("step 6/6" in ln for ln in log_lines) and any("ess-train summary" in ln for ln in log_lines)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["checkpoint"] == str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert Path(summary["checkpoint"]).is_file() and summary["interrupted"] is None
     assert summary["steps"] == 6
     assert 0.0 <= summary["val_acc"] <= 1.0
     assert set(summary["ess"]["layers"]) == {"model.blocks.0.mixer", "model.blocks.1.mixer"}

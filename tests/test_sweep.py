@@ -25,25 +25,11 @@ from ess_train.sweep import (
     summarize_sweep,
     write_sweep_summary,
 )
+from tests.test_app import TINY as APP_TINY
 
 ROOT = Path(__file__).resolve().parent.parent
-# a tiny MQAR run (as in test_app.py): seconds on a CPU
-TINY = [
-    "task.num_train=256",
-    "task.num_test=64",
-    "task.seq_len=32",
-    "task.num_kv_pairs=2",
-    "task.vocab_size=64",
-    "task.batch_size=32",
-    "model.d_model=16",
-    "trainer.max_steps=4",
-    "trainer.val_check_interval=2",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "callbacks.monitor.every_n_steps=2",
-    "logger=none",
-    "save_plots=false",
-]
+# the tiny MQAR run of test_app.py (seconds on a CPU), shorter, without logger and plots
+TINY = [*APP_TINY, "trainer.max_steps=4", "trainer.val_check_interval=2", "logger=none", "save_plots=false"]
 
 
 def _layer(ent: float, util: float) -> dict[str, Any]:
