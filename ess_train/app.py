@@ -185,7 +185,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if hasattr(cb, "summary") and callable(cb.summary):
             summary["ess"] = cb.summary()
         if cfg.save_plots and hasattr(cb, "save_plots") and trainer.is_global_zero:
-            summary["plots"] = [str(p) for p in cb.save_plots(out_dir / "plots")]
+            try:
+                summary["plots"] = [str(p) for p in cb.save_plots(out_dir / "plots")]
+            except Exception as err:  # plots never cost a run its summary (unless the callback is strict)
+                if getattr(cb, "strict", False):
+                    raise
+                log.warning(f"{type(cb).__name__}: could not draw the plots: {type(err).__name__}: {err}")
     experiment = getattr(logger, "experiment", None) if logger else None
     run_dir = getattr(experiment, "dir", None) or getattr(logger, "log_dir", None)
     if run_dir:

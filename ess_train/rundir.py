@@ -144,10 +144,23 @@ def plan_resume(cfg: DictConfig, overrides: list[str]) -> ResumePlan:
         if OmegaConf.is_config(value):
             value = OmegaConf.to_container(value, resolve=True)
         OmegaConf.update(config, key, value, merge=False, force_add=True)
+    _rebase(config, str(config.get("output_dir") or ""), str(run_dir))
     config.output_dir = str(run_dir)
     config.resume = str(resume)
     config.ckpt_path = str(checkpoint)
     return ResumePlan(config, checkpoint, saved.get("logger_version"), run_dir)
+
+
+def _rebase(node: Any, old: str, new: str) -> None:
+    """Point every path under the first start's run directory ``old`` at ``new`` (a moved or copied run)."""
+    if not old or old == new:
+        return
+    for key in list(node.keys()):
+        value = node[key]
+        if OmegaConf.is_dict(value):
+            _rebase(value, old, new)
+        elif isinstance(value, str) and (value == old or value.startswith(old.rstrip("/") + "/")):
+            node[key] = new + value[len(old) :]
 
 
 def save_run_file(run_dir: Path, config: DictConfig, logger_version: str | None) -> Path:
