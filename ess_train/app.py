@@ -132,7 +132,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
     module = SequenceLM(model, **OmegaConf.to_container(cfg.optim, resolve=True))
     callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
-    checkpointing = _build_checkpointing(cfg.get("checkpoint"))
+    # `checkpoint=none`, or a trainer that turns checkpointing off (trainer.enable_checkpointing=false)
+    wanted = cfg.trainer.get("enable_checkpointing", True) is not False
+    checkpointing = _build_checkpointing(cfg.get("checkpoint")) if wanted else None
     last_path = None
     if checkpointing is not None:
         callbacks.append(checkpointing)

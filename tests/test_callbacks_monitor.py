@@ -11,9 +11,14 @@ import torch
 
 from ess_train.callbacks import ESSMonitor, ESSWarning
 from ess_train.callbacks._common import extract_inputs, resolve_positions
+from tests import tolerances
 from tests.toy_modules import ToyDataModule, ToyLM, make_trainer, read_metrics_csv
 
 KEYS = ("avg_entropy", "max_entropy", "avg_tolerance", "utilization", "total", "per_kv")
+
+# float32 sums and means of at most 8 rows x 8 channels x 12 positions of ESS values (all >= 0: no
+# cancellation), taken in different orders by the callbacks and by the test (tests/tolerances.py)
+AGG = tolerances.tol(torch.float32, n=8 * 8 * 12)
 
 
 def ess_warnings(record: list[warnings.WarningMessage], text: str = "") -> list[str]:
@@ -52,16 +57,16 @@ def test_metrics_logged_to_csv_and_callback_metrics(tmp_path):
         bounds = [min(per_op, i, 12 - i) for i in range(12)]
         assert sum(bounds) == 32
         util = float(last[f"ess/{layer}/utilization"])
-        assert util == pytest.approx(12 * avg / sum(bounds), rel=1e-5)
-        assert util == pytest.approx(sum(monitor.history[layer]["profiles"][-1]) / sum(bounds), rel=1e-5)
+        assert util == pytest.approx(12 * avg / sum(bounds), rel=AGG)
+        assert util == pytest.approx(sum(monitor.history[layer]["profiles"][-1]) / sum(bounds), rel=AGG)
         assert 0 < util <= 1
         # 8 channels, multiplicity 1; per_kv = total / 3 kv pairs
-        assert float(last[f"ess/{layer}/total"]) == pytest.approx(8 * avg, rel=1e-4)
+        assert float(last[f"ess/{layer}/total"]) == pytest.approx(8 * avg, rel=AGG)
         assert float(last[f"ess/{layer}/per_kv"]) == pytest.approx(
-            float(last[f"ess/{layer}/total"]) / 3, rel=1e-4
+            float(last[f"ess/{layer}/total"]) / 3, rel=AGG
         )
     assert float(last["ess/total"]) == pytest.approx(
-        float(last["ess/layers.0/total"]) + float(last["ess/layers.1/total"]), rel=1e-5
+        float(last["ess/layers.0/total"]) + float(last["ess/layers.1/total"]), rel=AGG
     )
     cm = trainer.callback_metrics
     assert "ess/layers.1/utilization" in cm and "ess/total" in cm
@@ -72,7 +77,7 @@ def test_metrics_logged_to_csv_and_callback_metrics(tmp_path):
     assert hist["profiles"][0][0] == 0.0  # ESS_0 = 0
     tol = hist["tolerance_profiles"]
     assert len(tol) == 4 and len(tol[-1]) == 12 and tol[-1][0] == 0.0
-    assert sum(tol[-1]) / 12 == pytest.approx(float(last["ess/layers.0/avg_tolerance"]), rel=1e-5)
+    assert sum(tol[-1]) / 12 == pytest.approx(float(last["ess/layers.0/avg_tolerance"]), rel=AGG)
     paths = monitor.save_plots(tmp_path / "plots")
     assert {p.name for p in paths} == {
         "layers.0_heatmap.png",
@@ -84,7 +89,7 @@ def test_metrics_logged_to_csv_and_callback_metrics(tmp_path):
     assert all(p.stat().st_size > 1000 for p in paths)
     summary = monitor.summary()
     assert summary["step"] == 6 and summary["layers"]["layers.1"]["tss"] == 32
-    assert summary["total"] == pytest.approx(float(last["ess/total"]), rel=1e-6)
+    assert summary["total"] == pytest.approx(float(last["ess/total"]), rel=AGG)
 
 
 def test_positions_probe_batch_and_train_fallback(tmp_path):
@@ -108,7 +113,7 @@ def test_operator_subset_scales_total():
     monitor = ESSMonitor(every_n_steps=2, max_operators=3)
     make_trainer(None, [monitor], max_steps=2).fit(ToyLM(), ToyDataModule())
     hist = monitor.history["layers.0"]
-    assert hist["total"][-1] == pytest.approx(8 * hist["avg_entropy"][-1], rel=1e-5)  # 8 channels
+    assert hist["total"][-1] == pytest.approx(8 * hist["avg_entropy"][-1], rel=AGG)  # 8 channels
 
 
 def test_helpers():

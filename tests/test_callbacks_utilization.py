@@ -14,7 +14,12 @@ from ess_train.callbacks import ESSMonitor, ESSRegularizer, ESSWarning, ess_pena
 from ess_train.callbacks._common import layer_ess, position_bounds, resolve_positions, state_utilization
 from ess_train.ess import entropy_ess
 from ess_train.models.protocol import find_ess_layers, operators_of
+from tests.tolerances import tol
 from tests.toy_modules import ToyDataModule, ToyDense, ToyDenseNet, ToyLM, ToyRecurrence, make_trainer
+
+# float32 sums and means of at most 8 rows x 8 channels x 12 positions of ESS values (all >= 0: no
+# cancellation), taken in different orders by the callbacks and by the test (tests/tolerances.py)
+AGG = tol(torch.float32, n=8 * 8 * 12)
 
 
 def ess_warnings(record, text: str = "") -> list[str]:
@@ -45,11 +50,11 @@ def test_full_rank_dense_operator_saturates():
         make_trainer(None, [monitor], max_steps=1, limit_val_batches=0).fit(lm, ToyDataModule(seq_len=L))
     hist = monitor.history["model.layers.0"]
     util = hist["utilization"][-1]
-    assert 0.95 < util <= 1 + 1e-6
+    assert 0.95 < util <= 1 + AGG
     # the old definition (position average / largest bound) could not exceed mean(b_i) / max(b_i)
     bounds = position_bounds(L // 2, L, None)
-    assert hist["avg_entropy"][-1] / (L // 2) < sum(bounds) / len(bounds) / max(bounds) + 1e-6 < 0.6
-    assert util == pytest.approx(sum(hist["profiles"][-1]) / sum(bounds), rel=1e-5)
+    assert hist["avg_entropy"][-1] / (L // 2) < sum(bounds) / len(bounds) / max(bounds) + AGG < 0.6
+    assert util == pytest.approx(sum(hist["profiles"][-1]) / sum(bounds), rel=AGG)
     assert monitor.flags["model.layers.0"] == ["saturation"]
     assert len(ess_warnings(record, "state saturation")) == 1
     # the regularizer's floor sees the same number: no penalty for a saturated layer
@@ -72,7 +77,7 @@ def test_gaussian_dense_operator_scales_to_its_rank():
     view = operators_of(lm, inputs)["model.layers.0"]
     stats = layer_ess(view, layer.state_size(12), None)
     assert 0.8 < stats.utilization < 1
-    assert stats.avg_tolerance == pytest.approx(sum(position_bounds(6, 12, None)) / 12, rel=1e-5)
+    assert stats.avg_tolerance == pytest.approx(sum(position_bounds(6, 12, None)) / 12, rel=AGG)
 
 
 def test_floor_target_is_the_monitored_utilization():
@@ -90,12 +95,14 @@ def test_floor_target_is_the_monitored_utilization():
         )
         positions = resolve_positions(spec, 12)
         stats = layer_ess(views[name], layers[name].state_size(12), positions)
-        assert float(pen) == pytest.approx((1 - stats.utilization) ** 2, rel=1e-5)
+        # (1 - u)^2 carries u's relative error times 2 u / (1 - u)
+        u = stats.utilization
+        assert float(pen) == pytest.approx((1 - u) ** 2, rel=AGG * (1 + 2 * u / (1 - u)))
     # direct formula at all positions
     ess = entropy_ess(views[name].op).mean(dim=(0, 1))
     util = float(ess.sum()) / sum(min(4, i, 12 - i) for i in range(12))
     stats = layer_ess(views[name], layers[name].state_size(12), None)
-    assert stats.utilization == pytest.approx(util, rel=1e-5)
+    assert stats.utilization == pytest.approx(util, rel=AGG)
 
 
 def test_zero_state_layer_is_skipped_with_a_warning():

@@ -12,6 +12,7 @@ import torch
 from ess_train.callbacks import ESSInitializer, ESSMonitor, ESSRegularizer
 from ess_train.ess import entropy_ess
 from ess_train.models import SequenceModel, find_ess_layers, mixer_names, operators_of
+from tests.tolerances import tol
 from tests.toy_modules import ToyDataModule, ToyLM, make_trainer, read_metrics_csv
 
 
@@ -37,7 +38,8 @@ def test_every_mixer_monitored_and_regularized(tmp_path):
     for layer in layers:
         for key in ("avg_entropy", "max_entropy", "avg_tolerance", "utilization", "total"):
             assert math.isfinite(float(row[f"ess/{layer}/{key}"])), (layer, key)
-        assert 0 <= float(row[f"ess/{layer}/utilization"]) <= 1 + 1e-4, layer
+        # utilization <= 1, up to float32 means of 8 rows x (at most) 32 operators x 12 positions
+        assert 0 <= float(row[f"ess/{layer}/utilization"]) <= 1 + tol(torch.float32, n=8 * 32 * 12), layer
     assert reg.num_calls == 1 and math.isfinite(reg.last_penalty)
     assert all(torch.isfinite(p).all() for p in lm.parameters())
 

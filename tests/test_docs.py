@@ -23,7 +23,8 @@ def test_relative_links_resolve_inside_the_repository(doc: Path) -> None:
             continue
         path = (doc.parent / target.split("#", 1)[0]).resolve()
         assert path.exists(), f"{doc.relative_to(ROOT)} links {target}, which does not exist"
-        assert ROOT in path.parents or path == ROOT, f"{doc.relative_to(ROOT)} links {target} outside the repo"
+        inside = ROOT in path.parents or path == ROOT
+        assert inside, f"{doc.relative_to(ROOT)} links {target} outside the repository"
 
 
 def test_the_definitions_live_in_the_repository() -> None:

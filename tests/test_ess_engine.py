@@ -18,6 +18,16 @@ from ess_train.ess import (
     state_utilization,
     tolerance_ess,
 )
+from tests.tolerances import (
+    assert_within,
+    entropy_ess_error,
+    gramian_eig_error,
+    gramian_scale,
+    near_threshold,
+    sigma_error_from_eig,
+    svd_error,
+    tol,
+)
 
 F64 = torch.float64
 
@@ -78,6 +88,20 @@ def min_i_L(L: int, cap: int) -> torch.Tensor:
     return torch.minimum(torch.minimum(i, L - i), torch.tensor(cap))
 
 
+# round-off bounds (tests/tolerances.py): ``k`` independent computations of the same quantity differ by
+# at most ``k`` times the bound of one
+
+
+def gram_delta(op: RecurrentOperator, k: int = 1, dtype=F64) -> torch.Tensor:
+    """Bound on the Gramian path's error in ``sigma^2`` at each position, ``[..., L, 1]``."""
+    return k * gramian_eig_error(dtype, gramian_scale(op), op.seq_len, op.state_dim)
+
+
+def dense_dsigma(s: torch.Tensor, L: int, k: int = 1, dtype=F64) -> torch.Tensor:
+    """Bound on the dense path's error in each ``sigma(H_i)`` (``s [..., P, K]``; at most ``L`` rows)."""
+    return k * svd_error(dtype, s.double().amax(-1, keepdim=True), L, L)
+
+
 # ----------------------------------------------------------------------------------------------
 # dense path against the reference
 
@@ -88,15 +112,19 @@ def test_dense_matches_python_loop_reference():
     s = hankel_singular_values(DenseOperator(T))
     assert s.shape == (2, 21, 10)
     e = entropy_ess(DenseOperator(T))
+    L = 21
     for b in range(2):
         ref = ref_svals(T[b])
-        for i, r in enumerate(ref):
-            k = r.numel()
-            torch.testing.assert_close(s[b, i, :k], r, rtol=1e-12, atol=1e-12)
-            assert bool((s[b, i, k:] == 0).all())
-            assert e[b, i].item() == pytest.approx(ref_entropy(r), rel=1e-12, abs=1e-12)
+        thr = default_rtol(F64) * max(float(r.max()) for r in ref if r.numel())
         t = tolerance_ess(DenseOperator(T[b]))
-        assert t.tolist() == ref_tolerance(ref, default_rtol(F64))
+        for i, (r, t_ref) in enumerate(zip(ref, ref_tolerance(ref, default_rtol(F64)))):
+            k = r.numel()
+            ds = 2 * svd_error(F64, float(r.max()) if k else 0.0, L - i, i)  # two SVDs of H_i
+            assert_within(s[b, i, :k], r, ds, f"sigma(H_{i})")
+            assert bool((s[b, i, k:] == 0).all())
+            assert_within(e[b, i], ref_entropy(r), entropy_ess_error(r, ds), f"entropy-ESS_{i}")
+            # counts agree but for a sigma that round-off may put on either side of the threshold
+            assert abs(int(t[i]) - t_ref) <= int(near_threshold(r, thr, ds + default_rtol(F64) * ds))
     assert bool((s[..., :-1] >= s[..., 1:]).all()), "descending"
 
 
@@ -111,7 +139,8 @@ def test_delay_has_ess_min_k_i_L_minus_i(k):
     expected = min_i_L(L, k)
     assert tolerance_ess(DenseOperator(T)).tolist() == expected.tolist()
     # all non-zero singular values are 1: entropy-ESS equals the rank
-    torch.testing.assert_close(entropy_ess(DenseOperator(T)), expected.to(F64), rtol=1e-10, atol=1e-10)
+    s = hankel_singular_values(DenseOperator(T))
+    assert_within(entropy_ess(DenseOperator(T)), expected, entropy_ess_error(s, dense_dsigma(s, L)), "dense")
     # the same delay as a shift register with N = k + 1 states (full transitions), Gramian path
     N = k + 1
     A = torch.diag_embed(torch.ones(N - 1, dtype=F64), offset=-1).expand(L, N, N)
@@ -122,7 +151,9 @@ def test_delay_has_ess_min_k_i_L_minus_i(k):
     op = RecurrentOperator(A, b, c)
     torch.testing.assert_close(op.dense(), T)
     assert tolerance_ess(op).tolist() == expected.tolist()
-    torch.testing.assert_close(entropy_ess(op), expected.to(F64), rtol=1e-10, atol=1e-10)
+    s = hankel_singular_values(op)
+    ds = sigma_error_from_eig(s, gram_delta(op))
+    assert_within(entropy_ess(op), expected, entropy_ess_error(s, ds), "Gramian")
 
 
 def test_causal_running_mean_has_ess_one():
@@ -131,14 +162,17 @@ def test_causal_running_mean_has_ess_one():
     T = torch.tril(1.0 / (t + 1).unsqueeze(1).expand(L, L))
     expected = (torch.arange(L) >= 1).long()
     assert tolerance_ess(DenseOperator(T)).tolist() == expected.tolist()
-    torch.testing.assert_close(entropy_ess(DenseOperator(T)), expected.to(F64), atol=1e-10, rtol=0)
+    s = hankel_singular_values(DenseOperator(T))
+    assert_within(entropy_ess(DenseOperator(T)), expected, entropy_ess_error(s, dense_dsigma(s, L)), "dense")
     # recurrence: h_t = h_{t-1} + u_t, y_t = h_t / (t + 1)
     op = RecurrentOperator(
         torch.ones(L, 1, dtype=F64), torch.ones(L, 1, dtype=F64), (1.0 / (t + 1)).unsqueeze(1)
     )
     torch.testing.assert_close(op.dense(), T)
     assert tolerance_ess(op).tolist() == expected.tolist()
-    torch.testing.assert_close(entropy_ess(op), expected.to(F64), atol=1e-10, rtol=0)
+    s = hankel_singular_values(op)
+    ds = sigma_error_from_eig(s, gram_delta(op))
+    assert_within(entropy_ess(op), expected, entropy_ess_error(s, ds), "Gramian")
 
 
 @pytest.mark.parametrize("w", [2, 4, 7])
@@ -164,12 +198,19 @@ def test_linear_attention_has_ess_min_d_i_L_minus_i(d):
     N = d + 3
     U = torch.linalg.qr(torch.randn(N, d, generator=g, dtype=F64))[0]  # generic d-dim subspace
     op = RecurrentOperator(torch.ones(2, L, N, dtype=F64), k @ U.T, q @ U.T)
-    torch.testing.assert_close(op.dense(), T)
+    # T[t, s] = (q_t U^T) . (U k_s): dots of N and d terms, and U^T U = I up to N eps
+    qk = torch.tril(q.norm(dim=-1, keepdim=True) * k.norm(dim=-1).unsqueeze(-2))
+    assert_within(op.dense(), T, tol(F64, qk, n=2 * N + d), "T of the realization")
     assert tolerance_ess(op).tolist() == expected.tolist()
     assert tolerance_ess(op, method="dense").tolist() == expected.tolist()
-    # float32 Gramian path: the rank deficiency is exact too (and its default rtol is coarser)
+    # float32 Gramian path: the rank deficiency is exact too (and its default rtol is coarser); counts
+    # agree but for a sigma that float32 round-off may put on either side of the threshold
     op32 = RecurrentOperator(op.a.float(), op.b.float(), op.c.float())
-    assert torch.equal(tolerance_ess(op32), tolerance_ess(op, rtol=default_rtol(torch.float32)))
+    s64 = hankel_singular_values(op)
+    thr = default_rtol(torch.float32) * s64.amax(dim=(-2, -1), keepdim=True)
+    near = near_threshold(s64, thr, sigma_error_from_eig(s64, gram_delta(op, 2, torch.float32)))
+    t64 = tolerance_ess(op, rtol=default_rtol(torch.float32))
+    assert bool(((tolerance_ess(op32) - t64).abs() <= near).all())
     s = hankel_singular_values(op32)
     assert bool((s[..., d:] == 0).all())
 
@@ -183,16 +224,19 @@ def _assert_gramian_matches_dense(op: RecurrentOperator):
     sd = hankel_singular_values(op, method="dense")
     assert sg.shape == sd.shape == (*op.batch_shape, op.seq_len, op.state_dim)
     scale = sd.amax(dim=(-2, -1), keepdim=True)
-    # singular values agree to the Gramian resolution sqrt(eps) * sigma_max
-    assert float(((sg - sd).abs() / scale).max()) < 1e-6
+    # sigma^2 agree to the Gramian path's absolute resolution ~ (L + N) eps times the Gramians' size at
+    # each position (tests/tolerances.py), plus the SVD's
+    delta = gram_delta(op) + 2 * sd.amax(-1, keepdim=True) * dense_dsigma(sd, op.seq_len)
+    assert_within(sg**2, sd**2, delta, "sigma^2, Gramian vs dense")
+    ds = sigma_error_from_eig(sd, delta)
     eg = entropy_ess(op)
     ed = entropy_ess(op, method="dense")
     assert bool((eg[..., 0] == 0).all()) and bool((ed[..., 0] == 0).all())
-    assert float(((eg - ed).abs() / ed.clamp_min(1e-300))[..., 1:].max()) < 1e-5
-    # tolerance-ESS equal, except that a sigma within 10% of the threshold may fall either way
+    assert_within(eg, ed, entropy_ess_error(sd, ds), "entropy-ESS, Gramian vs dense")
+    # tolerance-ESS equal, except for a sigma that round-off may put on either side of the threshold
     tg, td = tolerance_ess(op), tolerance_ess(op, method="dense")
     thr = default_rtol(F64) * scale
-    near = ((sd > thr * 0.9) & (sd < thr * 1.1)).sum(-1)
+    near = near_threshold(sd, thr, ds + default_rtol(F64) * ds.amax(dim=(-2, -1), keepdim=True))
     assert bool(((tg - td).abs() <= near).all())
     assert float((near > 0).float().mean()) < 0.1
     assert float((tg == td).float().mean()) > 0.9
@@ -212,10 +256,10 @@ def test_gramian_matches_dense_mamba_like_with_zero_decays(gramian_path):
     op = mamba_like(2, 40, 6, seed=3)
     sg = hankel_singular_values(op)
     sd = hankel_singular_values(op, method="dense")
-    scale = sd.amax(dim=(-2, -1), keepdim=True)
-    assert float(((sg - sd).abs() / scale).max()) < 1e-6
+    delta = gram_delta(op) + 2 * sd.amax(-1, keepdim=True) * dense_dsigma(sd, op.seq_len)
+    assert_within(sg**2, sd**2, delta, "sigma^2, Gramian vs dense")
     eg, ed = entropy_ess(op), entropy_ess(op, method="dense")
-    assert float(((eg - ed).abs() / ed.clamp_min(1e-300))[..., 1:].max()) < 1e-5
+    assert_within(eg, ed, entropy_ess_error(sd, sigma_error_from_eig(sd, delta)), "entropy-ESS")
     # the reset at L // 3 cuts the past: H_{L//3 + 1} sees only u_{L//3}, rank <= 1
     assert tolerance_ess(op)[..., 40 // 3 + 1].tolist() == [1, 1]
 
@@ -226,7 +270,14 @@ def test_float32_gramian_close_to_float64(gramian_path):
     e64 = entropy_ess(op, method="dense")
     e32 = entropy_ess(op32)
     assert e32.dtype == torch.float32
-    assert float(((e32.double() - e64).abs() / e64.clamp_min(1e-30))[..., 1:].max()) < 5e-2
+    # float32 Gramian round-off (it covers rounding the inputs; the float64 reference's is negligible):
+    # sigma^2 to ~ (L + N) eps32 of the Gramians' size, then propagated to entropy-ESS (where it is the
+    # float32 resolution ~ sqrt(eps32) that limits the small singular values)
+    sd = hankel_singular_values(op, method="dense")
+    delta = gram_delta(op, dtype=torch.float32)
+    assert_within(hankel_singular_values(op32).double() ** 2, sd**2, delta, "sigma^2, float32 Gramian")
+    bound = entropy_ess_error(sd, sigma_error_from_eig(sd, delta), torch.float32)
+    assert_within(e32, e64, bound, "entropy-ESS, float32 Gramian vs float64 dense")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,42 +286,61 @@ def test_float32_gramian_close_to_float64(gramian_path):
 
 @pytest.mark.parametrize("alpha", [1e-3, 7.0, 1e4])
 def test_scale_invariance(alpha, gramian_path):
+    # scaling rounds the inputs (relative eps), then both runs carry their own round-off
     op = random_diagonal(2, 30, 5, seed=5)
     scaled = RecurrentOperator(op.a, op.b, op.c * alpha)
-    torch.testing.assert_close(entropy_ess(scaled), entropy_ess(op), rtol=1e-9, atol=1e-9)
-    assert torch.equal(tolerance_ess(scaled), tolerance_ess(op))
+    s = hankel_singular_values(op)
+    ds = sigma_error_from_eig(s, gram_delta(op, 2))
+    assert_within(entropy_ess(scaled), entropy_ess(op), entropy_ess_error(s, ds), "Gramian")
+    thr = default_rtol(F64) * s.amax(dim=(-2, -1), keepdim=True)
+    assert bool(((tolerance_ess(scaled) - tolerance_ess(op)).abs() <= near_threshold(s, thr, 2 * ds)).all())
     T = op.dense()
-    torch.testing.assert_close(entropy_ess(T * alpha), entropy_ess(T), rtol=1e-12, atol=1e-12)
-    assert torch.equal(tolerance_ess(T * alpha), tolerance_ess(T))
+    s = hankel_singular_values(T)
+    ds = dense_dsigma(s, 30, 2)
+    assert_within(entropy_ess(T * alpha), entropy_ess(T), entropy_ess_error(s, ds), "dense")
+    thr = default_rtol(F64) * s.amax(dim=(-2, -1), keepdim=True)
+    assert bool(((tolerance_ess(T * alpha) - tolerance_ess(T)).abs() <= near_threshold(s, thr, 2 * ds)).all())
 
 
 def test_positions_subset_order_duplicates():
+    # a few positions take the segment path, all of them the scan: the same values up to round-off
     op = random_diagonal(3, 20, 4, seed=1)
     full = hankel_singular_values(op)
     pos = [7, 0, 19, 7, 3]
+    delta = gram_delta(op, 2)
     for p in (pos, torch.tensor(pos)):
-        torch.testing.assert_close(hankel_singular_values(op, p), full[:, pos], rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(entropy_ess(op, 5), entropy_ess(op)[:, 5:6])
+        got = hankel_singular_values(op, p)
+        assert_within(got**2, full[:, pos] ** 2, delta[:, pos], "sigma^2 of a subset")
+        assert torch.equal(got[:, 0], got[:, 3])  # a duplicate is the same value
+    ds = sigma_error_from_eig(full, delta)
+    assert_within(entropy_ess(op, 5), entropy_ess(op)[:, 5:6], entropy_ess_error(full, ds)[:, 5:6], "ESS_5")
+    # dense: other crops of T, other SVD problems
     dense_full = hankel_singular_values(op, method="dense")
-    torch.testing.assert_close(hankel_singular_values(op, pos, method="dense"), dense_full[:, pos])
+    bound = dense_dsigma(dense_full, 20, 2)[:, pos]
+    assert_within(hankel_singular_values(op, pos, method="dense"), dense_full[:, pos], bound, "dense subset")
     assert hankel_singular_values(op, []).shape == (3, 0, 4)
     # a subset thresholded against the whole sequence's scale
     scale = full.amax(dim=(-2, -1))
-    assert torch.equal(tolerance_ess(op, pos, scale=scale), tolerance_ess(op)[:, pos])
+    near = near_threshold(full, default_rtol(F64) * scale[:, None, None], ds)[:, pos]
+    assert bool(((tolerance_ess(op, pos, scale=scale) - tolerance_ess(op)[:, pos]).abs() <= near).all())
 
 
 @pytest.mark.parametrize("make", [random_diagonal, random_full])
 def test_chunking_does_not_change_results(make, gramian_path):
+    # chunks re-associate the scans' products and sums: equal up to two runs' round-off
     op = make(3, 37, 5, seed=2)
     ref = hankel_singular_values(op)
+    delta = gram_delta(op, 2)
+    e_ref, e_bound = entropy_ess(op), entropy_ess_error(ref, sigma_error_from_eig(ref, delta))
     # batch chunks, then position chunks (Q checkpoints), down to one position at a time
     for ce in (37 * 5 * 16 * 2, 37 * 5 * 16 - 1, 300, 25, 1):
         got = hankel_singular_values(op, chunk_elements=ce)
-        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9 * float(ref.max()))
-        torch.testing.assert_close(entropy_ess(op, chunk_elements=ce), entropy_ess(op), rtol=1e-9, atol=0)
+        assert_within(got**2, ref**2, delta, f"sigma^2, chunk_elements={ce}")
+        assert_within(entropy_ess(op, chunk_elements=ce), e_ref, e_bound, f"ESS, chunk_elements={ce}")
     dref = hankel_singular_values(op, method="dense")
     for ce in (5000, 400, 1):
-        torch.testing.assert_close(hankel_singular_values(op, method="dense", chunk_elements=ce), dref)
+        got = hankel_singular_values(op, method="dense", chunk_elements=ce)
+        assert_within(got, dref, dense_dsigma(dref, 37, 2), f"dense, chunk_elements={ce}")
 
 
 def test_dense_operator_shapes_and_K():
@@ -330,20 +400,26 @@ def test_gramian_invariant_to_state_rescaling(dtype, spreads, gramian_path):
     e1, t1 = entropy_ess(op1), tolerance_ess(op1)
     ed = entropy_ess(T.to(dtype))
     sd = hankel_singular_values(T)  # float64 reference singular values
+    # the rescaled runs are the same operator: they may differ from the reference (and from each other)
+    # by the Gramian path's round-off at ``dtype`` (which covers rounding the inputs to ``dtype``) and the
+    # dense path's; a state rescaling must not add to it
+    N = op1.state_dim  # H_i has rank <= N: the dense path's other L // 2 - N values are round-off
+    ds = dense_dsigma(sd, 64, 1, dtype).expand_as(sd).clone()
+    ds[..., :N] += sigma_error_from_eig(sd[..., :N], gram_delta(op1, 2, dtype))
+    e_bound = entropy_ess_error(sd, ds, dtype)
     thr = default_rtol(dtype) * sd.amax(dim=(-2, -1), keepdim=True)
-    near = ((sd > thr * 0.9) & (sd < thr * 1.1)).sum(-1)
+    near = near_threshold(sd, thr, ds)
     td = (sd > thr).sum(-1)  # dense counts at this dtype's default rtol
-    rel = 1e-2 if dtype == torch.float32 else 1e-6
-    assert float(((e1 - ed).abs() / ed.clamp_min(1e-30))[..., 1:].max()) < rel
+    assert_within(e1, ed, e_bound, "entropy-ESS, Gramian vs dense")
     assert bool(((t1 - td).abs() <= near).all())
     for spread in spreads:
         op, T2 = _rescaled(spread, dtype)
         torch.testing.assert_close(T2, T)  # same operator
         e, t = entropy_ess(op), tolerance_ess(op)
-        assert float(((e - e1).abs() / e1.clamp_min(1e-30))[..., 1:].max()) < rel, spread
-        assert float(((e - ed).abs() / ed.clamp_min(1e-30))[..., 1:].max()) < rel, spread
+        assert_within(e, e1, e_bound, f"entropy-ESS, rescaled by {spread} vs not")
+        assert_within(e, ed, e_bound, f"entropy-ESS, rescaled by {spread} vs dense")
         assert bool(((t - td).abs() <= near).all()), spread
-        assert bool(((t - t1).abs() <= near).all()), spread
+        assert bool(((t - t1).abs() <= 2 * near).all()), spread
 
 
 def test_float32_keeps_small_singular_values(gramian_path):
@@ -361,6 +437,8 @@ def test_float32_keeps_small_singular_values(gramian_path):
     for op in (RecurrentOperator(a, b, c), RecurrentOperator(a, b * D, c / D)):
         sg = hankel_singular_values(op).double()
         assert int((sg[small] == 0).sum()) == 0
+        # not a round-off tolerance: the jitter correction biases these sigma *down* by up to ~1/3 (the
+        # same on every machine); round-off moves that by ~1% (measured with 1-ulp input perturbations)
         assert float(((sg - sd).abs() / sd)[small].max()) < 0.5
 
 
@@ -390,9 +468,10 @@ def test_segment_path_matches_scan(monkeypatch, make, positions):
     ref = hankel_singular_values(op)[:, positions]
     monkeypatch.setattr(gramian, "use_segments", lambda n_pos, L: True)
     got = hankel_singular_values(op, positions)
-    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9 * float(ref.max()))
+    assert_within(got**2, ref**2, gram_delta(op, 2)[:, positions], "sigma^2, segments vs scan")
     # batch chunking of the segment path changes nothing
-    torch.testing.assert_close(hankel_singular_values(op, positions, chunk_elements=60), got)
+    chunked = hankel_singular_values(op, positions, chunk_elements=60)
+    assert_within(chunked**2, got**2, gram_delta(op, 2)[:, positions], "sigma^2, batch chunks")
 
 
 def test_segment_starts_cover_positions_with_bounded_segments():

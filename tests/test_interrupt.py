@@ -18,7 +18,8 @@ requeue_signal = getattr(signal, "SIGUSR2", None)
 
 @pytest.mark.skipif(requeue_signal is None, reason="no SIGUSR2 on this platform")
 def test_requeue_signal_is_deferred_until_the_checkpoint_is_saved(tmp_path):
-    """submitit's SIGUSR2 handler (requeue, then exit) runs only when the app says so, after the checkpoint."""
+    """submitit's SIGUSR2 handler (requeue, then exit) runs only when the app says so, after the
+    checkpoint."""
     calls: list[int] = []
     previous = signal.signal(requeue_signal, lambda signum, frame: calls.append(signum))
     try:

@@ -42,7 +42,8 @@ def taylor_features(x: Tensor) -> Tensor:
     """
     f = x.shape[-1]
     i, j = torch.triu_indices(f, f, device=x.device)
-    w = torch.where(i == j, 2**-0.5, 1.0).to(x.dtype) / math.sqrt(f)
+    # weights in x's dtype (python-scalar where() would round 1/sqrt(2) to float32 first)
+    w = torch.where(i == j, x.new_tensor(2**-0.5), x.new_tensor(1.0)) / math.sqrt(f)
     return torch.cat([torch.ones_like(x[..., :1]), x / f**0.25, x[..., i] * x[..., j] * w], dim=-1)
 
 
