@@ -20,7 +20,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from ess_train.callbacks import ESSMonitor, ESSRegularizer, ess_penalty
+from ess_train.callbacks import ESSMonitor, ESSRegularizer
+from ess_train.measure import ess_penalty
 from ess_train.models import SequenceModel, capture_operators, find_ess_layers
 from ess_train.tasks import MQARDataModule
 

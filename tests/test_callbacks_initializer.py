@@ -12,9 +12,9 @@ from tests.toy_modules import ToyDataModule, ToyLM, make_trainer, read_metrics_c
 DEFAULT = {"decay_low": 0.0, "decay_high": 0.3}
 
 
-def fit_with_initializer(tmp_path=None, seed: int = 0, **kwargs):
+def fit_with_initializer(tmp_path=None, seed: int = 0, model_cls=ToyLM, **kwargs):
     pl.seed_everything(123)  # the model's own init
-    model = ToyLM()
+    model = model_cls()
     init = ESSInitializer(seed=seed, **kwargs)
     trainer = make_trainer(tmp_path, [init], max_steps=1, limit_val_batches=0)
     trainer.fit(model, ToyDataModule())
@@ -103,3 +103,46 @@ def test_without_trainer_and_no_space():
     assert list(report) == ["layers.0"]
     with pytest.warns(UserWarning, match="no layer with apply_init"):
         ESSInitializer(probe_batch=probe).initialize(ToyLM(layer="mlp"))
+
+
+class KeywordLM(ToyLM):
+    """A module whose forward needs a keyword the probe's plain ``pl_module(inputs)`` does not pass."""
+
+    def forward(self, inputs, *, scale: float):
+        return super().forward(inputs) * scale
+
+    def loss(self, batch):
+        logits = self(batch["inputs"], scale=1.0)
+        return torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100
+        )
+
+
+def test_forward_fn_replaces_the_probe_forward():
+    """forward_fn(pl_module, inputs) runs every scoring forward (no_grad, eval mode), with and without a
+    trainer, and gives the same search as the plain forward of an equal model."""
+    calls = []
+
+    def forward_fn(module, inputs):
+        calls.append((torch.is_grad_enabled(), module.training))
+        return module(inputs, scale=1.0)
+
+    probe = torch.randint(0, 16, (4, 12), generator=torch.Generator().manual_seed(0))
+    pl.seed_everything(123)
+    plain = ESSInitializer(probe_batch=probe).initialize(ToyLM())
+    pl.seed_everything(123)
+    model = KeywordLM()
+    report = ESSInitializer(probe_batch=probe, forward_fn=forward_fn).initialize(model)
+    assert len(calls) == 2 * (1 + 9 + 1) and set(calls) == {(False, False)}  # before, 9 trials, after
+    assert model.training
+    assert [e["setting"] for e in report.values()] == [e["setting"] for e in plain.values()]
+    for name, entry in report.items():
+        assert entry["utilization_after"] == pytest.approx(plain[name]["utilization_after"], rel=1e-6)
+    with pytest.raises(TypeError, match="scale"):  # the plain forward cannot call this module
+        ESSInitializer(probe_batch=probe).initialize(KeywordLM())
+    # in fit, under the trainer's precision context
+    calls.clear()
+    init, _, trainer = fit_with_initializer(forward_fn=forward_fn, model_cls=KeywordLM)
+    assert len(calls) == 22 and trainer.global_step == 1
+    reference, _, _ = fit_with_initializer()
+    assert [e["setting"] for e in init.report.values()] == [e["setting"] for e in reference.report.values()]

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from ess_train.callbacks import ESSMonitor, ESSWarning
-from ess_train.callbacks._common import extract_inputs, resolve_positions
 from tests import tolerances
 from tests.toy_modules import ToyDataModule, ToyLM, make_trainer, read_metrics_csv
 
@@ -114,19 +113,6 @@ def test_operator_subset_scales_total():
     make_trainer(None, [monitor], max_steps=2).fit(ToyLM(), ToyDataModule())
     hist = monitor.history["layers.0"]
     assert hist["total"][-1] == pytest.approx(8 * hist["avg_entropy"][-1], rel=AGG)  # 8 channels
-
-
-def test_helpers():
-    assert resolve_positions(None, 10) is None
-    assert resolve_positions(3, 10) == [1, 5, 9]
-    assert resolve_positions(50, 5) == [1, 2, 3, 4]
-    assert resolve_positions([3, 1, 3], 5) == [1, 3]
-    with pytest.raises(ValueError):
-        resolve_positions([7], 5)
-    x = torch.zeros(2, 3)
-    assert extract_inputs({"tokens": x}, "tokens") is x and extract_inputs((x, 1)) is x
-    with pytest.raises(KeyError, match="input_key"):
-        extract_inputs({"x": x})
 
 
 def test_no_supported_layer_stands_aside(tmp_path):

@@ -9,10 +9,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from ess_train.callbacks import ESSRegularizer, ESSWarning, ess_penalty
-from ess_train.callbacks._common import compute_copy
-from ess_train.ess import RecurrentOperator, entropy_ess
-from ess_train.models.protocol import find_ess_layers, operators_of
+from ess_train.callbacks import ESSRegularizer, ESSWarning
+from ess_train.ess import entropy_ess
+from ess_train.models.protocol import operators_of
 from tests.toy_modules import ToyDataModule, ToyLM, make_trainer
 
 
@@ -76,27 +75,6 @@ def test_gradients_equal_manual_penalty(accumulate):
         differs |= not torch.allclose(p.grad, dict(plain.named_parameters())[name].grad, atol=1e-6)
     assert differs  # the penalty changed the gradient
     assert reg.last_penalty == pytest.approx(penalties[-1], rel=1e-5)
-
-
-def test_decay_identity_and_ceiling_penalties():
-    pl.seed_everything(0)
-    model = ToyLM()
-    inputs = ToyDataModule().train_dataloader().dataset.inputs[:4]
-    layers = find_ess_layers(model)
-    views = operators_of(model, inputs)
-    a = [torch.sigmoid(layer.decay_logit) for layer in layers.values()]
-    expected = torch.stack([(1 - x).square().mean() for x in a]).mean()
-    got = ess_penalty(views, layers, "decay_identity")
-    torch.testing.assert_close(got, expected)
-    got.backward()
-    assert all(layer.decay_logit.grad.abs().sum() > 0 for layer in layers.values())
-    views = operators_of(model, inputs)
-    ceiling = ess_penalty(
-        views, layers, "ceiling", target=0.0, num_positions=None, batch_rows=None, max_operators=None
-    )
-    avg = torch.stack([entropy_ess(v.op).mean() for v in views.values()]).mean()
-    torch.testing.assert_close(ceiling, avg)
-    assert float(ess_penalty(views, layers, "ceiling", target=100.0)) == 0.0
 
 
 def test_logs_schedule_and_resume(tmp_path):
@@ -181,49 +159,6 @@ def test_invalid_arguments():
         ESSRegularizer(mode="floor", target=3.0)
 
 
-def test_operator_subset_rotates_over_all_operators():
-    a = torch.arange(10.0).reshape(1, 10, 1, 1).expand(2, 10, 3, 1).contiguous()
-    op = RecurrentOperator(a, a, a)
-    assert compute_copy(op) is op  # nothing cut: the operator itself
-    seen = set()
-    for offset in range(10):
-        small = compute_copy(op, rows=1, operators=4, offset=offset)
-        assert small.batch_shape == (1, 4)
-        seen |= {int(v) for v in small.a[0, :, 0, 0]}
-    assert seen == set(range(10))
-
-
-def test_entropy_profiles_batches_compatible_operators_without_changing_results():
-    """One engine call per compatible group gives each operator's own profile, with its own gradients."""
-    from ess_train.callbacks._common import entropy_profile, entropy_profiles
-    from ess_train.ess import DenseOperator
-
-    g = torch.Generator().manual_seed(0)
-
-    def rec(batch, N, full=False):
-        a = torch.rand(*batch, 12, N, N, generator=g) / N if full else torch.rand(*batch, 12, N, generator=g)
-        return [
-            t.requires_grad_()
-            for t in (a, torch.randn(*batch, 12, N, generator=g), torch.randn(*batch, 12, N, generator=g))
-        ]
-
-    leaves = [rec((2, 3), 4), rec((1, 5), 4), rec((2, 3), 3), rec((2, 2), 3, full=True)]
-    ops = [RecurrentOperator(*x) for x in leaves]
-    T = torch.tril(torch.randn(2, 3, 12, 12, generator=g)).requires_grad_()
-    ops += [DenseOperator(T), DenseOperator(T[:1] * 2)]
-    positions = [[1, 5, 11], [1, 5, 11], [1, 5, 11], None, [2, 6], [2, 6]]
-    got = entropy_profiles(ops, positions)
-    for op, pos, out in zip(ops, positions, got):
-        torch.testing.assert_close(out, entropy_profile(op, pos), rtol=1e-5, atol=1e-6)
-    sum(out.sum() for out in got).backward(retain_graph=True)
-    grads = [x.grad.clone() for trio in leaves for x in trio] + [T.grad.clone()]
-    for x in [x for trio in leaves for x in trio] + [T]:
-        x.grad = None
-    sum(entropy_profile(op, pos).sum() for op, pos in zip(ops, positions)).backward()
-    for a, b in zip(grads, [x.grad for trio in leaves for x in trio] + [T.grad]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-
-
 def test_penalty_is_logged_on_the_steps_lightning_writes(tmp_path):
     """``ess/reg_loss`` reaches the logger at every written step (log_every_n_steps=3: steps 2 and 5)."""
     from tests.toy_modules import read_metrics_csv
@@ -233,25 +168,3 @@ def test_penalty_is_logged_on_the_steps_lightning_writes(tmp_path):
     trainer.fit(ToyLM(), ToyDataModule(n=64, batch_size=4))
     logged = [int(r["step"]) for r in read_metrics_csv(trainer) if r.get("ess/reg_loss")]
     assert logged == [2, 5] and reg.num_calls == 7
-
-
-def test_decay_identity_counts_only_learned_transitions():
-    """A short conv's shift register and linear attention's identity are fixed: they neither add a
-    constant nor dilute the mean over the layers whose transitions the penalty can move."""
-    from ess_train.models import SequenceModel
-
-    torch.manual_seed(0)
-    tokens = torch.randint(0, 32, (2, 16))
-    hybrid = SequenceModel(vocab_size=32, d_model=16, n_layers=2, mixer=["short_conv", "gla"])
-    layers = find_ess_layers(hybrid)
-    assert set(layers) == {"blocks.0.mixer", "blocks.1.mixer"}
-    views = operators_of(hybrid, tokens)
-    assert ess_penalty(views, layers, "decay_identity") is not None
-    gla_only = {"blocks.1.mixer": layers["blocks.1.mixer"]}
-    torch.testing.assert_close(
-        ess_penalty(views, layers, "decay_identity"), ess_penalty(views, gla_only, "decay_identity")
-    )
-    fixed = SequenceModel(vocab_size=32, d_model=16, n_layers=2, mixer=["short_conv", "linear_attention"])
-    views = operators_of(fixed, tokens)
-    assert all(isinstance(v.op, RecurrentOperator) for v in views.values())
-    assert ess_penalty(views, find_ess_layers(fixed), "decay_identity") is None

@@ -11,8 +11,7 @@ import torch
 
 import ess_train.callbacks.regularizer as regularizer_module
 from ess_train.callbacks import ESSMonitor, ESSRegularizer, ESSWarning, ess_penalty
-from ess_train.callbacks._common import layer_ess, position_bounds, resolve_positions, state_utilization
-from ess_train.ess import entropy_ess
+from ess_train.measure import position_bounds
 from ess_train.models.protocol import find_ess_layers, operators_of
 from tests.tolerances import tol
 from tests.toy_modules import ToyDataModule, ToyDense, ToyDenseNet, ToyLM, ToyRecurrence, make_trainer
@@ -24,18 +23,6 @@ AGG = tol(torch.float32, n=8 * 8 * 12)
 
 def ess_warnings(record, text: str = "") -> list[str]:
     return [str(w.message) for w in record if issubclass(w.category, ESSWarning) and text in str(w.message)]
-
-
-def test_position_bounds_and_helper():
-    assert position_bounds(4, 12, None) == [0, 1, 2, 3, 4, 4, 4, 4, 4, 3, 2, 1]
-    assert position_bounds(16, 32, [0, 1, 16, 31]) == [0, 1, 16, 1]
-    assert position_bounds(0, 12, None) == [0] * 12
-    ess = torch.tensor([[0.0, 1.0, 2.0, 1.0]])  # L = 4, per_operator 2: bounds 0, 1, 2, 1
-    assert float(state_utilization(ess, 2, 4, None)) == pytest.approx(1.0)
-    # position 0 (b_0 = 0, ESS_0 = 0) changes nothing
-    assert float(state_utilization(ess[:, 1:], 2, 4, [1, 2, 3])) == pytest.approx(1.0)
-    assert state_utilization(ess, 0, 4, None) is None
-    assert state_utilization(torch.zeros(1, 1), 3, 1, None) is None  # L = 1
 
 
 def test_full_rank_dense_operator_saturates():
@@ -65,44 +52,6 @@ def test_full_rank_dense_operator_saturates():
         views, layers, "floor", target=0.95, num_positions=None, batch_rows=None, max_operators=None
     )
     assert float(pen) == 0.0
-
-
-def test_gaussian_dense_operator_scales_to_its_rank():
-    """Random lower-triangular T: every H_i has full rank min(i, L - i); entropy-ESS (effective rank of a
-    Gaussian block) is ~0.9 of it, where the old definition gave < 0.5."""
-    pl.seed_everything(0)
-    lm = ToyLM(model=ToyDenseNet([ToyDense(kind="gaussian")]))
-    inputs = ToyDataModule().train_dataloader().dataset.inputs[:4]
-    layer = find_ess_layers(lm)["model.layers.0"]
-    view = operators_of(lm, inputs)["model.layers.0"]
-    stats = layer_ess(view, layer.state_size(12), None)
-    assert 0.8 < stats.utilization < 1
-    assert stats.avg_tolerance == pytest.approx(sum(position_bounds(6, 12, None)) / 12, rel=AGG)
-
-
-def test_floor_target_is_the_monitored_utilization():
-    """ess_penalty(floor, target=1) == (1 - utilization)^2 with the utilization layer_ess/ESSMonitor report,
-    for all positions and for an int count of positions (which leaves position 0 out)."""
-    pl.seed_everything(0)
-    lm = ToyLM()
-    inputs = ToyDataModule().train_dataloader().dataset.inputs[:4]
-    layers = find_ess_layers(lm)
-    name = "layers.0"
-    for spec in (None, 5):
-        views = {name: operators_of(lm, inputs)[name]}
-        pen = ess_penalty(
-            views, layers, "floor", target=1.0, num_positions=spec, batch_rows=None, max_operators=None
-        )
-        positions = resolve_positions(spec, 12)
-        stats = layer_ess(views[name], layers[name].state_size(12), positions)
-        # (1 - u)^2 carries u's relative error times 2 u / (1 - u)
-        u = stats.utilization
-        assert float(pen) == pytest.approx((1 - u) ** 2, rel=AGG * (1 + 2 * u / (1 - u)))
-    # direct formula at all positions
-    ess = entropy_ess(views[name].op).mean(dim=(0, 1))
-    util = float(ess.sum()) / sum(min(4, i, 12 - i) for i in range(12))
-    stats = layer_ess(views[name], layers[name].state_size(12), None)
-    assert stats.utilization == pytest.approx(util, rel=AGG)
 
 
 def test_zero_state_layer_is_skipped_with_a_warning():

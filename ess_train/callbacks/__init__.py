@@ -6,11 +6,12 @@
 
 They work with any LightningModule whose layers implement the operator protocol
 (``ess_train.models.protocol``); layers are found with ``find_ess_layers(pl_module, include, exclude)``.
+What they measure is computed by ``ess_train.measure`` (``ess_penalty`` and ``ESSWarning`` come from there).
 """
 
-from ess_train.callbacks._common import ESSWarning
 from ess_train.callbacks.initializer import ESSInitializer
 from ess_train.callbacks.monitor import ESSMonitor
-from ess_train.callbacks.regularizer import ESSRegularizer, ess_penalty
+from ess_train.callbacks.regularizer import ESSRegularizer
+from ess_train.measure import ESSWarning, ess_penalty
 
 __all__ = ["ESSMonitor", "ESSRegularizer", "ESSInitializer", "ESSWarning", "ess_penalty"]

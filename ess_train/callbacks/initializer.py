@@ -7,7 +7,7 @@ import itertools
 import math
 import random
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 
@@ -17,17 +17,17 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from ess_train.callbacks._common import (
+from ess_train.callbacks._common import log_to_loggers
+from ess_train.measure import (
     ESSWarning,
     PositionSpec,
-    eval_mode,
     fetch_probe,
     layer_ess,
-    log_to_loggers,
     probe_from_batch,
+    probe_views,
     resolve_positions,
 )
-from ess_train.models.protocol import capture_operators, find_ess_layers
+from ess_train.models.protocol import find_ess_layers
 
 __all__ = ["ESSInitializer"]
 
@@ -43,12 +43,13 @@ class ESSInitializer(Callback):
     search space (first entry: all defaults), or the defaults plus a seeded random subset when the grid
     has more than ``max_trials`` settings. Each candidate is applied to the layer's original parameters
     (``apply_init`` runs under a seed derived from ``seed``, the layer name and the setting), scored by a
-    ``no_grad`` eval-mode forward on the probe, and the best one is kept: highest ``metric``, or closest to
-    ``target`` when given (ties: the earlier candidate). Layers that come later see the earlier choices.
+    ``no_grad`` eval-mode forward on the probe (``ess_train.measure.probe_views``), and the best one is
+    kept: highest ``metric``, or closest to ``target`` when given (ties: the earlier candidate). Layers that
+    come later see the earlier choices.
 
     ``metric``: ``"utilization"`` (the one ESSMonitor logs:
     ``sum_i ESS_i / sum_i min(per_operator, i, L - i)`` over the evaluated positions,
-    ``_common.state_utilization``; a layer where it is undefined, ``per_operator == 0``, keeps its
+    ``ess_train.measure.state_utilization``; a layer where it is undefined, ``per_operator == 0``, keeps its
     defaults, with a warning), ``"ess"`` (mean entropy-ESS) or
     ``"total"`` (layer total ESS). Logs ``init/<layer>/ess_before``, ``init/<layer>/ess_after`` (mean
     entropy-ESS) and ``init/<layer>/utilization_before``/``_after`` at step 0; ``report`` holds, per layer,
@@ -61,6 +62,8 @@ class ESSInitializer(Callback):
         positions: positions for the ESS estimate (``None``: all, as ESSMonitor; an int ``k``: ``k`` in
             ``[1, L-1]``).
         max_operators: score on at most this many evenly spaced operators per layer (``None``: all).
+        forward_fn: ``forward_fn(pl_module, inputs)`` replacing ``pl_module(inputs)`` in each scoring
+            forward, for modules with another signature (as ESSMonitor's ``forward_fn``).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class ESSInitializer(Callback):
         positions: PositionSpec = None,
         input_key: str = "inputs",
         max_operators: int | None = None,
+        forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
     ) -> None:
         super().__init__()
         if metric not in ("utilization", "ess", "total"):
@@ -94,6 +98,7 @@ class ESSInitializer(Callback):
         self.positions = positions
         self.input_key = input_key
         self.max_operators = max_operators
+        self.forward_fn = forward_fn
         self._probe = (
             probe_from_batch(probe_batch, probe_size, input_key) if probe_batch is not None else None
         )
@@ -195,13 +200,8 @@ class ESSInitializer(Callback):
     def _measure(
         self, pl_module: nn.Module, name: str, layer: nn.Module, inputs: Tensor, trainer: Any
     ) -> Any:
-        with torch.no_grad(), eval_mode(pl_module), capture_operators({name: layer}) as views:
-            if trainer is not None:
-                with trainer.precision_plugin.forward_context():
-                    pl_module(inputs)
-            else:
-                pl_module(inputs)
-        view = views[name]
+        context = trainer.precision_plugin.forward_context() if trainer is not None else None
+        view = probe_views(pl_module, inputs, {name: layer}, self.forward_fn, context)[name]
         size = layer.state_size(view.op.seq_len)
         positions = resolve_positions(self.positions, view.op.seq_len)
         return layer_ess(view, size, positions, tolerance=False, max_operators=self.max_operators)

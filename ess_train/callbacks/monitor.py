@@ -15,20 +15,18 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from ess_train.callbacks._common import (
+from ess_train.callbacks._common import log_to_loggers, logger_step, short_traceback
+from ess_train.measure import (
     ESSWarning,
     PositionSpec,
-    eval_mode,
     fetch_probe,
     kv_pairs_for,
     layer_ess,
-    log_to_loggers,
-    logger_step,
     probe_from_batch,
+    probe_views,
     resolve_positions,
-    short_traceback,
 )
-from ess_train.models.protocol import capture_operators, find_ess_layers
+from ess_train.models.protocol import find_ess_layers
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +49,11 @@ class ESSMonitor(Callback):
     - ``ess/<layer>/avg_tolerance``: tolerance-ESS, same average;
     - ``ess/<layer>/utilization``: ``sum_i ESS_i / sum_i b_i`` over the evaluated positions, with the
       per-position bound ``b_i = min(StateSize.per_operator, i, L - i)`` on ``rank(H_i)`` and ``ESS_i`` the
-      (row, operator)-mean entropy-ESS (``_common.state_utilization``; the same number ESSRegularizer's
-      floor and ESSInitializer use). In ``[0, 1]``; 1 when every ``H_i`` is at its bound with a flat
-      spectrum; position 0 (``b_0 = 0``) adds nothing. Not logged for a layer where it is undefined
-      (``per_operator == 0``, e.g. ``window=1`` sliding-window attention, or ``L == 1``; warned once);
+      (row, operator)-mean entropy-ESS (``ess_train.measure.state_utilization``; the same number
+      ESSRegularizer's floor and ESSInitializer use). In ``[0, 1]``; 1 when every ``H_i`` is at its bound
+      with a flat spectrum; position 0 (``b_0 = 0``) adds nothing. Not logged for a layer where it is
+      undefined (``per_operator == 0``, e.g. ``window=1`` sliding-window attention, or ``L == 1``; warned
+      once);
     - ``ess/<layer>/total``: ``multiplicity * sum over operators`` of avg entropy-ESS (mean over rows);
     - ``ess/<layer>/per_kv``: total / key-value pairs of the row (``num_kv_pairs``/``slice_kv_pairs``);
 
@@ -337,12 +336,6 @@ class ESSMonitor(Callback):
         log_to_loggers(trainer, metrics)
         self._tss_logged = True
 
-    def _forward(self, pl_module: pl.LightningModule, inputs: Tensor) -> None:
-        if self.forward_fn is not None:
-            self.forward_fn(pl_module, inputs)
-        else:
-            pl_module(inputs)
-
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> dict[str, float] | None:
@@ -357,10 +350,9 @@ class ESSMonitor(Callback):
         self._log_tss(trainer)
         inputs = probe[0].to(pl_module.device)
         kv = kv_pairs_for(getattr(trainer, "datamodule", None), probe[1])
-        with torch.no_grad(), eval_mode(pl_module), capture_operators(self.layers) as captured:
-            with trainer.precision_plugin.forward_context():
-                self._forward(pl_module, inputs)
-        views = dict(captured)
+        views = probe_views(
+            pl_module, inputs, self.layers, self.forward_fn, trainer.precision_plugin.forward_context()
+        )
 
         metrics: dict[str, float] = {}
         totals: list[float] = []

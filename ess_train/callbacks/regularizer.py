@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import functools
-import warnings
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -13,114 +12,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from ess_train.callbacks._common import (
-    ESSWarning,
-    compute_copy,
-    entropy_profiles,
-    no_autocast,
-    position_bounds,
-    resolve_positions,
-    state_utilization,
-)
-from ess_train.ess import DenseOperator, RecurrentOperator
-from ess_train.models.protocol import OperatorView, capture_operators, find_ess_layers
+from ess_train.measure import MODES, ESSWarning, Mode, ess_penalty
+from ess_train.models.protocol import capture_operators, find_ess_layers
 
-__all__ = ["ESSRegularizer", "ess_penalty"]
-
-Mode = Literal["floor", "ceiling", "decay_identity"]
-MODES = ("floor", "ceiling", "decay_identity")
-
-
-def ess_penalty(
-    views: Mapping[str, OperatorView],
-    layers: Mapping[str, nn.Module],
-    mode: Mode = "floor",
-    target: float | None = None,
-    num_positions: int | None = 16,
-    batch_rows: int | None = 2,
-    max_operators: int | None = 8,
-    offset: int = 0,
-    warn: Callable[[str, str], None] | None = None,
-) -> Tensor | None:
-    """The differentiable penalty of ``mode`` over the captured ``views`` (``None`` when nothing applies).
-
-    - ``floor``: ``mean over layers of relu(target - utilization)^2`` (``target`` default 0.5), with the
-      utilization ESSMonitor logs (``ess/<layer>/utilization``, :func:`state_utilization`):
-      ``sum_i ESS_i / sum_i min(StateSize.per_operator, i, L - i)`` over the evaluated positions, entropy-ESS
-      averaged over the rows and operators used. A layer whose utilization is undefined
-      (``per_operator == 0``, e.g. sliding-window attention with ``window=1``, or ``L == 1``) is skipped,
-      with a warning (once per layer through ``warn``);
-    - ``ceiling``: ``mean over layers of relu(mean entropy-ESS - target)`` (``target``: ESS budget per
-      operator; the mean is over the evaluated positions, rows and operators);
-    - ``decay_identity``: mean over recurrent layers of ``mean((1 - a)^2)`` (diagonal transitions) or
-      ``mean_t ||A_t - I||_F^2 / N`` (full), which pulls transitions towards the identity (longer memory).
-      Only learned transitions count (``a.requires_grad``): a fixed one (the short convolution's shift
-      register, linear attention's identity) has nothing to pull and would only add a constant and
-      dilute the mean over the layers that do. Hence views captured under ``torch.no_grad()`` (or with
-      every parameter upstream of the gates frozen) give ``None``: nothing could receive a gradient.
-
-    Entropy-ESS runs in float32 with autocast off, on the first ``batch_rows`` rows, ``max_operators``
-    operators (stride ``G // max_operators``, starting at ``offset``) and ``num_positions`` evenly spaced
-    positions in ``[1, L-1]`` (``None``: all; position 0 adds nothing to the floor's utilization either way).
-    ``warn(key, message)``: warning sink (default ``warnings.warn`` with :class:`ESSWarning`); the
-    regularizer passes its warn-once.
-    """
-    if warn is None:
-
-        def warn(key: str, message: str) -> None:
-            warnings.warn(message, ESSWarning, stacklevel=3)
-
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    terms: list[Tensor] = []
-    # floor/ceiling: (layer, operator copy, positions, per-operator bound); ESS of all in batched calls
-    jobs: list[tuple[str, DenseOperator | RecurrentOperator, list[int] | None, int]] = []
-    for name, view in views.items():
-        if name not in layers:
-            continue
-        op = view.op
-        if mode == "decay_identity":
-            if not isinstance(op, RecurrentOperator):
-                continue
-            a = op.a  # (built on each read by the lazy operators: read once)
-            if not a.requires_grad:
-                continue
-            a = a if a.dtype == torch.float64 else a.float()
-            if op.diagonal:
-                terms.append((1.0 - a).square().mean())
-            else:
-                eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-                terms.append((a - eye).square().sum((-2, -1)).mean() / a.shape[-1])
-            continue
-        if mode == "ceiling" and target is None:
-            raise ValueError("mode='ceiling' needs target= (ESS budget per operator)")
-        seq_len = op.seq_len
-        positions = resolve_positions(num_positions, seq_len)
-        per_op = 0
-        if mode == "floor":
-            per_op = int(layers[name].state_size(seq_len).per_operator)
-            if sum(position_bounds(per_op, seq_len, positions)) <= 0:
-                warn(
-                    f"undefined-utilization:{name}",
-                    f"ESSRegularizer: layer {name!r} has no state to fill at seq_len={seq_len} "
-                    f"(per_operator={per_op}): utilization is undefined; the floor skips it.",
-                )
-                continue
-        small = compute_copy(op, rows=batch_rows, operators=max_operators, offset=offset)
-        jobs.append((name, small, positions, per_op))
-    if jobs:
-        with no_autocast(jobs[0][1]):
-            profiles = entropy_profiles([j[1] for j in jobs], [j[2] for j in jobs])
-        for (_, small, positions, per_op), ent in zip(jobs, profiles):
-            if mode == "floor":
-                util = state_utilization(ent, per_op, small.seq_len, positions)
-                assert util is not None  # bounds checked above
-                terms.append(torch.relu((0.5 if target is None else target) - util).square())
-            else:
-                terms.append(torch.relu(ent.mean() - target))
-    if not terms:
-        return None
-    return torch.stack(terms).mean()
+__all__ = ["ESSRegularizer"]
 
 
 def _logs_this_step(trainer: pl.Trainer) -> bool:

@@ -159,7 +159,7 @@ def model_ess(
     averaged over those layers:
     ``ess_per_op`` (mean per operator), ``ess_total`` (per layer: multiplicity x sum over operators),
     ``tss`` (per layer total), ``tss_per_op``."""
-    from ess_train.callbacks._common import layer_ess
+    from ess_train.measure import layer_ess
 
     model.eval()
     L = inputs.shape[1]

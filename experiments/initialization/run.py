@@ -1,7 +1,7 @@
 """Study 3: ESS at initialization, and ESSInitializer against the default initialization.
 
 (a) ``ess_at_init.csv``: no training. Models are built (several seeds), one batch of MQAR inputs goes through
-    ``model.ess_operators``, and entropy-ESS is computed per layer (``ess_train.callbacks._common.layer_ess``,
+    ``model.ess_operators``, and entropy-ESS is computed per layer (``ess_train.measure.layer_ess``,
     the monitor's own reduction). Mamba: ``d_state`` grows; GLA: per-head ``d_k`` grows (``expand_k``) and the
     number of heads grows at a fixed key width. TSS = the layer's total theoretical state size
     (Mamba ``d_inner * N``, GLA ``heads * d_k * d_v``); per-operator bound = ``d_state`` / ``d_k``.
@@ -57,7 +57,7 @@ def ess_at_init_points(smoke: bool) -> list[tuple[str, str, dict]]:
 
 
 def run_ess_at_init(out_csv: Path, smoke: bool) -> list[dict]:
-    from ess_train.callbacks._common import layer_ess
+    from ess_train.measure import layer_ess
     from ess_train.models import SequenceModel
     from ess_train.tasks import MQARDataModule
 

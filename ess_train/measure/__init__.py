@@ -1,0 +1,57 @@
+"""Measuring a model's ESS: one home, below Lightning.
+
+What ESS means for a model with protocol layers (``ess_train.models.protocol``), on top of the engine
+(``ess_train.ess``): which positions (:mod:`~ess_train.measure.positions`), the per-layer statistics and the
+one state-utilization definition (:mod:`~ess_train.measure.stats`), probe batches and the one probe forward
+(:mod:`~ess_train.measure.probe`) and the differentiable penalty (:mod:`~ess_train.measure.penalty`). The
+Lightning callbacks (``ess_train.callbacks``) schedule and log these; nothing here imports Lightning, so a
+script, a notebook or another trainer measures a model the same way.
+"""
+
+from ess_train.measure.penalty import MODES, Mode, ess_penalty
+from ess_train.measure.positions import PositionSpec, position_bounds, resolve_positions
+from ess_train.measure.probe import (
+    eval_mode,
+    extract_inputs,
+    fetch_probe,
+    kv_pairs_for,
+    probe_from_batch,
+    probe_rows,
+    probe_views,
+)
+from ess_train.measure.stats import (
+    LayerESS,
+    compute_copy,
+    concat_operators,
+    entropy_profile,
+    entropy_profiles,
+    layer_ess,
+    no_autocast,
+    state_utilization,
+)
+from ess_train.measure.warning import ESSWarning
+
+__all__ = [
+    "compute_copy",
+    "concat_operators",
+    "entropy_profile",
+    "entropy_profiles",
+    "ess_penalty",
+    "ESSWarning",
+    "eval_mode",
+    "extract_inputs",
+    "fetch_probe",
+    "kv_pairs_for",
+    "layer_ess",
+    "LayerESS",
+    "Mode",
+    "MODES",
+    "no_autocast",
+    "position_bounds",
+    "PositionSpec",
+    "probe_from_batch",
+    "probe_rows",
+    "probe_views",
+    "resolve_positions",
+    "state_utilization",
+]
