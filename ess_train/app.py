@@ -94,7 +94,7 @@ def _float(value: Any) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
-def _build_logger(node: DictConfig | None, version: str | None) -> Any:
+def _build_logger(node: DictConfig | None, version: str | int | None) -> Any:
     if node is None or node.get("_target_") is None:
         return False
     return instantiate(node, **({"version": version} if version is not None else {}))
@@ -154,7 +154,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         hparams = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         logger.log_hyperparams(OmegaConf.to_container(hparams, resolve=True))
     if trainer.is_global_zero:  # after log_hyperparams, which starts the W&B run and so fixes its id
-        save_run_file(out_dir, cfg, str(logger.version) if logger and logger.version is not None else None)
+        # as the logger has it: an int is a CSV/TensorBoard version_<n> directory, a string a name or W&B id
+        save_run_file(out_dir, cfg, logger.version if logger else None)
 
     stopped: SIGTERMException | None = None
     try:

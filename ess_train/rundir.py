@@ -85,7 +85,7 @@ class ResumePlan:
 
     config: DictConfig  #: the config to run (the saved one, with this start's overrides applied)
     checkpoint: Path | None  #: checkpoint to continue from (None: a fresh run)
-    logger_version: str | None  #: the logger's run id/version to continue (W&B id, CSV/TensorBoard version)
+    logger_version: str | int | None  #: the logger's run id/version to continue (W&B id, CSV/TB version)
     run_dir: Path  #: where everything goes
 
     @property
@@ -163,7 +163,7 @@ def _rebase(node: Any, old: str, new: str) -> None:
             node[key] = new + value[len(old) :]
 
 
-def save_run_file(run_dir: Path, config: DictConfig, logger_version: str | None) -> Path:
+def save_run_file(run_dir: Path, config: DictConfig, logger_version: str | int | None) -> Path:
     """Write ``run.json`` at a run's first start: its resolved config and the logger's run id/version."""
     path = run_dir / RUN_FILE
     if path.is_file():  # a resumed start keeps the first start's record

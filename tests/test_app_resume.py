@@ -3,6 +3,7 @@ it gives the weights, metrics and ESS history of an uninterrupted run, in one W&
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import signal
@@ -117,3 +118,20 @@ def test_resume_of_a_directory_that_is_not_a_run_is_a_config_error(tmp_path):
     assert proc.returncode == 2
     assert "not an ess-train run directory" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_resumed_csv_run_continues_its_metrics_file(tmp_path):
+    """logger=csv: the resumed start writes into the same version directory and keeps the earlier rows."""
+    run_dir = tmp_path / "run"
+    killer = ["+callbacks.killer._target_=tests.signal_at.SignalAt", f"+callbacks.killer.step={STOP_AT}"]
+    proc = _run_app([*RUN, "logger=csv", *killer, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    proc = _run_app([f"resume={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (metrics,) = list((run_dir / "csv").glob("*/metrics.csv"))
+    assert metrics.parent.name == "version_0"
+    rows = list(csv.DictReader(metrics.open(newline="")))
+    steps = sorted({int(r["step"]) for r in rows if r.get("train/loss")})
+    assert steps == list(range(12))  # every step's loss, before and after the interruption
+    ess_steps = [int(r["step"]) for r in rows if r.get("ess/total")]
+    assert ess_steps == [0, 1, 3, 5, 7, 9, 11]  # optimizer steps 0, 2, ..., 12, once each
