@@ -121,7 +121,7 @@ def interleaved_penalty_cost(args: argparse.Namespace, dm: MQARDataModule, iters
     pl.seed_everything(0, verbose=False)
     device = torch.device("cuda" if torch.cuda.is_available() and args.accelerator != "cpu" else "cpu")
     lm = build(args).to(device)
-    reg = ESSRegularizer(weight=1e-2, target=0.5)
+    reg = ESSRegularizer(weight=1e-2, min_utilization=0.5)
     layers = find_ess_layers(lm)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -141,10 +141,11 @@ def interleaved_penalty_cost(args: argparse.Namespace, dm: MQARDataModule, iters
                 views,
                 layers,
                 reg.mode,
-                reg.target,
-                reg.num_positions,
-                reg.batch_rows,
-                reg.max_operators,
+                min_utilization=reg.min_utilization,
+                max_ess=reg.max_ess,
+                positions=reg.positions,
+                batch_rows=reg.batch_rows,
+                max_operators=reg.max_operators,
                 offset=i,
             )
             loss = loss + reg.weight * penalty
@@ -207,7 +208,7 @@ def main() -> None:
             f"ESSMonitor every {args.monitor_every}",
             lambda: [timed_monitor(ESSMonitor(args.monitor_every, positions=positions))],
         ),
-        ("ESSRegularizer every step", lambda: [ESSRegularizer(weight=1e-2, target=0.5)]),
+        ("ESSRegularizer every step", lambda: [ESSRegularizer(weight=1e-2, min_utilization=0.5)]),
     ]
     best: dict[str, dict[str, float]] = {}
     extra: dict[str, str] = {}

@@ -18,6 +18,7 @@ Prints two markdown tables (times are medians of ``--reps`` runs after one warm-
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -29,9 +30,14 @@ from torch import Tensor, nn
 
 from ess_train.ess import RecurrentOperator, entropy_ess
 from ess_train.models import SequenceModel, build_mixer, mixer_names
-from ess_train.models.mixers._common import chunk_linear_attention, sub_chunk_for
-from ess_train.models.mixers.mamba import SelectiveSSMOperator, mamba_scan, selective_scan_reference
+from ess_train.models.mixers.mamba import SelectiveSSMOperator
+from ess_train.models.ops import chunk_linear_attention, mamba_scan, sub_chunk_for
 from ess_train.models.protocol import OperatorView
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.reference_ops import mamba_scan_reference as mamba_recurrence_reference  # noqa: E402
 
 
 def timeit(fn: Callable[[], Any], reps: int) -> float:
@@ -54,13 +60,6 @@ def fwd_bwd(
 
 
 # ---------------------------------------------------------------------------------- token-by-token refs
-def mamba_recurrence_reference(dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, u: Tensor) -> Tensor:
-    """``h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t``, ``y_t = C_t . h_t`` token by token (``y [b, D, L]``)."""
-    log_a = dt[..., None] * A[:, None, :]
-    h = selective_scan_reference(log_a, (dt * u)[..., None] * Bm[:, None])
-    return torch.einsum("bdln,bln->bdl", h, Cm)
-
-
 def mamba_reference_forward(m: nn.Module, x: Tensor) -> Tensor:
     """The Mamba mixer with its scan replaced by the token-by-token recurrence."""
     f = m._features(x)

@@ -26,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ess_train.callbacks import ESSMonitor
 from ess_train.config import ConfigError, validate_config
 from ess_train.interrupt import GracefulStop, SIGTERMException
 from ess_train.lit import SequenceLM
@@ -185,9 +186,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary["checkpoint"] = str(last) if last else None
         summary["best_checkpoint"] = getattr(checkpointing, "best_model_path", "") or None
     for cb in callbacks:
-        if hasattr(cb, "summary") and callable(cb.summary):
-            summary["ess"] = cb.summary()
-        if cfg.save_plots and hasattr(cb, "save_plots") and trainer.is_global_zero:
+        if not isinstance(cb, ESSMonitor):
+            continue
+        summary["ess"] = cb.summary()
+        if cfg.save_plots and trainer.is_global_zero:
             try:
                 summary["plots"] = [str(p) for p in cb.save_plots(out_dir / "plots")]
             except Exception as err:  # plots never cost a run its summary (unless the callback is strict)

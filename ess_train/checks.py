@@ -1,10 +1,20 @@
-"""Argument checks shared by the tasks and the mixers (no torch): each error names the argument, the value
-it got and the bound it breaks, so a bad Hydra override fails with a message that says what to fix."""
+"""Argument checks shared by the tasks, the models and the config validation (no torch): each error names
+the argument, the value it got and the bound it breaks, so a bad Hydra override fails with a message that
+says what to fix.
+
+Keyword names: :func:`accepted_keywords` (what a callable, a class or a task's dataclass ``config_cls``
+accepts), :func:`unknown_keys_message` / :func:`check_keywords` (the one "unknown key, did you mean"
+error) and :func:`renamed_keyword` (a deprecated keyword still accepted for one release).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import inspect
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 __all__ = [
@@ -15,6 +25,12 @@ __all__ = [
     "check_positive_int",
     "check_positive_float",
     "check_open_unit",
+    "accepted_keywords",
+    "suggest",
+    "unknown_keys_message",
+    "check_keywords",
+    "UNSET",
+    "renamed_keyword",
 ]
 
 
@@ -76,3 +92,113 @@ def check_open_unit(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
         raise ValueError(f"{name} must be a number in the open interval (0, 1), got {value!r}")
     return float(value)
+
+
+# --------------------------------------------------------------------------- keyword names
+
+
+def accepted_keywords(target: Any) -> tuple[frozenset[str], bool]:
+    """Keyword names ``target`` accepts, and whether it takes ``**kwargs``.
+
+    ``target`` is a callable or a class (its constructor, ``self`` left out); a class with a dataclass
+    ``config_cls`` (the task data modules) accepts that dataclass's fields, and a dataclass its init fields.
+    """
+    config_cls = getattr(target, "config_cls", None)
+    if config_cls is not None and dataclasses.is_dataclass(config_cls):
+        return frozenset(f.name for f in dataclasses.fields(config_cls) if f.init), False
+    if isinstance(target, type) and dataclasses.is_dataclass(target):
+        return frozenset(f.name for f in dataclasses.fields(target) if f.init), False
+    names: set[str] = set()
+    var_kw = False
+    for p in inspect.signature(target).parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            var_kw = True
+        elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            names.add(p.name)
+    names.discard("self")
+    return frozenset(names), var_kw
+
+
+def _closest(key: str, valid: Iterable[str]) -> str | None:
+    close = difflib.get_close_matches(key, sorted(valid), n=1)
+    return close[0] if close else None
+
+
+def suggest(key: str, valid: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest valid name, or ``""``."""
+    close = _closest(key, valid)
+    return f" (did you mean '{close}'?)" if close else ""
+
+
+def unknown_keys_message(unknown: Sequence[str], accepted: Iterable[str], where: str = "") -> str:
+    """``unknown key 'n_layer' for SequenceModel (did you mean 'n_layers'?); valid keys: a, b`` (several
+    keys: ``unknown keys ['a', 'b'] ...`` with a suggestion for each that has one)."""
+    valid = sorted(accepted)
+    unknown = sorted(unknown)
+    where = f" {where}" if where else ""
+    if len(unknown) == 1:
+        head = f"unknown key {unknown[0]!r}{where}{suggest(unknown[0], valid)}"
+    else:
+        hints = [f"'{c}' for {k!r}" for k in unknown if (c := _closest(k, valid))]
+        head = f"unknown keys {unknown}{where}" + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+    return f"{head}; valid keys: {', '.join(valid)}"
+
+
+def check_keywords(
+    given: Iterable[str],
+    target: Any = None,
+    *,
+    accepted: Iterable[str] | None = None,
+    where: str = "",
+    error: Callable[[str], Exception] = ValueError,
+) -> None:
+    """Raise ``error(message)`` (:func:`unknown_keys_message`) for names in ``given`` that ``target``
+    (see :func:`accepted_keywords`) or the explicit ``accepted`` names do not accept; nothing is unknown
+    to a target taking ``**kwargs``."""
+    if accepted is None:
+        names, var_kw = accepted_keywords(target)
+        if var_kw:
+            return
+    else:
+        names = frozenset(accepted)
+    unknown = [k for k in given if k not in names]
+    if unknown:
+        raise error(unknown_keys_message(unknown, names, where))
+
+
+class _Unset:
+    """Default of a deprecated keyword: tells "not given" from any value (``None`` included)."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+#: the default of a deprecated keyword argument (see :func:`renamed_keyword`)
+UNSET: Any = _Unset()
+
+
+def renamed_keyword(
+    owner: str,
+    old: str,
+    new: str,
+    old_value: Any,
+    new_value: Any,
+    new_default: Any,
+    stacklevel: int = 3,
+) -> Any:
+    """The value for keyword ``new`` when its deprecated name ``old`` may have been given instead.
+
+    ``old_value is UNSET``: ``new_value``. Otherwise a ``DeprecationWarning`` naming ``new`` (``stacklevel``
+    as for ``warnings.warn``, counted from the caller of this function: 3 points at the caller's caller)
+    and ``old_value`` (a ``ValueError`` when ``new`` was given too, with a value other than its default).
+    """
+    if old_value is UNSET:
+        return new_value
+    if new_value is not new_default and new_value != new_default:
+        raise ValueError(f"{owner}: pass {new}= only ({old}= is its deprecated name), not both")
+    warnings.warn(
+        f"{owner}: {old}= is deprecated and will be removed in the next release; use {new}=",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+    return old_value

@@ -8,14 +8,12 @@ the keys the app knows, and raises :class:`ConfigError` naming the full key path
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import inspect
-from collections.abc import Iterable
 from typing import Any
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ess_train.checks import accepted_keywords, unknown_keys_message
 
 __all__ = ["ConfigError", "validate_config", "TOP_LEVEL_KEYS"]
 
@@ -47,31 +45,6 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot be used."""
 
 
-def _suggest(key: str, valid: Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _accepted_keys(target: Any) -> tuple[set[str], bool]:
-    """Keyword names ``target`` accepts, and whether it takes ``**kwargs``.
-
-    A class with a dataclass ``config_cls`` (the task data modules) accepts that dataclass's fields.
-    """
-    config_cls = getattr(target, "config_cls", None)
-    if config_cls is not None and dataclasses.is_dataclass(config_cls):
-        return {f.name for f in dataclasses.fields(config_cls)}, False
-    sig = inspect.signature(target)
-    names = set()
-    var_kw = False
-    for p in sig.parameters.values():
-        if p.kind is p.VAR_KEYWORD:
-            var_kw = True
-        elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-            names.add(p.name)
-    names.discard("self")
-    return names, var_kw
-
-
 def _validate_node(node: Any, path: str, group: str) -> None:
     if isinstance(node, ListConfig):
         for i, item in enumerate(node):
@@ -85,7 +58,7 @@ def _validate_node(node: Any, path: str, group: str) -> None:
             target = get_object(str(target_name))
         except Exception as err:  # ImportError, AttributeError, hydra's InstantiationException
             raise ConfigError(f"{path}._target_: cannot import '{target_name}': {err}") from err
-        accepted, var_kw = _accepted_keys(target)
+        accepted, var_kw = accepted_keywords(target)
         passed = _PASSED_BY_APP.get(path, set())
         for key in node:
             key = str(key)
@@ -97,8 +70,7 @@ def _validate_node(node: Any, path: str, group: str) -> None:
                 )
             if key not in accepted and not var_kw:
                 raise ConfigError(
-                    f"{path}.{key}: unknown key for {target_name}{_suggest(key, accepted)}; "
-                    f"valid keys: {', '.join(sorted(accepted - passed))}"
+                    f"{path}.{key}: {unknown_keys_message([key], accepted - passed, f'for {target_name}')}"
                 )
         # a target may check its keys' values too (SequenceModel: mixer names and mixer_kwargs)
         check = getattr(target, "validate_kwargs", None)
@@ -120,10 +92,8 @@ def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for any unknown key in ``cfg`` (the app's composed config)."""
     for key in cfg:
         if str(key) not in TOP_LEVEL_KEYS:
-            raise ConfigError(
-                f"{key}: unknown top-level key{_suggest(str(key), TOP_LEVEL_KEYS)}; "
-                f"valid keys: {', '.join(sorted(TOP_LEVEL_KEYS - {'hydra'}))}"
-            )
+            message = unknown_keys_message([str(key)], TOP_LEVEL_KEYS - {"hydra"}, "at top level")
+            raise ConfigError(f"{key}: {message}")
     for group in ("model", "task", "trainer", "logger", "callbacks", "checkpoint"):
         node = cfg.get(group)
         if node is None:
@@ -137,13 +107,11 @@ def validate_config(cfg: DictConfig) -> None:
     if optim is not None:
         from ess_train.lit import SequenceLM
 
-        accepted, _ = _accepted_keys(SequenceLM)
+        accepted = accepted_keywords(SequenceLM)[0] - {"model"}
         for key in optim:
-            if str(key) not in accepted - {"model"}:
-                raise ConfigError(
-                    f"optim.{key}: unknown key for ess_train.lit.SequenceLM{_suggest(str(key), accepted)}; "
-                    f"valid keys: {', '.join(sorted(accepted - {'model'}))}"
-                )
+            if str(key) not in accepted:
+                message = unknown_keys_message([str(key)], accepted, "for ess_train.lit.SequenceLM")
+                raise ConfigError(f"optim.{key}: {message}")
     # resolve everything once so that broken interpolations fail now, not mid-run
     for key in cfg:
         if str(key) == "hydra":

@@ -89,6 +89,25 @@ def test_typo_suggests_the_right_key() -> None:
         validate_config(cfg)
 
 
+@pytest.mark.parametrize(
+    "override",
+    [
+        "+callbacks.regularizer.min_utilization=0.9",
+        "+callbacks.regularizer.positions=8",
+        "+callbacks.regularizer.target=0.9",  # deprecated names: still valid keys for one release
+        "+callbacks.regularizer.num_positions=8",
+    ],
+)
+def test_regularizer_keys_new_and_deprecated_validate(override: str) -> None:
+    validate_config(_compose(["callbacks=regularized", override]))
+
+
+def test_regularizer_typo_suggests_the_new_name() -> None:
+    cfg = _compose(["callbacks=regularized", "+callbacks.regularizer.min_utilisation=0.9"])
+    with pytest.raises(ConfigError, match="did you mean 'min_utilization'"):
+        validate_config(cfg)
+
+
 def test_override_of_missing_key_fails_at_compose_time() -> None:
     with pytest.raises(Exception, match="num_kv_pair"):
         _compose(["task.num_kv_pair=3"])

@@ -128,10 +128,16 @@ def test_registry_errors_name_the_problem() -> None:
     assert model.blocks[0].mixer.d_state == 4
 
 
-def test_register_user_mixer() -> None:
+def test_register_user_mixer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ess_train.models import registry
+
+    # on a copy of the registry: later tests see only the built-in mixers
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_ALIASES", dict(registry._ALIASES))
     register_mixer("test_short_conv_alias", "ess_train.models.mixers.short_conv:ShortConv", overwrite=True)
     model = SequenceModel(V, D, 1, mixer="test_short_conv_alias")
     assert type(model.blocks[0].mixer).__name__ == "ShortConv"
+    assert "test_short_conv_alias" in mixer_names()
 
 
 def test_backbone_init_leaves_mixer_init_alone() -> None:

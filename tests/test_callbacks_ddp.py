@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
         out = sys.argv[1]
         pl.seed_everything(0)
         monitor = ESSMonitor(every_n_steps=2)
-        reg = ESSRegularizer(weight=0.1, target=0.9)
+        reg = ESSRegularizer(weight=0.1, min_utilization=0.9)
         init = ESSInitializer(max_trials=3)
         trainer = pl.Trainer(
             accelerator="cpu", devices=2,

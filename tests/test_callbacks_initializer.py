@@ -44,8 +44,8 @@ def test_changes_ess_deterministically_and_logs(tmp_path):
 
 
 def test_target_user_space_and_max_trials():
-    # a target: the setting closest to it
-    init, _, _ = fit_with_initializer(target=0.3)
+    # a metric_target: the setting closest to it
+    init, _, _ = fit_with_initializer(metric_target=0.3)
     for entry in init.report.values():
         errs = [abs(t["utilization"] - 0.3) for t in entry["trials"]]
         assert abs(entry["utilization_after"] - 0.3) == pytest.approx(min(errs), abs=1e-5)
@@ -146,3 +146,12 @@ def test_forward_fn_replaces_the_probe_forward():
     assert len(calls) == 22 and trainer.global_step == 1
     reference, _, _ = fit_with_initializer()
     assert [e["setting"] for e in init.report.values()] == [e["setting"] for e in reference.report.values()]
+
+
+def test_target_is_a_deprecated_name_of_metric_target():
+    with pytest.warns(DeprecationWarning, match="use metric_target=") as record:
+        init = ESSInitializer(metric="ess", target=2.0)
+    assert init.metric_target == 2.0 and record[0].filename == __file__
+    assert ESSInitializer(metric_target=0.4).metric_target == 0.4
+    with pytest.raises(ValueError, match="not both"):
+        ESSInitializer(target=0.3, metric_target=0.4)

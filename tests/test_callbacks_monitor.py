@@ -223,28 +223,21 @@ def test_resume_restores_history_and_probe(tmp_path):
     assert torch.equal(resumed._probe[0], monitor._probe[0])  # the checkpointed probe wins
 
 
-def test_resume_from_a_history_without_tolerance_profiles(tmp_path):
-    """Checkpoints written before tolerance profiles were kept still resume: the old steps read NaN."""
-    pl.seed_everything(0)
-    monitor = ESSMonitor(every_n_steps=2)
-    trainer = make_trainer(None, [monitor], max_steps=2)
-    trainer.fit(ToyLM(), ToyDataModule())
-    ckpt = tmp_path / "old.ckpt"
-    trainer.save_checkpoint(ckpt)
-    state = torch.load(ckpt, weights_only=False)
-    (key,) = [k for k in state["callbacks"] if k.startswith("ESSMonitor")]
-    for hist in state["callbacks"][key]["history"].values():
-        del hist["tolerance_profiles"]
-    torch.save(state, ckpt)
+def test_state_dict_keeps_the_version_1_keys_and_loads_a_version_1_state():
+    """The monitor's state is the history's (``version``, ``history``, ``totals``, ``tss``, ``flags``,
+    ``layer_kinds``) plus ``probe`` and ``warned``, the keys of version 1; a version-1 state loads (the
+    history's own loader tests: tests/test_measure_history.py)."""
+    from tests.test_measure_history import version1_state
 
-    resumed = ESSMonitor(every_n_steps=2)
-    make_trainer(None, [resumed], max_steps=4).fit(ToyLM(), ToyDataModule(), ckpt_path=ckpt)
-    hist = resumed.history["layers.0"]
-    assert hist["steps"] == [0, 2, 4]
-    tol = hist["tolerance_profiles"]
-    assert len(tol) == 3 and all(math.isnan(v) for v in tol[0] + tol[1])
-    assert all(math.isfinite(v) for v in tol[2])
-    assert resumed.save_plots(tmp_path / "plots")
+    monitor = ESSMonitor()
+    monitor.layer_kinds = {"layers.0": "ToyRecurrence"}  # found by setup
+    monitor.load_state_dict(version1_state())
+    assert monitor.history["layers.0"]["steps"] == [0, 2] and monitor.totals["steps"] == [0, 2]
+    assert monitor.tss["layers.0"]["total"] == 32 and monitor.layer_kinds == {"layers.0": "ToyRecurrence"}
+    assert monitor.summary()["layers"]["layers.0"]["tss"] == 32 and "media" in monitor._warned
+    state = monitor.state_dict()
+    assert set(state) == {"version", "history", "totals", "tss", "flags", "layer_kinds", "probe", "warned"}
+    assert state["version"] == 2 and state["history"]["layers.0"]["steps"] == [0, 2]
 
 
 class RecordingLogger(pl.loggers.Logger):

@@ -155,8 +155,40 @@ def test_invalid_arguments():
         ESSRegularizer(mode="ceiling")
     with pytest.raises(ValueError, match="mode"):
         ESSRegularizer(mode="nope")
-    with pytest.raises(ValueError, match="utilization target"):
-        ESSRegularizer(mode="floor", target=3.0)
+    with pytest.raises(ValueError, match="min_utilization"):
+        ESSRegularizer(mode="floor", min_utilization=3.0)
+    with pytest.raises(ValueError, match="max_ess"):
+        ESSRegularizer(mode="ceiling", max_ess=None)
+
+
+def test_targets_and_positions_are_named_by_what_they_mean():
+    reg = ESSRegularizer(mode="ceiling", max_ess=2.0, positions=[1, 5])
+    assert (reg.max_ess, reg.positions, reg.min_utilization) == (2.0, [1, 5], 0.5)
+    assert ESSRegularizer().positions == 16  # 16 evenly spaced positions, as ESSMonitor(positions=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new names warn about nothing
+        ESSRegularizer(mode="floor", min_utilization=0.8, positions=None)
+    with pytest.warns(DeprecationWarning, match=r"mode='decay_identity' ignores it"):
+        ESSRegularizer(mode="decay_identity", target=0.3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "new", "attr", "value"),
+    [
+        (dict(mode="floor", target=0.7), "min_utilization", "min_utilization", 0.7),
+        (dict(mode="floor", target=None), "min_utilization", "min_utilization", 0.5),
+        (dict(mode="ceiling", target=3.0), "max_ess", "max_ess", 3.0),
+        (dict(num_positions=4), "positions", "positions", 4),
+        (dict(num_positions=None), "positions", "positions", None),
+    ],
+)
+def test_old_keywords_still_work_with_a_deprecation_warning(kwargs, new, attr, value):
+    with pytest.warns(DeprecationWarning, match=rf"use {new}=") as record:
+        reg = ESSRegularizer(**kwargs)
+    assert getattr(reg, attr) == value
+    assert record[0].filename == __file__  # points at the caller
+    with pytest.raises(ValueError, match="not both"):
+        ESSRegularizer(**kwargs, **{new: [2, 3] if new == "positions" else 0.25})
 
 
 def test_penalty_is_logged_on_the_steps_lightning_writes(tmp_path):

@@ -49,7 +49,7 @@ def test_full_rank_dense_operator_saturates():
     layers = find_ess_layers(lm)
     views = operators_of(lm, inputs)
     pen = ess_penalty(
-        views, layers, "floor", target=0.95, num_positions=None, batch_rows=None, max_operators=None
+        views, layers, "floor", min_utilization=0.95, positions=None, batch_rows=None, max_operators=None
     )
     assert float(pen) == 0.0
 
@@ -58,7 +58,7 @@ def test_zero_state_layer_is_skipped_with_a_warning():
     """per_operator == 0 (like window=1 sliding-window attention): finite loss, no NaN metric, one warning."""
     pl.seed_everything(0)
     lm = ToyLM(model=ToyDenseNet([ToyDense(per_operator=0), ToyRecurrence()]))
-    reg = ESSRegularizer(weight=0.5, mode="floor", target=0.9)
+    reg = ESSRegularizer(weight=0.5, mode="floor", min_utilization=0.9)
     monitor = ESSMonitor(every_n_steps=1)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

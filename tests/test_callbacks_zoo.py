@@ -29,7 +29,7 @@ def test_every_mixer_monitored_and_regularized(tmp_path):
     names = mixer_names()
     lm = zoo_lm(names, n_layers=len(names))
     monitor = ESSMonitor(every_n_steps=1, strict=True)
-    reg = ESSRegularizer(weight=0.1, target=0.9, num_positions=4)
+    reg = ESSRegularizer(weight=0.1, min_utilization=0.9, positions=4)
     trainer = make_trainer(tmp_path, [monitor, reg], max_steps=1, limit_val_batches=0)
     trainer.fit(lm, ToyDataModule())
     layers = [f"model.blocks.{i}.mixer" for i in range(len(names))]
@@ -59,7 +59,7 @@ def test_regularizer_no_extra_forward_and_exact_gradients():
         layer.operator = counted
     weight, target = 0.5, 0.95
     reg = ESSRegularizer(
-        weight=weight, target=target, num_positions=None, batch_rows=None, max_operators=None
+        weight=weight, min_utilization=target, positions=None, batch_rows=None, max_operators=None
     )
     grads = {}
 
@@ -116,7 +116,7 @@ def test_initializer_on_gla_is_deterministic():
 
 
 def test_bf16_autocast_zoo():
-    reg = ESSRegularizer(weight=0.1, target=0.9)
+    reg = ESSRegularizer(weight=0.1, min_utilization=0.9)
     monitor = ESSMonitor(every_n_steps=1, strict=True)
     make_trainer(None, [monitor, reg], max_steps=2, limit_val_batches=0, precision="bf16-mixed").fit(
         zoo_lm(["gla", "mamba"]), ToyDataModule()

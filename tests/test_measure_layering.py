@@ -1,4 +1,5 @@
-"""ess_train.measure sits below Lightning: it imports torch, the engine and the protocol, nothing above."""
+"""ess_train.measure sits below Lightning: it imports torch, the engine, the protocol and the argument checks,
+nothing above."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import ess_train.measure as measure
 
 ROOT = Path(__file__).resolve().parent.parent
-ALLOWED = ("ess_train.ess", "ess_train.models.protocol", "ess_train.measure")
+# ess_train.checks: the torch-free argument checks (it imports nothing of ess_train), below every layer
+ALLOWED = ("ess_train.ess", "ess_train.models.protocol", "ess_train.measure", "ess_train.checks")
 
 
 def test_importing_measure_does_not_import_lightning():

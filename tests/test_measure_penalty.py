@@ -18,8 +18,8 @@ AGG = tol(torch.float32, n=8 * 8 * 12)
 
 
 def test_floor_target_is_the_monitored_utilization():
-    """ess_penalty(floor, target=1) == (1 - utilization)^2 with the utilization layer_ess/ESSMonitor report,
-    for all positions and for an int count of positions (which leaves position 0 out)."""
+    """ess_penalty(floor, min_utilization=1) == (1 - utilization)^2 with the utilization layer_ess/ESSMonitor
+    report, for all positions and for an int count of positions (which leaves position 0 out)."""
     pl.seed_everything(0)
     lm = ToyLM()
     inputs = ToyDataModule().train_dataloader().dataset.inputs[:4]
@@ -28,7 +28,7 @@ def test_floor_target_is_the_monitored_utilization():
     for spec in (None, 5):
         views = {name: operators_of(lm, inputs)[name]}
         pen = ess_penalty(
-            views, layers, "floor", target=1.0, num_positions=spec, batch_rows=None, max_operators=None
+            views, layers, "floor", min_utilization=1.0, positions=spec, batch_rows=None, max_operators=None
         )
         positions = resolve_positions(spec, 12)
         stats = layer_ess(views[name], layers[name].state_size(12), positions)
@@ -42,12 +42,17 @@ def test_floor_target_is_the_monitored_utilization():
     assert stats.utilization == pytest.approx(util, rel=AGG)
 
 
-def test_decay_identity_and_ceiling_penalties():
+def toy_views():
+    """A seeded ToyLM, its protocol layers and the views of one forward on 4 training rows."""
     pl.seed_everything(0)
     model = ToyLM()
     inputs = ToyDataModule().train_dataloader().dataset.inputs[:4]
     layers = find_ess_layers(model)
-    views = operators_of(model, inputs)
+    return model, inputs, layers, operators_of(model, inputs)
+
+
+def test_decay_identity_and_ceiling_penalties():
+    model, inputs, layers, views = toy_views()
     a = [torch.sigmoid(layer.decay_logit) for layer in layers.values()]
     expected = torch.stack([(1 - x).square().mean() for x in a]).mean()
     got = ess_penalty(views, layers, "decay_identity")
@@ -56,11 +61,11 @@ def test_decay_identity_and_ceiling_penalties():
     assert all(layer.decay_logit.grad.abs().sum() > 0 for layer in layers.values())
     views = operators_of(model, inputs)
     ceiling = ess_penalty(
-        views, layers, "ceiling", target=0.0, num_positions=None, batch_rows=None, max_operators=None
+        views, layers, "ceiling", max_ess=0.0, positions=None, batch_rows=None, max_operators=None
     )
     avg = torch.stack([entropy_ess(v.op).mean() for v in views.values()]).mean()
     torch.testing.assert_close(ceiling, avg)
-    assert float(ess_penalty(views, layers, "ceiling", target=100.0)) == 0.0
+    assert float(ess_penalty(views, layers, "ceiling", max_ess=100.0)) == 0.0
 
 
 def test_decay_identity_counts_only_learned_transitions():
@@ -83,3 +88,20 @@ def test_decay_identity_counts_only_learned_transitions():
     views = operators_of(fixed, tokens)
     assert all(isinstance(v.op, RecurrentOperator) for v in views.values())
     assert ess_penalty(views, find_ess_layers(fixed), "decay_identity") is None
+
+
+def test_old_keywords_still_work_with_a_deprecation_warning():
+    _, _, layers, views = toy_views()
+    common = dict(batch_rows=None, max_operators=None)
+    for mode, old, new in (("floor", 0.9, "min_utilization"), ("ceiling", 0.5, "max_ess")):
+        expected = ess_penalty(views, layers, mode, **{new: old}, positions=5, **common)
+        with pytest.warns(DeprecationWarning) as record:
+            got = ess_penalty(views, layers, mode, target=old, num_positions=5, **common)
+        messages = [str(w.message) for w in record]
+        assert any(f"use {new}=" in m for m in messages) and any("use positions=" in m for m in messages)
+        assert all(w.filename == __file__ for w in record)
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="max_ess"):
+        ess_penalty(views, layers, "ceiling")
+    with pytest.raises(TypeError):  # the targets are keyword-only: no positional target by mistake
+        ess_penalty(views, layers, "floor", 0.9)

@@ -1,153 +1,29 @@
-"""Attention-family mixers: operator views, causality, fast forward vs token-by-token references, TSS."""
+"""Attention-family mixers: state sizes, argument errors, features, inits, operator structure.
+
+The contract every mixer meets (views, causality, fast forward vs references, gradients, ESS) is
+tested in ``tests/test_mixer_contract.py``; the chunked kernels in ``tests/test_ops_*.py``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
-from torch import nn
 
-import ess_train.ess as ess
-from ess_train.ess import DenseOperator, RecurrentOperator
-from ess_train.models.mixers._common import chunk_delta_rule, chunk_linear_attention, rotary_embedding
+from ess_train.ess import RecurrentOperator
+from ess_train.models.mixers._common import rotary_embedding
 from ess_train.models.mixers.attention import SoftmaxAttention
 from ess_train.models.mixers.decayed_linear_attention import DecayedLinearAttention
 from ess_train.models.mixers.deltanet import DeltaNet, DeltaRuleOperator
 from ess_train.models.mixers.gla import GatedLinearAttention
 from ess_train.models.mixers.linear_attention import LinearAttention, taylor_features
 from ess_train.models.mixers.sliding_window_attention import SlidingWindowAttention
-from ess_train.models.protocol import ESSMixer, OperatorView
-from tests.reference_mixers import gated_reference, reference_y
-from tests.tolerances import (
-    assert_within,
-    entropy_ess_error,
-    gramian_eig_error,
-    gramian_scale,
-    sigma_error_from_eig,
-    svd_error,
-    tol,
-)
+from ess_train.models.protocol import OperatorView
+from tests.reference_mixers import reference_y
+from tests.test_mixer_contract import assert_seq_close, inputs, make
+from tests.tolerances import assert_within, tol
 
 D, H = 8, 2
 F32, F64 = torch.float32, torch.float64
-
-
-def seq_tol(dtype: torch.dtype, L: int, d: int = D) -> float:
-    """Relative round-off of a sequence mixer's output (``rel``): sums over ``L`` tokens and ``d`` features,
-    in any order (chunked kernels, token-by-token references, BLAS)."""
-    return tol(dtype, n=L + d)
-
-
-def _factories(chunk: int) -> dict[str, Callable[[], ESSMixer]]:
-    return {
-        "attention": lambda: SoftmaxAttention(D, H),
-        "attention_rotary": lambda: SoftmaxAttention(D, H, rotary=True),
-        "swa": lambda: SlidingWindowAttention(D, H, window=3, rotary=True),
-        "linear_elu": lambda: LinearAttention(D, H, feature_map="elu", chunk_size=chunk),
-        "linear_identity": lambda: LinearAttention(
-            D, H, feature_map="identity", normalize=False, chunk_size=chunk
-        ),
-        "linear_taylor": lambda: LinearAttention(D, H, feature_map="taylor", feature_dim=3, chunk_size=chunk),
-        "decayed": lambda: DecayedLinearAttention(D, H, rotary=True, chunk_size=chunk),
-        "gla": lambda: GatedLinearAttention(
-            D, H, gate_low_rank_dim=4, gate_logit_normalizer=2.0, chunk_size=chunk
-        ),
-        "deltanet": lambda: DeltaNet(D, H, chunk_size=chunk),
-        "deltanet_gated": lambda: DeltaNet(
-            D, H, expand_v=2.0, qk_activation="identity", use_output_gate=True, chunk_size=chunk
-        ),
-    }
-
-
-NAMES = list(_factories(4))
-RECURRENT = [n for n in NAMES if "attention" not in n and n != "swa"]
-
-
-def make(name: str, chunk: int = 4, dtype: torch.dtype = torch.float32, seed: int = 0) -> ESSMixer:
-    """A mixer with perturbed parameters (operators far from their init's near-uniform ones)."""
-    torch.manual_seed(seed)
-    m = _factories(chunk)[name]()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.5 * torch.randn_like(p))
-    return m.to(dtype)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
-
-
-def inputs(B: int, L: int, dtype: torch.dtype = torch.float32, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, L, D, generator=g).to(dtype)
-
-
-# ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", NAMES)
-def test_view_shapes_and_apply_matches_fast_forward(name: str) -> None:
-    m = make(name)
-    x = inputs(2, 11)
-    view = m.operator(x)
-    dv = view.u.shape[-1]
-    assert tuple(view.op.batch_shape) == (2, H)
-    assert view.u.shape == (2, H, 11, dv) and view.y.shape == view.u.shape
-    assert m.state_size(11).multiplicity == dv
-    assert rel(view.op.apply(view.u), view.y) < seq_tol(F32, 11)
-    out = m(x)
-    assert out.shape == x.shape and torch.isfinite(out).all()
-    torch.testing.assert_close(out, m.readout(view, x))
-    kind = DenseOperator if "attention" in name or name == "swa" else RecurrentOperator
-    assert isinstance(view.op, kind)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_dense_is_causal_and_realizes_y(name: str) -> None:
-    m = make(name)
-    view = m.operator(inputs(2, 9))
-    T = view.op.dense()
-    assert T.shape == (2, H, 9, 9)
-    assert torch.equal(torch.triu(T, 1), torch.zeros_like(T))
-    # nothing above the diagonal was dropped: the lower-triangular T alone gives the layer's y
-    assert rel(T @ view.u, view.y) < seq_tol(F32, 9)
-    if isinstance(view.op, DenseOperator):
-        assert_within(T.sum(-1), 1.0, tol(F32, n=9), "softmax rows sum to 1")
-        if name == "swa":
-            t, s = torch.meshgrid(torch.arange(9), torch.arange(9), indexing="ij")
-            assert (T[..., t - s >= 3] == 0).all() and (T[..., (t - s < 3) & (s <= t)] > 0).all()
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_jacobian_outputs_never_depend_on_future_inputs(name: str) -> None:
-    m = make(name, chunk=2, dtype=torch.float64)
-    L = 6
-    x = inputs(1, L, torch.float64)
-    J = torch.autograd.functional.jacobian(lambda z: m(z), x)[0, :, :, 0]  # [L, D, L, D]
-    block = J.abs().amax(dim=(1, 3))  # [t, s]
-    t, s = torch.meshgrid(torch.arange(L), torch.arange(L), indexing="ij")
-    assert (block[s > t] == 0).all()
-    visible = (s < t) & (t - s < 3) if name == "swa" else s < t
-    assert (block[visible] > 1e-8).all()  # and the past does matter
-    if name == "swa":
-        assert (block[t - s >= 3] == 0).all()
-
-
-# chunking only concerns the recurrent mixers: the attention ones run at one setting
-_FAST_VS_REFERENCE = [(n, 11, 4) for n in NAMES] + [(n, 37, 32) for n in NAMES if n in RECURRENT]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name,L,chunk", _FAST_VS_REFERENCE)
-def test_fast_forward_matches_token_by_token_reference(
-    name: str, L: int, chunk: int, dtype: torch.dtype
-) -> None:
-    m = make(name, chunk=chunk, dtype=dtype)
-    x = inputs(2, L, dtype)
-    view = m.operator(x)
-    assert view.y.dtype == dtype and view.op.dtype == dtype
-    assert rel(view.y, reference_y(m, x)) < seq_tol(dtype, L)
-    if dtype == torch.float64:
-        assert rel(view.op.apply(view.u), view.y) < seq_tol(dtype, L)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,20 +101,6 @@ def test_taylor_features_give_second_order_exp_kernel(dtype: torch.dtype) -> Non
     assert_within((pq * pk).sum(-1), 1 + s + s**2 / 2, tol(dtype, (pq * pk).abs().sum(-1), n=15), "kernel")
 
 
-def test_gated_kernel_survives_extreme_gates() -> None:
-    """Log-gates down to -60 per step: cumulative decays far below float32 range, still exact."""
-    torch.manual_seed(0)
-    q, k, v = torch.randn(1, 2, 37, 4), torch.randn(1, 2, 37, 4), torch.randn(1, 2, 37, 3)
-    g = -60.0 * torch.rand(1, 2, 37, 4)
-    g[..., ::5, :] = 0.0  # some steps keep the state: cross-step products stay O(1)
-    g.requires_grad_(True)
-    y = chunk_linear_attention(q, k, v, g, chunk_size=32, sub_chunk_size=8)
-    ref = gated_reference(q, k, v, g, 1.0)
-    assert torch.isfinite(y).all() and rel(y, ref) < seq_tol(F32, 37, 4)
-    y.square().sum().backward()
-    assert torch.isfinite(g.grad).all()
-
-
 def test_gla_strong_gates_forward_backward_finite() -> None:
     m = make("gla", chunk=32)
     with torch.no_grad():
@@ -246,47 +108,12 @@ def test_gla_strong_gates_forward_backward_finite() -> None:
     m.apply_init(gate_logit_normalizer=1.0)
     x = inputs(2, 37)
     view = m.operator(x)
-    assert rel(view.y, reference_y(m, x)) < seq_tol(F32, 37)
+    assert_seq_close(view.y, reference_y(m, x), F32, 37 + D, "y vs reference")
     m(x).square().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
 
 
-def test_chunk_kernels_pad_and_match_across_chunk_sizes() -> None:
-    torch.manual_seed(0)
-    q, k, v = torch.randn(2, 13, 4, dtype=torch.float64), torch.randn(2, 13, 4, dtype=torch.float64), None
-    v = torch.randn(2, 13, 3, dtype=torch.float64)
-    g = torch.nn.functional.logsigmoid(torch.randn(2, 13, 4, dtype=torch.float64))
-    outs = [
-        chunk_linear_attention(q, k, v, g, chunk_size=c, sub_chunk_size=s)
-        for c, s in [(64, 16), (4, 2), (1, 1)]
-    ]
-    for o in outs[1:]:
-        assert rel(o, outs[0]) < seq_tol(F64, 13, 4)
-    kn = torch.nn.functional.normalize(k, dim=-1)
-    beta = torch.rand(2, 13, dtype=torch.float64)
-    outs = [chunk_delta_rule(q, kn, v, beta, chunk_size=c) for c in (64, 5, 1)]
-    for o in outs[1:]:
-        assert rel(o, outs[0]) < seq_tol(F64, 13, 4)
-
-
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", NAMES)
-def test_gradients_flow_through_forward_and_operator(name: str) -> None:
-    m = make(name)
-    x = inputs(2, 7).requires_grad_(True)
-    view = m.operator(x)
-    loss = m.readout(view, x).square().mean() + view.op.dense().square().mean()
-    loss.backward()
-    grads = [p.grad for p in m.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_bfloat16_smoke(name: str) -> None:
-    m = make(name, dtype=torch.bfloat16)
-    out = m(inputs(1, 9, torch.bfloat16))
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
 def test_deltanet_operator_is_the_full_transition_realization() -> None:
@@ -349,62 +176,12 @@ def test_gla_init_search_space_and_apply_init() -> None:
         m.apply_init(normalizer=2.0)
 
 
-def test_reset_parameters_is_in_init_and_deterministic() -> None:
-    for name in NAMES:
-        torch.manual_seed(3)
-        m1 = _factories(4)[name]()
-        torch.manual_seed(3)
-        m2 = _factories(4)[name]()
-        for p1, p2 in zip(m1.parameters(), m2.parameters()):
-            assert torch.equal(p1, p2)
-        assert isinstance(m1, nn.Module) and callable(m1.reset_parameters)
-
-
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", RECURRENT)
-def test_recurrent_and_dense_ess_agree(name: str) -> None:
-    entropy_ess = ess.entropy_ess
-    m = make(name, dtype=torch.float64)
-    op = m.operator(inputs(1, 10, torch.float64)).op
-    rec = entropy_ess(op)
-    dense = entropy_ess(op, method="dense")
-    # the Gramian path's and the SVD's round-off propagated to entropy-ESS (tests/tolerances.py);
-    # position 0 (empty H_0) is the engine's own convention, tested there
-    s = ess.hankel_singular_values(op, method="dense")
-    delta = gramian_eig_error(F64, gramian_scale(op), op.seq_len, op.state_dim)
-    ds = sigma_error_from_eig(s, delta) + svd_error(F64, s.amax(-1, keepdim=True), 10, 10)
-    assert_within(rec[..., 1:], dense[..., 1:], entropy_ess_error(s, ds)[..., 1:], "Gramian vs dense")
-    assert (rec >= 0).all() and (rec[..., 1:] > 0).any()
 
 
 def test_view_is_an_operator_view() -> None:
     m = make("gla")
     assert isinstance(m.operator(inputs(1, 3)), OperatorView)
-
-
-def test_gated_kernel_factored_path_shrinks_chunks_for_strong_gates() -> None:
-    """Gates down to -3 per step: the factored (matmul) intra-chunk path needs chunks of 16 (span <= 30), the
-    kernel halves the chunk and stays exact: agrees with the reference to round-off."""
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 64, 4, dtype=torch.float64) for _ in range(3))
-    g = -3.0 * torch.rand(1, 2, 64, 4, dtype=torch.float64)
-    ref = gated_reference(q, k, v, g, 1.0)
-    y64 = chunk_linear_attention(q, k, v, g, chunk_size=64, sub_chunk_size=16)
-    assert rel(y64, ref) < seq_tol(F64, 64, 4)
-    y32 = chunk_linear_attention(q.float(), k.float(), v.float(), g.float(), chunk_size=64, sub_chunk_size=16)
-    assert torch.isfinite(y32).all() and rel(y32.double(), ref) < seq_tol(F32, 64, 4)
-
-
-def test_gated_kernel_pairwise_path_for_gates_too_strong_to_factor() -> None:
-    """Gates down to -40 per step: no chunk length keeps the factored exponents bounded, the kernel takes
-    the pairwise path at the original chunking (with a padded, non-multiple length) and stays exact."""
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 70, 4, dtype=torch.float64) for _ in range(3))
-    g = -40.0 * torch.rand(2, 3, 70, 4, dtype=torch.float64)
-    ref = gated_reference(q, k, v, g, 1.0)
-    for dtype in (torch.float64, torch.float32):
-        y = chunk_linear_attention(*(x.to(dtype) for x in (q, k, v, g)), chunk_size=64, sub_chunk_size=16)
-        assert torch.isfinite(y).all() and rel(y.double(), ref) < seq_tol(dtype, 70, 4), dtype
 
 
 def test_gla_normalizer_survives_a_checkpoint() -> None:

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from ess_train.callbacks._common import log_to_loggers
+from ess_train.checks import UNSET, renamed_keyword
 from ess_train.measure import (
     ESSWarning,
     PositionSpec,
@@ -44,8 +45,8 @@ class ESSInitializer(Callback):
     has more than ``max_trials`` settings. Each candidate is applied to the layer's original parameters
     (``apply_init`` runs under a seed derived from ``seed``, the layer name and the setting), scored by a
     ``no_grad`` eval-mode forward on the probe (``ess_train.measure.probe_views``), and the best one is
-    kept: highest ``metric``, or closest to ``target`` when given (ties: the earlier candidate). Layers that
-    come later see the earlier choices.
+    kept: highest ``metric``, or closest to ``metric_target`` when given (ties: the earlier candidate).
+    Layers that come later see the earlier choices.
 
     ``metric``: ``"utilization"`` (the one ESSMonitor logs:
     ``sum_i ESS_i / sum_i min(per_operator, i, L - i)`` over the evaluated positions,
@@ -58,18 +59,22 @@ class ESSInitializer(Callback):
     rank 0's choice for each layer (seeded ``apply_init``: identical replicas).
 
     Args:
+        metric: what a candidate is scored by (above).
+        metric_target: a value of ``metric``, in its units (a utilization in ``(0, 1]``, a mean entropy-ESS,
+            a layer total ESS): keep the candidate closest to it instead of the highest (``None``).
         search_space: ``{name: candidates}`` for every layer, or ``{layer pattern: {name: candidates}}``.
         positions: positions for the ESS estimate (``None``: all, as ESSMonitor; an int ``k``: ``k`` in
             ``[1, L-1]``).
         max_operators: score on at most this many evenly spaced operators per layer (``None``: all).
         forward_fn: ``forward_fn(pl_module, inputs)`` replacing ``pl_module(inputs)`` in each scoring
             forward, for modules with another signature (as ESSMonitor's ``forward_fn``).
+        target: deprecated name of ``metric_target`` (one release, ``DeprecationWarning``).
     """
 
     def __init__(
         self,
         metric: Metric = "utilization",
-        target: float | None = None,
+        metric_target: float | None = None,
         probe_batch: Any = None,
         probe_size: int = 8,
         include: Iterable[str] | None = None,
@@ -81,14 +86,18 @@ class ESSInitializer(Callback):
         input_key: str = "inputs",
         max_operators: int | None = None,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
+        target: float | None = UNSET,
     ) -> None:
         super().__init__()
+        metric_target = renamed_keyword(
+            "ESSInitializer", "target", "metric_target", target, metric_target, None
+        )
         if metric not in ("utilization", "ess", "total"):
             raise ValueError(f"metric must be 'utilization', 'ess' or 'total', got {metric!r}")
         if max_trials < 1:
             raise ValueError(f"max_trials must be >= 1, got {max_trials}")
         self.metric = metric
-        self.target = target
+        self.metric_target = metric_target
         self.probe_size = probe_size
         self.include = list(include) if include else None
         self.exclude = list(exclude) if exclude else None
@@ -219,7 +228,7 @@ class ESSInitializer(Callback):
         ]
         if not math.isfinite(value):
             return -math.inf
-        return -abs(value - self.target) if self.target is not None else value
+        return -abs(value - self.metric_target) if self.metric_target is not None else value
 
     def _search(
         self,

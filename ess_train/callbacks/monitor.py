@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -11,59 +10,45 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from ess_train.callbacks._common import log_to_loggers, logger_step, short_traceback
-from ess_train.measure import (
-    ESSWarning,
-    PositionSpec,
-    fetch_probe,
-    kv_pairs_for,
-    layer_ess,
-    probe_from_batch,
-    probe_views,
-    resolve_positions,
-)
-from ess_train.models.protocol import find_ess_layers
+from ess_train import measure as ess_measure
+from ess_train.callbacks._common import log_to_loggers, short_traceback
+from ess_train.callbacks.media import log_heatmaps, log_profiles, render_heatmap
+from ess_train.measure import ESSWarning, PositionSpec
+from ess_train.models.protocol import OperatorView, find_ess_layers
 
-log = logging.getLogger(__name__)
+__all__ = ["ESSMonitor", "render_heatmap", "sharding_strategy"]  # (render_heatmap: for existing imports)
 
-__all__ = ["ESSMonitor"]
-
-SUMMARY_KEYS = ("avg_entropy", "max_entropy", "avg_tolerance", "utilization", "total", "per_kv")
+#: warning of each threshold flag: comparison, threshold attribute, meaning
+_FLAGS = {
+    "collapse": ("<", "collapse_threshold", "ESS uses little of the layer's state"),
+    "saturation": (">", "saturation_threshold", "the layer's state is full"),
+}
 
 
 class ESSMonitor(Callback):
     """Log the effective state-size (ESS) of every protocol layer of any LightningModule.
 
-    On a fixed probe batch (``probe_batch``, or the first ``probe_size`` rows of the validation data,
-    falling back to the training data), every ``every_n_steps`` optimizer steps, at train start and at
-    each validation end (not the sanity check), one ``no_grad`` eval-mode forward ``pl_module(inputs)``
-    captures every layer's operator and the monitor logs, for each layer ``<layer>`` (its qualified name):
-
-    - ``ess/<layer>/avg_entropy``: entropy-ESS averaged over the evaluated positions (with
-      ``positions=None`` that includes position 0, whose ESS is 0), operators and probe rows;
-    - ``ess/<layer>/max_entropy``: maximum over positions of the (row, operator)-mean entropy-ESS profile;
-    - ``ess/<layer>/avg_tolerance``: tolerance-ESS, same average;
-    - ``ess/<layer>/utilization``: ``sum_i ESS_i / sum_i b_i`` over the evaluated positions, with the
-      per-position bound ``b_i = min(StateSize.per_operator, i, L - i)`` on ``rank(H_i)`` and ``ESS_i`` the
-      (row, operator)-mean entropy-ESS (``ess_train.measure.state_utilization``; the same number
-      ESSRegularizer's floor and ESSInitializer use). In ``[0, 1]``; 1 when every ``H_i`` is at its bound
-      with a flat spectrum; position 0 (``b_0 = 0``) adds nothing. Not logged for a layer where it is
-      undefined (``per_operator == 0``, e.g. ``window=1`` sliding-window attention, or ``L == 1``; warned
-      once);
-    - ``ess/<layer>/total``: ``multiplicity * sum over operators`` of avg entropy-ESS (mean over rows);
-    - ``ess/<layer>/per_kv``: total / key-value pairs of the row (``num_kv_pairs``/``slice_kv_pairs``);
-
-    plus ``ess/total`` (and ``ess/per_kv``) summed over layers, and ``tss/<layer>``, ``tss/total`` once at fit
-    start. Metrics go straight to ``trainer.loggers`` at Lightning's logging step (``_common.logger_step``:
-    where ``train/loss`` and ``val/acc`` of the same moment are logged, one less than the ``global_step`` that
-    ``history`` and ``totals`` count; so CSV rows of ESS and loss join) (not through
-    ``self.log``, so the cadence does not depend on ``log_every_n_steps``) and into
+    On a fixed probe batch (``probe_batch``, or the first ``probe_size`` rows of the validation data, else
+    the training data), at train start, every ``every_n_steps`` optimizer steps and at each validation end
+    (not the sanity check), one ``no_grad`` eval-mode forward ``pl_module(inputs)`` captures every layer's
+    operator, and the monitor logs ``ess/<layer>/<key>`` for each key of ``LayerESS.metrics()``
+    (``ess_train.measure.layer_ess``, whose docstring defines them; conventions in docs/DESIGN.md):
+    ``avg_entropy``, ``max_entropy``, ``avg_tolerance``, ``utilization`` (not logged where undefined:
+    ``per_operator == 0`` or ``L == 1``, warned once), ``total`` and ``per_kv``; plus ``ess/total`` (and
+    ``ess/per_kv``) summed over layers, and ``tss/<layer>``, ``tss/total`` once at fit start. Metrics go
+    straight to ``trainer.loggers`` (not ``self.log``: the cadence does not depend on
+    ``log_every_n_steps``) at Lightning's logging step (``_common.logger_step``, where ``train/loss`` and
+    ``val/acc`` of the same moment go; one less than the ``global_step`` the history counts), and into
     ``trainer.callback_metrics``. Only global rank 0 computes and logs (the forward calls the bare
-    LightningModule, never the DDP wrapper, so other ranks are not involved).
+    LightningModule, never the DDP wrapper).
+
+    What is measured is kept in ``ess_history`` (:class:`ess_train.measure.ESSHistory`, the checkpointed
+    state); ``history``, ``totals``, ``tss``, ``flags`` and ``layer_kinds`` read it as plain data
+    (``monitor.history[layer]["steps"]``). Media go through ``callbacks/media.py``, PNG files through
+    ``ess_train.plots``.
 
     A layer whose operator holds NaN/inf is *missing* for that step: its metrics are not logged (its
     history holds NaN), ``ess/missing_layers`` is logged, and a warning is emitted once per layer.
@@ -77,8 +62,8 @@ class ESSMonitor(Callback):
         include, exclude: ``fnmatch`` patterns on layer names (see ``find_ess_layers``).
         collapse_threshold, saturation_threshold: warn once per layer when utilization goes below/above.
         strict: re-raise errors instead of warning.
-        log_heatmap: at validation end, log a position x step heatmap per layer (W&B image, TensorBoard
-            image) and, at each measurement, the ESS-by-position profile (W&B line plot).
+        log_heatmap: log a position x step heatmap per layer at validation end (W&B, TensorBoard image)
+            and the ESS-by-position profile at each measurement (W&B line plot): ``callbacks/media.py``.
         input_key: key of the model input in dict batches.
         tolerance_rtol, tolerance_atol: thresholds passed to ``tolerance_ess``.
         forward_fn: ``forward_fn(pl_module, inputs)`` replacing ``pl_module(inputs)`` for other signatures.
@@ -131,22 +116,39 @@ class ESSMonitor(Callback):
         self.max_operators = max_operators
 
         self.layers: dict[str, nn.Module] = {}
-        #: class name of each layer found (``"GatedLinearAttention"``), for plot labels; kept in checkpoints.
-        self.layer_kinds: dict[str, str] = {}
-        #: per layer: ``steps``, ``positions``, ``profiles`` and ``tolerance_profiles`` (entropy- and
-        #: tolerance-ESS by position, one list per step) and one list per summary key.
-        self.history: dict[str, dict[str, list]] = {}
-        #: model level: ``steps``, ``total``, ``per_kv``.
-        self.totals: dict[str, list] = {"steps": [], "total": [], "per_kv": []}
-        #: theoretical state size per layer: ``total``, ``per_operator``, ``multiplicity``, ``seq_len``.
-        self.tss: dict[str, dict[str, int]] = {}
-        self.flags: dict[str, list[str]] = {}
+        #: everything measured (checkpointed); ``history`` etc. below read it.
+        self.ess_history = ess_measure.ESSHistory()
         self._probe: tuple[Tensor, Tensor | None] | None = None
         if probe_batch is not None:
-            self._probe = probe_from_batch(probe_batch, probe_size, input_key)
+            self._probe = ess_measure.probe_from_batch(probe_batch, probe_size, input_key)
         self._warned: set[str] = set()
         self._disabled = False
-        self._tss_logged = False
+
+    # ------------------------------------------------------------------------------- history (plain data)
+    @property
+    def history(self) -> dict[str, ess_measure.LayerHistory]:  # mappings: steps, positions, profiles, ...
+        return self.ess_history.layers
+
+    @property
+    def totals(self) -> ess_measure.Totals:  # steps, total, per_kv
+        return self.ess_history.totals
+
+    @property
+    def tss(self) -> dict[str, ess_measure.LayerTSS]:  # total, per_operator, multiplicity, seq_len
+        return self.ess_history.tss
+
+    @property
+    def flags(self) -> dict[str, list[str]]:  # "collapse", "saturation"
+        return self.ess_history.flags
+
+    @property
+    def layer_kinds(self) -> dict[str, str]:
+        """Class name of each layer found (``"GatedLinearAttention"``), for plot labels; checkpointed."""
+        return self.ess_history.layer_kinds
+
+    @layer_kinds.setter
+    def layer_kinds(self, kinds: dict[str, str]) -> None:
+        self.ess_history.layer_kinds = dict(kinds)
 
     # ------------------------------------------------------------------------------------------ lightning
     @property
@@ -184,9 +186,8 @@ class ESSMonitor(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._disabled or not trainer.is_global_zero:
-            return
-        self._guarded(trainer, lambda: self._log_tss(trainer))
+        if not self._disabled and trainer.is_global_zero:
+            self._guarded(trainer, lambda: self._log_tss(trainer))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == 0:
@@ -204,35 +205,22 @@ class ESSMonitor(Callback):
             return
         self.measure(trainer, pl_module)
         if self.log_heatmap and not self._disabled and trainer.is_global_zero:
-            self._guarded(trainer, lambda: self._log_heatmaps(trainer))
+            self._guarded(trainer, lambda: log_heatmaps(trainer, self.ess_history, self._warned))
 
     def state_dict(self) -> dict[str, Any]:
+        """The history's state (``ess_train.measure.history``: ``version``, ``history``, ``totals``, ``tss``,
+        ``flags``, ``layer_kinds``) plus ``probe`` and ``warned``."""
         probe = None
         if self._probe is not None:
-            probe = {
-                "inputs": self._probe[0].cpu(),
-                "slice_id": None if self._probe[1] is None else self._probe[1].cpu(),
-            }
-        return {
-            "version": 1,
-            "history": self.history,
-            "totals": self.totals,
-            "tss": self.tss,
-            "flags": self.flags,
-            "probe": probe,
-            "warned": sorted(self._warned),
-            "layer_kinds": dict(self.layer_kinds),
-        }
+            inputs, slice_id = self._probe
+            probe = {"inputs": inputs.cpu(), "slice_id": None if slice_id is None else slice_id.cpu()}
+        return {**self.ess_history.state_dict(), "probe": probe, "warned": sorted(self._warned)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = state_dict.get("history", {})
-        self.totals = state_dict.get("totals", {"steps": [], "total": [], "per_kv": []})
-        self.tss = state_dict.get("tss", {})
-        self.flags = state_dict.get("flags", {})
+        found = dict(self.layer_kinds)  # by this run's setup: these win (older checkpoints have no kinds)
+        self.ess_history.load_state_dict(state_dict)
+        self.layer_kinds = {**self.layer_kinds, **found}
         self._warned |= set(state_dict.get("warned", []))
-        self._tss_logged = bool(self.tss)
-        # (older checkpoints have no layer kinds; the ones found by this run's setup win)
-        self.layer_kinds = {**state_dict.get("layer_kinds", {}), **self.layer_kinds}
         probe = state_dict.get("probe")
         if probe is not None:
             self._probe = (probe["inputs"], probe.get("slice_id"))
@@ -243,41 +231,17 @@ class ESSMonitor(Callback):
         if self._disabled or not trainer.is_global_zero:
             return None
         step = trainer.global_step
-        if self.totals["steps"] and self.totals["steps"][-1] == step:
+        if self.ess_history.last_step == step:
             return None
         return self._guarded(trainer, lambda: self._measure(trainer, pl_module, step))
 
     def summary(self) -> dict[str, Any]:
         """Latest numbers per layer (with TSS, first utilization and warnings raised) and model totals."""
-        out: dict[str, Any] = {"step": None, "total": None, "per_kv": None, "layers": {}}
-        if self.totals["steps"]:
-            out["step"] = self.totals["steps"][-1]
-            out["total"] = self.totals["total"][-1]
-            out["per_kv"] = self.totals["per_kv"][-1]
-        for name, hist in self.history.items():
-            if not hist["steps"]:
-                continue
-            layer: dict[str, Any] = {k: hist[k][-1] for k in SUMMARY_KEYS if k in hist}
-            if not math.isfinite(layer.get("per_kv", 0.0)) and all(
-                not math.isfinite(v) for v in hist["per_kv"]
-            ):
-                layer.pop("per_kv")  # not a recall task
-            layer["initial_utilization"] = hist["utilization"][0]
-            if name in self.tss:
-                layer["tss"] = self.tss[name]["total"]
-                layer["tss_per_operator"] = self.tss[name]["per_operator"]
-            layer["flags"] = list(self.flags.get(name, []))
-            if name in self.layer_kinds:
-                layer["mixer"] = self.layer_kinds[name]
-            out["layers"][name] = layer
-        return out
+        return self.ess_history.summary()
 
     def save_plots(self, directory: str | Path) -> list[Path]:
-        """Write, per layer, ``<layer>_heatmap.png`` (entropy-ESS by position and step) and
-        ``<layer>_profile.png`` (first, a few intermediate and last ESS-by-position profiles), plus
-        ``utilization.png`` (all layers over steps, with the collapse/saturation thresholds); see
-        ``ess_train.plots``. Layers are labelled with their class, e.g. ``model.blocks.1.mixer
-        (GatedLinearAttention)``."""
+        """Write ``<layer>_heatmap.png``, ``<layer>_profile.png`` per layer and ``utilization.png`` (with the
+        thresholds): ``ess_train.plots.save_history_plots``, layers labelled with their class."""
         from ess_train.plots import save_history_plots
 
         return save_history_plots(
@@ -296,9 +260,8 @@ class ESSMonitor(Callback):
         except Exception as exc:
             if self.strict:
                 raise
-            key = f"error:{type(exc).__name__}:{exc}"
             self._warn_once(
-                key,
+                f"error:{type(exc).__name__}:{exc}",
                 f"ESSMonitor failed at step {trainer.global_step} and is skipping this measurement "
                 f"(training continues; pass strict=True to raise): {short_traceback(exc)}",
             )
@@ -312,29 +275,19 @@ class ESSMonitor(Callback):
 
     def _get_probe(self, trainer: pl.Trainer) -> tuple[Tensor, Tensor | None] | None:
         if self._probe is None:
-            self._probe = fetch_probe(trainer, self.probe_size, self.input_key)
+            self._probe = ess_measure.fetch_probe(trainer, self.probe_size, self.input_key)
         return self._probe
 
     def _log_tss(self, trainer: pl.Trainer) -> None:
-        if self._tss_logged:
-            return
-        probe = self._get_probe(trainer)
+        probe = None if self.tss else self._get_probe(trainer)  # (once: at fit start, or from a checkpoint)
         if probe is None:
             return
         seq_len = int(probe[0].shape[1])
-        metrics: dict[str, float] = {}
         for name, layer in self.layers.items():
-            size = layer.state_size(seq_len)
-            self.tss[name] = {
-                "total": int(size.total),
-                "per_operator": int(size.per_operator),
-                "multiplicity": int(size.multiplicity),
-                "seq_len": seq_len,
-            }
-            metrics[f"tss/{name}"] = float(size.total)
-        metrics["tss/total"] = float(sum(v["total"] for v in self.tss.values()))
+            self.ess_history.set_tss(name, layer.state_size(seq_len), seq_len)
+        metrics = {f"tss/{name}": float(size.total) for name, size in self.tss.items()}
+        metrics["tss/total"] = float(sum(size.total for size in self.tss.values()))
         log_to_loggers(trainer, metrics)
-        self._tss_logged = True
 
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
@@ -348,195 +301,70 @@ class ESSMonitor(Callback):
             )
             return None
         self._log_tss(trainer)
-        inputs = probe[0].to(pl_module.device)
-        kv = kv_pairs_for(getattr(trainer, "datamodule", None), probe[1])
-        views = probe_views(
-            pl_module, inputs, self.layers, self.forward_fn, trainer.precision_plugin.forward_context()
+        kv = ess_measure.kv_pairs_for(getattr(trainer, "datamodule", None), probe[1])
+        views = ess_measure.probe_views(
+            pl_module,
+            probe[0].to(pl_module.device),
+            self.layers,
+            self.forward_fn,
+            trainer.precision_plugin.forward_context(),
         )
-
-        metrics: dict[str, float] = {}
-        totals: list[float] = []
-        per_kvs: list[float] = []
-        missing = 0
-        for name, layer in self.layers.items():
-            view = views.get(name)
-            hist = self.history.setdefault(
-                name, {"steps": [], "positions": [], "profiles": [], "tolerance_profiles": []}
-            )
-            if view is None:
-                missing += 1
-                self._warn_once(
-                    f"not-called:{name}", f"ESSMonitor: layer {name!r} was not called by the forward."
-                )
-                self._record(hist, step, None)
-                continue
-            seq_len = view.op.seq_len
-            positions = resolve_positions(self.positions, seq_len)
-            size = layer.state_size(seq_len)
-            try:
-                stats = layer_ess(
-                    view,
-                    size,
-                    positions,
-                    rtol=self.tolerance_rtol,
-                    atol=self.tolerance_atol,
-                    kv_pairs=kv,
-                    max_operators=self.max_operators,
-                )
-            except ValueError as exc:  # non-finite operator (check_finite)
-                missing += 1
-                self._warn_once(
-                    f"nonfinite:{name}",
-                    f"ESSMonitor: ESS of layer {name!r} is missing at step {step}: {exc}. Its metrics "
-                    "are not logged while this lasts (history holds NaN).",
-                )
-                self._record(hist, step, None)
-                continue
-            self._record(hist, step, stats)
-            for key, value in stats.metrics().items():
-                if key == "utilization" and not math.isfinite(value):
-                    continue
-                metrics[f"ess/{name}/{key}"] = value
-            totals.append(stats.total)
-            if stats.per_kv is not None:
-                per_kvs.append(stats.per_kv)
-            if math.isfinite(stats.utilization):
-                self._check_thresholds(name, stats.utilization, step)
-            else:
-                self._warn_once(
-                    f"undefined-utilization:{name}",
-                    f"ESSMonitor: layer {name!r} has no state to fill at seq_len={seq_len} "
-                    f"(per_operator={size.per_operator}): utilization is undefined and not logged.",
-                )
-
-        total = float(sum(totals)) if totals else math.nan
-        per_kv = float(sum(per_kvs)) if per_kvs else math.nan
-        self.totals["steps"].append(step)
-        self.totals["total"].append(total)
-        self.totals["per_kv"].append(per_kv)
-        if totals:
-            metrics["ess/total"] = total
-        if per_kvs:
-            metrics["ess/per_kv"] = per_kv
-        if missing:
-            metrics["ess/missing_layers"] = float(missing)
+        stats = {
+            name: self._layer_stats(name, layer, views.get(name), step, kv)
+            for name, layer in self.layers.items()
+        }
+        metrics = {f"ess/{key}": value for key, value in self.ess_history.record(step, stats).items()}
         log_to_loggers(trainer, metrics)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         if self.log_heatmap:
-            self._log_profiles(trainer, step)
+            log_profiles(trainer, self.ess_history, step, self._warned)
         return metrics
 
-    def _record(self, hist: dict[str, list], step: int, stats: Any) -> None:
-        hist["steps"].append(step)
-        # (a history from a checkpoint of an older version has no tolerance profiles: NaN for those steps)
-        tol_hist = hist.setdefault("tolerance_profiles", [])
-        tol_hist.extend([[math.nan] * len(hist["positions"])] * (len(hist["profiles"]) - len(tol_hist)))
-        if stats is None:
-            width = len(hist["positions"]) or 1
-            hist["profiles"].append([math.nan] * width)
-            tol_hist.append([math.nan] * width)
-            for key in SUMMARY_KEYS:
-                hist.setdefault(key, []).append(math.nan)
-            return
-        if hist["positions"] != stats.positions:  # first record, or the probe length changed
-            hist["positions"] = list(stats.positions)
-            hist["profiles"] = [[math.nan] * len(stats.positions) for _ in hist["profiles"]]
-            hist["tolerance_profiles"] = tol_hist = [[math.nan] * len(stats.positions) for _ in tol_hist]
-        hist["profiles"].append(stats.profile)
-        tol = stats.tolerance_profile
-        tol_hist.append(list(tol) if tol is not None else [math.nan] * len(stats.positions))
-        values = stats.metrics()
-        for key in SUMMARY_KEYS:
-            hist.setdefault(key, []).append(values.get(key, math.nan))
-
-    def _check_thresholds(self, name: str, utilization: float, step: int) -> None:
-        flags = self.flags.setdefault(name, [])
-        if utilization < self.collapse_threshold and "collapse" not in flags:
-            flags.append("collapse")
+    def _layer_stats(
+        self, name: str, layer: nn.Module, view: OperatorView | None, step: int, kv: Any
+    ) -> ess_measure.LayerESS | None:
+        """One layer's ESS on the probe (``None``, warned once, when it is missing); checks thresholds."""
+        if view is None:
             self._warn_once(
-                f"collapse:{name}",
-                f"ESSMonitor: state collapse in {name!r} at step {step}: utilization {utilization:.3g} < "
-                f"{self.collapse_threshold} (ESS uses little of the layer's state).",
+                f"not-called:{name}", f"ESSMonitor: layer {name!r} was not called by the forward."
             )
-        if utilization > self.saturation_threshold and "saturation" not in flags:
-            flags.append("saturation")
+            return None
+        seq_len = view.op.seq_len
+        size = layer.state_size(seq_len)
+        try:
+            stats = ess_measure.layer_ess(
+                view,
+                size,
+                ess_measure.resolve_positions(self.positions, seq_len),
+                rtol=self.tolerance_rtol,
+                atol=self.tolerance_atol,
+                kv_pairs=kv,
+                max_operators=self.max_operators,
+            )
+        except ValueError as exc:  # non-finite operator (check_finite)
             self._warn_once(
-                f"saturation:{name}",
-                f"ESSMonitor: state saturation in {name!r} at step {step}: utilization {utilization:.3g} > "
-                f"{self.saturation_threshold} (the layer's state is full).",
+                f"nonfinite:{name}",
+                f"ESSMonitor: ESS of layer {name!r} is missing at step {step}: {exc}. Its metrics "
+                "are not logged while this lasts (history holds NaN).",
             )
-
-    # ------------------------------------------------------------------------------------------ media
-    def _media_loggers(self, trainer: pl.Trainer) -> tuple[list[WandbLogger], list[TensorBoardLogger]]:
-        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-        tb_loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        others = [type(lg).__name__ for lg in trainer.loggers if not isinstance(lg, WandbLogger)]
-        if others and "media" not in self._warned:
-            # information, not a warning: the user chose these loggers, and save_plots() draws the same
-            self._warned.add("media")
-            log.info(
-                "ESSMonitor: ESS-by-position plots and heatmaps are W&B/TensorBoard media; "
-                f"{', '.join(others)} "
-                "gets the scalars (the profiles are in ESSMonitor.history, checkpoints and save_plots())."
-            )
-        return wandb_loggers, tb_loggers
-
-    def _log_profiles(self, trainer: pl.Trainer, step: int) -> None:
-        wandb_loggers, _ = self._media_loggers(trainer)
-        if not wandb_loggers:
-            return
-        import wandb
-
-        payload = {}
-        for name, hist in self.history.items():
-            if not hist["steps"] or hist["steps"][-1] != step or not hist["positions"]:
-                continue
-            profile = hist["profiles"][-1]
-            if not all(math.isfinite(v) for v in profile):
-                continue
-            tol = (hist.get("tolerance_profiles") or [[]])[-1]
-            ys, keys = [profile], ["entropy-ESS"]
-            if len(tol) == len(profile) and all(math.isfinite(v) for v in tol):
-                ys.append(tol)
-                keys.append("tolerance-ESS")
-            payload[f"ess/{name}/profile"] = wandb.plot.line_series(
-                xs=hist["positions"],
-                ys=ys,
-                keys=keys,
-                title=f"{name}: ESS by position (step {step})",
-                xname="position",
-            )
-        for logger in wandb_loggers:
-            logger.log_metrics(payload, step=logger_step(trainer))
-
-    def _log_heatmaps(self, trainer: pl.Trainer) -> None:
-        wandb_loggers, tb_loggers = self._media_loggers(trainer)
-        if not (wandb_loggers or tb_loggers):
-            return
-        from ess_train.plots import layer_label
-
-        step = trainer.global_step
-        for name, hist in self.history.items():
-            if not hist["steps"] or not hist["positions"]:
-                continue
-            image = render_heatmap(
-                name,
-                hist["steps"],
-                hist["positions"],
-                hist["profiles"],
-                label=layer_label(name, self.layer_kinds.get(name)),
-                tss=self.tss.get(name),
-            )
-            for logger in tb_loggers:
-                logger.experiment.add_image(
-                    f"ess/{name}/heatmap", image, logger_step(trainer), dataformats="HWC"
+            return None
+        util = stats.utilization
+        if math.isfinite(util):
+            thresholds = (self.collapse_threshold, self.saturation_threshold)
+            for flag in self.ess_history.check_thresholds(name, util, *thresholds):
+                sign, threshold, meaning = _FLAGS[flag]
+                self._warn_once(
+                    f"{flag}:{name}",
+                    f"ESSMonitor: state {flag} in {name!r} at step {step}: utilization {util:.3g} {sign} "
+                    f"{getattr(self, threshold)} ({meaning}).",
                 )
-            if wandb_loggers:
-                import wandb
-
-                for logger in wandb_loggers:
-                    logger.log_metrics({f"ess/{name}/heatmap": wandb.Image(image)}, step=logger_step(trainer))
-        log.debug(f"ESSMonitor: logged ESS heatmaps for {len(self.history)} layer(s) at step {step}")
+        else:
+            self._warn_once(
+                f"undefined-utilization:{name}",
+                f"ESSMonitor: layer {name!r} has no state to fill at seq_len={seq_len} "
+                f"(per_operator={size.per_operator}): utilization is undefined and not logged.",
+            )
+        return stats
 
 
 def sharding_strategy(trainer: pl.Trainer) -> str | None:
@@ -550,13 +378,3 @@ def sharding_strategy(trainer: pl.Trainer) -> str | None:
     if isinstance(strategy, DeepSpeedStrategy) and getattr(strategy, "zero_stage_3", False):
         return "DeepSpeedStrategy (ZeRO stage 3)"
     return None
-
-
-def render_heatmap(
-    name: str, steps: list[int], positions: list[int], profiles: list[list[float]], **kwargs: Any
-) -> Any:
-    """An RGB ``uint8`` image ``[H, W, 3]``: entropy-ESS by position (y) and training step (x); see
-    ``ess_train.plots.render_heatmap`` (kept here for existing imports)."""
-    from ess_train.plots import render_heatmap as _render
-
-    return _render(name, steps, positions, profiles, **kwargs)

@@ -12,7 +12,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from ess_train.measure import MODES, ESSWarning, Mode, ess_penalty
+from ess_train.checks import UNSET, renamed_keyword
+from ess_train.measure import ESSWarning, Mode, PositionSpec, ess_penalty
+from ess_train.measure.penalty import DEFAULT_MIN_UTILIZATION, penalty_targets
 from ess_train.models.protocol import capture_operators, find_ess_layers
 
 __all__ = ["ESSRegularizer"]
@@ -43,51 +45,60 @@ class ESSRegularizer(Callback):
     Args:
         weight: penalty weight.
         mode: ``"floor"``, ``"ceiling"`` or ``"decay_identity"`` (see :func:`ess_penalty`).
-        target: utilization target for ``floor`` (default 0.5; the utilization ESSMonitor logs as
-            ``ess/<layer>/utilization``: ``sum_i ESS_i / sum_i min(per_operator, i, L - i)``), ESS budget
-            per operator for ``ceiling``.
+        min_utilization: ``floor`` only: the state utilization each layer is pushed up to, in ``(0, 1]``
+            (default 0.5; the utilization ESSMonitor logs as ``ess/<layer>/utilization``:
+            ``sum_i ESS_i / sum_i min(per_operator, i, L - i)``).
+        max_ess: ``ceiling`` only (and required there): the ESS budget per operator, the mean entropy-ESS
+            (over positions, rows and operators) above which a layer is penalized.
         include, exclude: ``fnmatch`` patterns on layer names.
         every_n_steps: regularize one step in ``every_n_steps``.
-        num_positions: positions for the ESS estimate (``None``: all).
+        positions: positions for the ESS estimate, as ESSMonitor's and ESSInitializer's (``PositionSpec``):
+            an int ``k`` is ``k`` evenly spaced positions in ``[1, L-1]`` (default 16), ``None`` all, a list
+            those positions.
         batch_rows: batch rows for the ESS estimate (``None``: all).
         max_operators: operators (heads/channels) per layer for the estimate (``None``: all); the subset
             rotates from step to step so that every operator is regularized in turn.
         warmup_steps: linear warm-up of the weight.
         log: log ``ess/reg_loss`` and ``ess/reg_weight``.
+        target, num_positions: deprecated names (one release, ``DeprecationWarning``): ``target`` is
+            ``min_utilization`` for ``floor`` and ``max_ess`` for ``ceiling``; ``num_positions`` is
+            ``positions``.
     """
 
     def __init__(
         self,
         weight: float = 1e-2,
         mode: Mode = "floor",
-        target: float | None = None,
+        min_utilization: float = DEFAULT_MIN_UTILIZATION,
+        max_ess: float | None = None,
         include: Iterable[str] | None = None,
         exclude: Iterable[str] | None = None,
         every_n_steps: int = 1,
-        num_positions: int | None = 16,
+        positions: PositionSpec = 16,
         batch_rows: int | None = 2,
         max_operators: int | None = 8,
         warmup_steps: int = 0,
         log: bool = True,
+        target: float | None = UNSET,
+        num_positions: PositionSpec = UNSET,
     ) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode == "ceiling" and target is None:
-            raise ValueError("mode='ceiling' needs target= (an ESS budget per operator)")
-        if mode == "floor" and target is not None and not 0 < target <= 1:
-            raise ValueError(f"mode='floor' takes a utilization target in (0, 1], got {target}")
+        min_utilization, max_ess = penalty_targets("ESSRegularizer", mode, min_utilization, max_ess, target)
+        positions = renamed_keyword(
+            "ESSRegularizer", "num_positions", "positions", num_positions, positions, 16
+        )
         if weight < 0:
             raise ValueError(f"weight must be >= 0, got {weight}")
         if every_n_steps < 1 or warmup_steps < 0:
             raise ValueError("every_n_steps must be >= 1 and warmup_steps >= 0")
         self.weight = weight
         self.mode = mode
-        self.target = target
+        self.min_utilization = min_utilization
+        self.max_ess = max_ess
         self.include = list(include) if include else None
         self.exclude = list(exclude) if exclude else None
         self.every_n_steps = every_n_steps
-        self.num_positions = num_positions
+        self.positions = positions
         self.batch_rows = batch_rows
         self.max_operators = max_operators
         self.warmup_steps = warmup_steps
@@ -192,10 +203,11 @@ class ESSRegularizer(Callback):
                 views,
                 self.layers,
                 self.mode,
-                self.target,
-                self.num_positions,
-                self.batch_rows,
-                self.max_operators,
+                min_utilization=self.min_utilization,
+                max_ess=self.max_ess,
+                positions=self.positions,
+                batch_rows=self.batch_rows,
+                max_operators=self.max_operators,
                 offset=self.num_calls,
                 warn=self._warn_once,
             )

@@ -14,38 +14,94 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ess_train.checks import UNSET, renamed_keyword
 from ess_train.ess import DenseOperator, RecurrentOperator
-from ess_train.measure.positions import position_bounds, resolve_positions
+from ess_train.measure.positions import PositionSpec, position_bounds, resolve_positions
 from ess_train.measure.stats import compute_copy, entropy_profiles, no_autocast, state_utilization
 from ess_train.measure.warning import ESSWarning
 from ess_train.models.protocol import OperatorView
 
-__all__ = ["Mode", "MODES", "ess_penalty"]
+__all__ = ["Mode", "MODES", "ess_penalty", "penalty_targets"]
 
 Mode = Literal["floor", "ceiling", "decay_identity"]
 MODES = ("floor", "ceiling", "decay_identity")
+#: the floor's default: penalize layers using less than half of their state
+DEFAULT_MIN_UTILIZATION = 0.5
+
+
+def penalty_targets(
+    owner: str,
+    mode: str,
+    min_utilization: float | None,
+    max_ess: float | None,
+    target: float | None = UNSET,
+    stacklevel: int = 4,
+) -> tuple[float, float | None]:
+    """``(min_utilization, max_ess)`` for ``mode``, checked, with the deprecated ``target=`` (one knob for
+    both: the floor's utilization, the ceiling's ESS budget) mapped to the one ``mode`` reads, with a
+    ``DeprecationWarning`` (``stacklevel`` counted from the caller: 4 points at its caller's caller).
+
+    ``min_utilization`` (``None``: 0.5) must lie in ``(0, 1]`` for ``floor``; ``ceiling`` needs ``max_ess``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if target is not UNSET:
+        if mode == "ceiling":
+            max_ess = renamed_keyword(owner, "target", "max_ess", target, max_ess, None, stacklevel)
+        elif mode == "floor":
+            min_utilization = renamed_keyword(
+                owner,
+                "target",
+                "min_utilization",
+                target,
+                min_utilization,
+                DEFAULT_MIN_UTILIZATION,
+                stacklevel,
+            )
+        else:  # decay_identity never read it
+            warnings.warn(
+                f"{owner}: target= is deprecated and will be removed in the next release (mode={mode!r} "
+                "ignores it); use min_utilization= (floor) or max_ess= (ceiling)",
+                DeprecationWarning,
+                stacklevel=stacklevel - 1,
+            )
+    if min_utilization is None:
+        min_utilization = DEFAULT_MIN_UTILIZATION
+    if mode == "floor" and not (
+        isinstance(min_utilization, (int, float))
+        and not isinstance(min_utilization, bool)
+        and 0 < min_utilization <= 1
+    ):
+        raise ValueError(f"mode='floor' takes min_utilization in (0, 1], got {min_utilization!r}")
+    if mode == "ceiling" and max_ess is None:
+        raise ValueError("mode='ceiling' needs max_ess= (the mean entropy-ESS per operator it allows)")
+    return float(min_utilization), max_ess
 
 
 def ess_penalty(
     views: Mapping[str, OperatorView],
     layers: Mapping[str, nn.Module],
     mode: Mode = "floor",
-    target: float | None = None,
-    num_positions: int | None = 16,
+    *,
+    min_utilization: float = DEFAULT_MIN_UTILIZATION,
+    max_ess: float | None = None,
+    positions: PositionSpec = 16,
     batch_rows: int | None = 2,
     max_operators: int | None = 8,
     offset: int = 0,
     warn: Callable[[str, str], None] | None = None,
+    target: float | None = UNSET,
+    num_positions: PositionSpec = UNSET,
 ) -> Tensor | None:
     """The differentiable penalty of ``mode`` over the captured ``views`` (``None`` when nothing applies).
 
-    - ``floor``: ``mean over layers of relu(target - utilization)^2`` (``target`` default 0.5), with the
+    - ``floor``: ``mean over layers of relu(min_utilization - utilization)^2`` (default 0.5), with the
       utilization ESSMonitor logs (``ess/<layer>/utilization``, :func:`state_utilization`):
       ``sum_i ESS_i / sum_i min(StateSize.per_operator, i, L - i)`` over the evaluated positions, entropy-ESS
       averaged over the rows and operators used. A layer whose utilization is undefined
       (``per_operator == 0``, e.g. sliding-window attention with ``window=1``, or ``L == 1``) is skipped,
       with a warning (once per layer through ``warn``);
-    - ``ceiling``: ``mean over layers of relu(mean entropy-ESS - target)`` (``target``: ESS budget per
+    - ``ceiling``: ``mean over layers of relu(mean entropy-ESS - max_ess)`` (``max_ess``: ESS budget per
       operator; the mean is over the evaluated positions, rows and operators);
     - ``decay_identity``: mean over recurrent layers of ``mean((1 - a)^2)`` (diagonal transitions) or
       ``mean_t ||A_t - I||_F^2 / N`` (full), which pulls transitions towards the identity (longer memory).
@@ -55,18 +111,21 @@ def ess_penalty(
       every parameter upstream of the gates frozen) give ``None``: nothing could receive a gradient.
 
     Entropy-ESS runs in float32 with autocast off, on the first ``batch_rows`` rows, ``max_operators``
-    operators (stride ``G // max_operators``, starting at ``offset``) and ``num_positions`` evenly spaced
-    positions in ``[1, L-1]`` (``None``: all; position 0 adds nothing to the floor's utilization either way).
+    operators (stride ``G // max_operators``, starting at ``offset``) and ``positions``
+    (:data:`~ess_train.measure.positions.PositionSpec`: an int ``k`` is ``k`` evenly spaced positions in
+    ``[1, L-1]``, ``None`` all, a list those; position 0 adds nothing to the floor's utilization either way).
     ``warn(key, message)``: warning sink (default ``warnings.warn`` with :class:`ESSWarning`); the
-    regularizer passes its warn-once.
+    regularizer passes its warn-once. Deprecated names (one release, with a ``DeprecationWarning``):
+    ``target`` (``min_utilization`` for ``floor``, ``max_ess`` for ``ceiling``), ``num_positions``
+    (``positions``).
     """
+    min_utilization, max_ess = penalty_targets("ess_penalty", mode, min_utilization, max_ess, target)
+    positions = renamed_keyword("ess_penalty", "num_positions", "positions", num_positions, positions, 16)
     if warn is None:
 
         def warn(key: str, message: str) -> None:
             warnings.warn(message, ESSWarning, stacklevel=3)
 
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     terms: list[Tensor] = []
     # floor/ceiling: (layer, operator copy, positions, per-operator bound); ESS of all in batched calls
     jobs: list[tuple[str, DenseOperator | RecurrentOperator, list[int] | None, int]] = []
@@ -87,14 +146,12 @@ def ess_penalty(
                 eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
                 terms.append((a - eye).square().sum((-2, -1)).mean() / a.shape[-1])
             continue
-        if mode == "ceiling" and target is None:
-            raise ValueError("mode='ceiling' needs target= (ESS budget per operator)")
         seq_len = op.seq_len
-        positions = resolve_positions(num_positions, seq_len)
+        evaluated = resolve_positions(positions, seq_len)
         per_op = 0
         if mode == "floor":
             per_op = int(layers[name].state_size(seq_len).per_operator)
-            if sum(position_bounds(per_op, seq_len, positions)) <= 0:
+            if sum(position_bounds(per_op, seq_len, evaluated)) <= 0:
                 warn(
                     f"undefined-utilization:{name}",
                     f"ESSRegularizer: layer {name!r} has no state to fill at seq_len={seq_len} "
@@ -102,17 +159,17 @@ def ess_penalty(
                 )
                 continue
         small = compute_copy(op, rows=batch_rows, operators=max_operators, offset=offset)
-        jobs.append((name, small, positions, per_op))
+        jobs.append((name, small, evaluated, per_op))
     if jobs:
         with no_autocast(jobs[0][1]):
             profiles = entropy_profiles([j[1] for j in jobs], [j[2] for j in jobs])
-        for (_, small, positions, per_op), ent in zip(jobs, profiles):
+        for (_, small, evaluated, per_op), ent in zip(jobs, profiles):
             if mode == "floor":
-                util = state_utilization(ent, per_op, small.seq_len, positions)
+                util = state_utilization(ent, per_op, small.seq_len, evaluated)
                 assert util is not None  # bounds checked above
-                terms.append(torch.relu((0.5 if target is None else target) - util).square())
+                terms.append(torch.relu(min_utilization - util).square())
             else:
-                terms.append(torch.relu(ent.mean() - target))
+                terms.append(torch.relu(ent.mean() - max_ess))
     if not terms:
         return None
     return torch.stack(terms).mean()

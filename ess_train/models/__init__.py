@@ -1,6 +1,6 @@
 """Models: the operator protocol, the mixer zoo (``mixers/``), the backbone and the name registry."""
 
-from ess_train.models.backbone import SequenceModel
+from ess_train.models.backbone import SequenceModel, build_model
 from ess_train.models.protocol import (
     ESSMixer,
     OperatorView,
@@ -10,7 +10,7 @@ from ess_train.models.protocol import (
     find_ess_layers,
     operators_of,
 )
-from ess_train.models.registry import build_mixer, build_model, get_mixer_class, mixer_names, register_mixer
+from ess_train.models.registry import build_mixer, get_mixer_class, mixer_names, register_mixer
 
 __all__ = [
     "SequenceModel",

@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ess_train.checks import check_keywords
 from ess_train.models.mixers._common import RMSNorm
 from ess_train.models.protocol import OperatorView, StateSize, find_ess_layers, operators_of
 from ess_train.models.registry import build_mixer, mixer_parameters, resolve_mixer_name
 
-__all__ = ["SequenceModel", "Block", "MLP", "RMSNorm"]
+__all__ = ["SequenceModel", "Block", "MLP", "RMSNorm", "build_model"]
 
 
 def _make_norm(kind: str, dim: int, eps: float) -> nn.Module:
@@ -112,11 +113,8 @@ def _split_mixer_kwargs(
         accepted, var_kw = mixer_parameters(name)
         kw = {k: v for k, v in common.items() if var_kw or k in accepted}
         used |= set(kw)
-        bad = sorted(k for k in per_name[name] if not (var_kw or k in accepted))
-        if bad:
-            raise ValueError(
-                f"unknown argument(s) {bad} in mixer_kwargs[{name!r}]; accepted: {sorted(accepted)}"
-            )
+        if not var_kw:
+            check_keywords(per_name[name], accepted=accepted, where=f"in mixer_kwargs[{name!r}]")
         kw.update(per_name[name])
         out[name] = kw
     unused = sorted(set(common) - used)
@@ -269,3 +267,9 @@ class SequenceModel(nn.Module):
     def state_sizes(self, seq_len: int) -> dict[str, StateSize]:
         """Every layer's theoretical state size at ``seq_len``, keyed by layer name."""
         return {name: layer.state_size(seq_len) for name, layer in self.ess_layers().items()}
+
+
+def build_model(**kwargs: Any) -> SequenceModel:
+    """``SequenceModel(**kwargs)``; ``ValueError`` naming unknown keys."""
+    check_keywords(kwargs, SequenceModel, where="for SequenceModel")
+    return SequenceModel(**kwargs)

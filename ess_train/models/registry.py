@@ -1,18 +1,20 @@
-"""Mixers by name: ``build_mixer("mamba", d_model=64)``, ``build_model(mixer=["short_conv", "gla"], ...)``.
+"""Mixers by name: ``build_mixer("mamba", d_model=64)``.
 
 Names and aliases: :data:`ess_train.models.mixers.MIXER_PATHS` / ``MIXER_ALIASES``; modules are imported
 on first use. Unknown names raise ``ValueError`` listing the valid ones; unknown keyword arguments raise
-``ValueError`` naming the key. :func:`register_mixer` adds user mixers (a class or ``"module:Class"``).
+``ValueError`` naming the key (:func:`ess_train.checks.check_keywords`). :func:`register_mixer` adds user
+mixers (a class or ``"module:Class"``). ``build_model`` (a ``SequenceModel`` from keyword arguments) lives
+in :mod:`ess_train.models.backbone`, which imports this module (never the other way round).
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 from typing import Any
 
 from torch import nn
 
+from ess_train.checks import accepted_keywords, check_keywords
 from ess_train.models.mixers import MIXER_ALIASES, MIXER_PATHS
 
 __all__ = [
@@ -23,7 +25,6 @@ __all__ = [
     "check_mixer_kwargs",
     "register_mixer",
     "build_mixer",
-    "build_model",
 ]
 
 _REGISTRY: dict[str, str | type[nn.Module]] = dict(MIXER_PATHS)
@@ -65,9 +66,8 @@ def get_mixer_class(name: str) -> type[nn.Module]:
 
 def mixer_parameters(name: str) -> tuple[set[str], bool]:
     """Keyword arguments the mixer's constructor accepts, and whether it takes ``**kwargs``."""
-    params = inspect.signature(get_mixer_class(name).__init__).parameters
-    names = {p for p, v in params.items() if p != "self" and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)}
-    return names, any(v.kind == v.VAR_KEYWORD for v in params.values())
+    names, var_kw = accepted_keywords(get_mixer_class(name))
+    return set(names), var_kw
 
 
 def register_mixer(name: str, cls: str | type[nn.Module], *, overwrite: bool = False) -> None:
@@ -84,29 +84,10 @@ def register_mixer(name: str, cls: str | type[nn.Module], *, overwrite: bool = F
 
 def check_mixer_kwargs(name: str, kwargs: dict[str, Any]) -> None:
     """``ValueError`` naming any key the mixer ``name`` does not accept."""
-    accepted, var_kw = mixer_parameters(name)
-    if var_kw:
-        return
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        raise ValueError(
-            f"unknown argument(s) {unknown} for mixer {resolve_mixer_name(name)!r}; "
-            f"accepted: {sorted(accepted)}"
-        )
+    check_keywords(kwargs, get_mixer_class(name), where=f"for mixer {resolve_mixer_name(name)!r}")
 
 
 def build_mixer(name: str, **kwargs: Any) -> nn.Module:
     """Instantiate the mixer ``name`` with ``kwargs`` (``d_model`` among them)."""
     check_mixer_kwargs(name, kwargs)
     return get_mixer_class(name)(**kwargs)
-
-
-def build_model(**kwargs: Any) -> nn.Module:
-    """``SequenceModel(**kwargs)``; ``ValueError`` naming unknown keys."""
-    from ess_train.models.backbone import SequenceModel
-
-    accepted = set(inspect.signature(SequenceModel.__init__).parameters) - {"self"}
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        raise ValueError(f"unknown argument(s) {unknown} for SequenceModel; accepted: {sorted(accepted)}")
-    return SequenceModel(**kwargs)

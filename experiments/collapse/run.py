@@ -34,13 +34,13 @@ def conditions(floor_target: float = FLOOR_TARGET) -> dict[str, list[str]]:
     """Callback overrides of each condition."""
     return {
         "none": ["callbacks=default"],
-        # target 0.9: unregularized GLA settles near utilization 0.5-0.6 here, so the default
-        # floor target (0.5) would never act
+        # min_utilization 0.9: unregularized GLA settles near utilization 0.5-0.6 here, so the default
+        # floor (0.5) would never act
         "floor": [
             "callbacks=regularized",
             "callbacks.regularizer.mode=floor",
             f"callbacks.regularizer.weight={WEIGHT}",
-            f"+callbacks.regularizer.target={floor_target}",
+            f"+callbacks.regularizer.min_utilization={floor_target}",
         ],
         "decay_identity": [
             "callbacks=regularized",

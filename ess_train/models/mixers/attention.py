@@ -10,15 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ess_train.checks import check_bool, check_positive_float
 from ess_train.ess import DenseOperator
-from ess_train.models.mixers._common import (
-    check_bool,
-    check_positive_float,
-    head_dims,
-    merge_heads,
-    rotary_embedding,
-    split_heads,
-)
+from ess_train.models.mixers._common import head_dims, merge_heads, rotary_embedding, split_heads
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
 __all__ = ["SoftmaxAttention"]

@@ -16,19 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ess_train.checks import check_bool, check_open_unit, check_positive_float, check_positive_int
 from ess_train.ess import RecurrentOperator
 from ess_train.models.mixers._common import (
     RMSNorm,
-    check_bool,
-    check_open_unit,
-    check_positive_float,
-    check_positive_int,
-    chunk_decayed_linear_attention,
     gated_head_readout,
     head_dims,
     rotary_embedding,
     split_heads,
 )
+from ess_train.models.ops import chunk_decayed_linear_attention
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
 __all__ = ["DecayedLinearAttention", "decay_spectrum"]

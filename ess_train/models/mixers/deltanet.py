@@ -13,19 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ess_train.checks import check_bool, check_choice, check_positive_float, check_positive_int
 from ess_train.ess import RecurrentOperator
 from ess_train.ess.operators import select_batch
-from ess_train.models.mixers._common import (
-    RMSNorm,
-    check_bool,
-    check_choice,
-    check_positive_float,
-    check_positive_int,
-    chunk_delta_rule,
-    gated_head_readout,
-    head_dims,
-    split_heads,
-)
+from ess_train.models.mixers._common import RMSNorm, gated_head_readout, head_dims, split_heads
+from ess_train.models.ops import chunk_delta_rule
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
 __all__ = ["DeltaNet", "DeltaRuleOperator"]

@@ -14,18 +14,10 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ess_train.checks import check_bool, check_positive_float, check_positive_int
 from ess_train.ess import RecurrentOperator
-from ess_train.models.mixers._common import (
-    RMSNorm,
-    check_bool,
-    check_positive_float,
-    check_positive_int,
-    chunk_linear_attention,
-    gated_head_readout,
-    head_dims,
-    split_heads,
-    sub_chunk_for,
-)
+from ess_train.models.mixers._common import RMSNorm, gated_head_readout, head_dims, split_heads
+from ess_train.models.ops import chunk_linear_attention, sub_chunk_for
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
 __all__ = ["GatedLinearAttention"]

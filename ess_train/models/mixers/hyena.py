@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ess_train.checks import check_int, check_positive_float, check_positive_int
 from ess_train.ess import DenseOperator
 from ess_train.ess.operators import compute_dtype, select_batch
-from ess_train.models.mixers.s4d import fft_causal_conv
+from ess_train.models.ops import fft_causal_conv
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
 __all__ = ["Hyena", "GatedToeplitzOperator", "HyenaFilter"]

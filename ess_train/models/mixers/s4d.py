@@ -8,7 +8,8 @@ skip ``D``. Readout (S4D block): ``GELU(y + D u)``, then ``Linear(d_model, 2 d_m
 
 Operator per channel: a diagonal :class:`RecurrentOperator` whose ``a``, ``b``, ``c`` are ``[N]`` vectors
 expanded (not copied) to ``[batch, d_model, L, N]``. Fast forward: the kernel from a Vandermonde product
-(``exp(k dt A)``, exponents ``<= 0``), then an FFT convolution. TSS ``d_model * N``.
+(``exp(k dt A)``, exponents ``<= 0``), then an FFT convolution
+(:func:`~ess_train.models.ops.fft_causal_conv`). TSS ``d_model * N``.
 """
 
 from __future__ import annotations
@@ -23,30 +24,11 @@ from torch import Tensor, nn
 from ess_train.checks import check_choice, check_positive_int
 from ess_train.ess import RecurrentOperator
 from ess_train.ess.operators import compute_dtype
-from ess_train.models.mixers.mamba import (
-    A_INITS,
-    DT_RANGES,
-    _parse_dt_range,
-    check_dt_range,
-    exp_nonpositive,
-    init_a_log_,
-)
+from ess_train.models.mixers.ssm_init import A_INITS, DT_RANGES, check_dt_range, init_a_log_, parse_dt_range
+from ess_train.models.ops import exp_nonpositive, fft_causal_conv
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
-__all__ = ["S4D", "fft_causal_conv"]
-
-
-def fft_causal_conv(u: Tensor, k: Tensor) -> Tensor:
-    """Causal convolution ``y[t] = sum_{j <= t} k[j] u[t - j]`` over the last dim, by FFT (zero-padded to 2L).
-
-    ``u: [..., L]``, ``k`` broadcastable to it with last dim ``L``. Runs in float32 (float64 stays).
-    """
-    L = u.shape[-1]
-    dtype = compute_dtype(torch.promote_types(u.dtype, k.dtype))
-    n = 2 * L
-    uf = torch.fft.rfft(u.to(dtype), n=n)
-    kf = torch.fft.rfft(k.to(dtype), n=n)
-    return torch.fft.irfft(uf * kf, n=n)[..., :L]
+__all__ = ["S4D"]
 
 
 class S4D(ESSMixer):
@@ -56,7 +38,7 @@ class S4D(ESSMixer):
         d_model: channels (each its own SSM).
         d_state: states ``N`` per channel (64).
         dt_min, dt_max: range of the log-uniform initial step size (0.001, 0.1).
-        a_init: A initialization, one of ``A_INITS`` of :mod:`.mamba` (default ``"s4d_real"``).
+        a_init: A initialization, one of ``A_INITS`` of :mod:`.ssm_init` (default ``"s4d_real"``).
         activation: ``"gelu"`` (S4D default) or ``"identity"`` after ``y + D u``.
         gated_output: ``Linear(d_model, 2 d_model)`` + GLU output (S4D default) or a plain ``Linear``.
 
@@ -122,7 +104,7 @@ class S4D(ESSMixer):
         if unknown:
             raise ValueError(f"unknown init setting(s) {sorted(unknown)}; expected dt_range and/or a_init")
         if "dt_range" in setting:
-            self._init_log_dt(*_parse_dt_range(setting["dt_range"]))
+            self._init_log_dt(*parse_dt_range(setting["dt_range"]))
         if "a_init" in setting:
             init_a_log_(self.A_log, check_choice("a_init", setting["a_init"], A_INITS))
 

@@ -1,0 +1,108 @@
+"""ESSMonitor's media on W&B and TensorBoard: ESS-by-position line plots and position x step heatmaps.
+
+Drawn from an :class:`ess_train.measure.ESSHistory` (the figures themselves are ``ess_train.plots``); other
+loggers get the scalars only (one info line says so). PNG files are ``ess_train.plots.save_history_plots``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+from ess_train.callbacks._common import logger_step
+from ess_train.measure.history import ESSHistory
+
+log = logging.getLogger(__name__)
+
+__all__ = ["media_loggers", "log_profiles", "log_heatmaps", "render_heatmap"]
+
+
+def render_heatmap(
+    name: str, steps: list[int], positions: list[int], profiles: list[list[float]], **kwargs: Any
+) -> Any:
+    """An RGB ``uint8`` image ``[H, W, 3]``: entropy-ESS by position (y) and training step (x); see
+    ``ess_train.plots.render_heatmap`` (imported when first drawn: matplotlib stays out of the import)."""
+    from ess_train.plots import render_heatmap as _render
+
+    return _render(name, steps, positions, profiles, **kwargs)
+
+
+def media_loggers(trainer: pl.Trainer, told: set[str]) -> tuple[list[WandbLogger], list[TensorBoardLogger]]:
+    """The trainer's W&B and TensorBoard loggers. Says once (``"media"`` added to ``told``), at info level,
+    that the other loggers get the scalars only."""
+    wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    tb_loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+    others = [type(lg).__name__ for lg in trainer.loggers if not isinstance(lg, WandbLogger)]
+    if others and "media" not in told:
+        # information, not a warning: the user chose these loggers, and save_plots() draws the same
+        told.add("media")
+        log.info(
+            "ESSMonitor: ESS-by-position plots and heatmaps are W&B/TensorBoard media; "
+            f"{', '.join(others)} "
+            "gets the scalars (the profiles are in ESSMonitor.history, checkpoints and save_plots())."
+        )
+    return wandb_loggers, tb_loggers
+
+
+def log_profiles(trainer: pl.Trainer, history: ESSHistory, step: int, told: set[str]) -> None:
+    """W&B line plot of the entropy- (and tolerance-) ESS profile of every layer measured at ``step``."""
+    wandb_loggers, _ = media_loggers(trainer, told)
+    if not wandb_loggers:
+        return
+    import wandb
+
+    payload = {}
+    for name, hist in history.layers.items():
+        if not hist.steps or hist.steps[-1] != step or not hist.positions:
+            continue
+        profile = hist.profiles[-1]
+        if not all(math.isfinite(v) for v in profile):
+            continue
+        tol = hist.tolerance_profiles[-1] if hist.tolerance_profiles else []
+        ys, keys = [profile], ["entropy-ESS"]
+        if len(tol) == len(profile) and all(math.isfinite(v) for v in tol):
+            ys.append(tol)
+            keys.append("tolerance-ESS")
+        payload[f"ess/{name}/profile"] = wandb.plot.line_series(
+            xs=hist.positions,
+            ys=ys,
+            keys=keys,
+            title=f"{name}: ESS by position (step {step})",
+            xname="position",
+        )
+    for logger in wandb_loggers:
+        logger.log_metrics(payload, step=logger_step(trainer))
+
+
+def log_heatmaps(trainer: pl.Trainer, history: ESSHistory, told: set[str]) -> None:
+    """Position x step heatmap of every layer: a TensorBoard image and a W&B image."""
+    wandb_loggers, tb_loggers = media_loggers(trainer, told)
+    if not (wandb_loggers or tb_loggers):
+        return
+    from ess_train.plots import layer_label
+
+    for name, hist in history.layers.items():
+        if not hist.steps or not hist.positions:
+            continue
+        image = render_heatmap(
+            name,
+            hist.steps,
+            hist.positions,
+            hist.profiles,
+            label=layer_label(name, history.layer_kinds.get(name)),
+            tss=history.tss.get(name),
+        )
+        for logger in tb_loggers:
+            logger.experiment.add_image(f"ess/{name}/heatmap", image, logger_step(trainer), dataformats="HWC")
+        if wandb_loggers:
+            import wandb
+
+            for logger in wandb_loggers:
+                logger.log_metrics({f"ess/{name}/heatmap": wandb.Image(image)}, step=logger_step(trainer))
+    log.debug(
+        f"ESSMonitor: logged ESS heatmaps for {len(history.layers)} layer(s) at step {trainer.global_step}"
+    )
