@@ -192,10 +192,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.save_plots and trainer.is_global_zero:
             try:
                 summary["plots"] = [str(p) for p in cb.save_plots(out_dir / "plots")]
-            except Exception as err:  # plots never cost a run its summary (unless the callback is strict)
-                if getattr(cb, "strict", False):
+            except Exception as err:  # plots never cost a run its summary (unless the monitor is strict)
+                if cb.strict:
                     raise
-                log.warning(f"{type(cb).__name__}: could not draw the plots: {type(err).__name__}: {err}")
+                log.warning(f"ESSMonitor: could not draw the plots: {type(err).__name__}: {err}")
     experiment = getattr(logger, "experiment", None) if logger else None
     run_dir = getattr(experiment, "dir", None) or getattr(logger, "log_dir", None)
     if run_dir:

@@ -65,7 +65,7 @@ def check_resume_argument(argv: list[str]) -> str | None:
     for arg in argv:
         if arg.startswith("resume="):
             value = arg.split("=", 1)[1]
-            if _is_dir_value(value) and value not in ("null", "auto") and not Path(value).is_dir():
+            if _is_dir_value(value) and not Path(value).is_dir():
                 return f"resume={value}: no such run directory"
     return None
 

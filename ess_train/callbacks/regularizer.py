@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ess_train.checks import UNSET, renamed_keyword
 from ess_train.measure import ESSWarning, Mode, PositionSpec, ess_penalty
-from ess_train.measure.penalty import DEFAULT_MIN_UTILIZATION, penalty_targets
+from ess_train.measure.penalty import DEFAULT_MIN_UTILIZATION, DEFAULT_PENALTY_POSITIONS, penalty_targets
 from ess_train.models.protocol import capture_operators, find_ess_layers
 
 __all__ = ["ESSRegularizer"]
@@ -74,7 +74,7 @@ class ESSRegularizer(Callback):
         include: Iterable[str] | None = None,
         exclude: Iterable[str] | None = None,
         every_n_steps: int = 1,
-        positions: PositionSpec = 16,
+        positions: PositionSpec = DEFAULT_PENALTY_POSITIONS,
         batch_rows: int | None = 2,
         max_operators: int | None = 8,
         warmup_steps: int = 0,
@@ -85,7 +85,12 @@ class ESSRegularizer(Callback):
         super().__init__()
         min_utilization, max_ess = penalty_targets("ESSRegularizer", mode, min_utilization, max_ess, target)
         positions = renamed_keyword(
-            "ESSRegularizer", "num_positions", "positions", num_positions, positions, 16
+            "ESSRegularizer",
+            "num_positions",
+            "positions",
+            num_positions,
+            positions,
+            DEFAULT_PENALTY_POSITIONS,
         )
         if weight < 0:
             raise ValueError(f"weight must be >= 0, got {weight}")

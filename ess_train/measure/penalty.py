@@ -27,6 +27,8 @@ Mode = Literal["floor", "ceiling", "decay_identity"]
 MODES = ("floor", "ceiling", "decay_identity")
 #: the floor's default: penalize layers using less than half of their state
 DEFAULT_MIN_UTILIZATION = 0.5
+#: positions of the penalty's ESS estimate: 16 evenly spaced ones (cheap enough for every step).
+DEFAULT_PENALTY_POSITIONS = 16
 
 
 def penalty_targets(
@@ -85,7 +87,7 @@ def ess_penalty(
     *,
     min_utilization: float = DEFAULT_MIN_UTILIZATION,
     max_ess: float | None = None,
-    positions: PositionSpec = 16,
+    positions: PositionSpec = DEFAULT_PENALTY_POSITIONS,
     batch_rows: int | None = 2,
     max_operators: int | None = 8,
     offset: int = 0,
@@ -120,7 +122,9 @@ def ess_penalty(
     (``positions``).
     """
     min_utilization, max_ess = penalty_targets("ess_penalty", mode, min_utilization, max_ess, target)
-    positions = renamed_keyword("ess_penalty", "num_positions", "positions", num_positions, positions, 16)
+    positions = renamed_keyword(
+        "ess_penalty", "num_positions", "positions", num_positions, positions, DEFAULT_PENALTY_POSITIONS
+    )
     if warn is None:
 
         def warn(key: str, message: str) -> None:
