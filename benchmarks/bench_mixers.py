@@ -28,9 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ess_train.ess import RecurrentOperator, entropy_ess
+from ess_train.ess import RecurrentOperator, SelectiveSSMOperator, entropy_ess
 from ess_train.models import SequenceModel, build_mixer, mixer_names
-from ess_train.models.mixers.mamba import SelectiveSSMOperator
 from ess_train.models.ops import chunk_linear_attention, mamba_scan, sub_chunk_for
 from ess_train.models.protocol import OperatorView
 
@@ -62,7 +61,7 @@ def fwd_bwd(
 # ---------------------------------------------------------------------------------- token-by-token refs
 def mamba_reference_forward(m: nn.Module, x: Tensor) -> Tensor:
     """The Mamba mixer with its scan replaced by the token-by-token recurrence."""
-    f = m._features(x)
+    f = m.features(x)
     y = mamba_recurrence_reference(f["dt"], f["A"], f["B"], f["C"], f["u"])
     op = SelectiveSSMOperator(f["dt"], f["A"], f["B"], f["C"])
     return m.readout(OperatorView(op=op, u=f["u"], y=y, extras={"z": f["z"]}), x)
@@ -80,7 +79,7 @@ def gla_recurrence_reference(q: Tensor, k: Tensor, v: Tensor, gk: Tensor, scale:
 
 def gla_reference_forward(m: nn.Module, x: Tensor) -> Tensor:
     """GLA with its chunked kernel replaced by ``S_t = diag(a_t) S_{t-1} + k_t v_t^T`` token by token."""
-    f = m._features(x)
+    f = m.features(x)
     q, k, v, gk = f["q"], f["k"], f["v"], f["gk"]
     y = gla_recurrence_reference(q, k, v, gk, m.scale)
     op = RecurrentOperator(gk.exp(), k, q * m.scale, validate=False)
@@ -110,14 +109,14 @@ REFERENCES: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
 
 def mamba_core(m: nn.Module, x: Tensor) -> tuple[list[Tensor], Callable[..., Tensor], Callable[..., Tensor]]:
     """Mamba's recurrence inputs (dt, A, B, C, u) and its fast kernel / token-by-token loop."""
-    f = m._features(x)
+    f = m.features(x)
     ins = [f[k].detach() for k in ("dt", "A", "B", "C", "u")]
     return ins, lambda *t: mamba_scan(*t, m.chunk_size), mamba_recurrence_reference
 
 
 def gla_core(m: nn.Module, x: Tensor) -> tuple[list[Tensor], Callable[..., Tensor], Callable[..., Tensor]]:
     """GLA's recurrence inputs (q, k, v, gk) and its chunked kernel / token-by-token loop."""
-    f = m._features(x)
+    f = m.features(x)
     ins = [f[k].detach() for k in ("q", "k", "v", "gk")]
     sub = sub_chunk_for(m.chunk_size)
 

@@ -2,7 +2,7 @@
 
 - :func:`reference_y` (attention family): takes a mixer and its input ``x: [B, L, d_model]`` and returns the
   sequence-mixing output ``y: [B, H, L, d_v]`` (what ``mixer.operator(x).y`` must equal), from the mixer's
-  per-token features (``mixer._features``: projections, feature maps, gates) and an explicit loop over tokens;
+  per-token features (``mixer.features(x)``, the public per-token quantities: projections, feature maps, gates) and an explicit loop over tokens;
 - :func:`reference_forward` (SSM and convolution mixers): the whole layer's output ``[B, L, d_model]`` (what
   ``mixer(x)`` must equal), from the layer's parameters and an explicit loop over tokens.
 
@@ -22,7 +22,7 @@ __all__ = ["reference_y", "reference_forward"]
 
 def attention_reference(m, x: Tensor) -> Tensor:
     """Softmax over the keys each query may see (``s <= t``, and ``s > t - window`` when windowed)."""
-    f = m._features(x)
+    f = m.features(x)
     q, k, v = f["q"], f["k"], f["v"]
     window = getattr(m, "window", None)
     ys = []
@@ -36,7 +36,7 @@ def attention_reference(m, x: Tensor) -> Tensor:
 def linear_attention_reference(m, x: Tensor) -> Tensor:
     """``S_t = S_{t-1} + phi(k_t) v_t^T``, ``z_t = z_{t-1} + phi(k_t)``,
     ``y_t = phi(q_t)^T S_t / (phi(q_t) . z_t + eps)`` (or ``scale * phi(q_t)^T S_t``)."""
-    f = m._features(x)
+    f = m.features(x)
     q, k, v = f["q"], f["k"], f["v"]
     S = q.new_zeros(*q.shape[:2], q.shape[-1], v.shape[-1])
     z = q.new_zeros(*q.shape[:2], q.shape[-1])
@@ -53,18 +53,18 @@ def linear_attention_reference(m, x: Tensor) -> Tensor:
 
 
 def decayed_reference(m, x: Tensor) -> Tensor:
-    f = m._features(x)
+    f = m.features(x)
     log_a = f["log_decay"][None, :, None, None].expand(f["k"].shape)
     return gated_reference(f["q"], f["k"], f["v"], log_a, m.scale)
 
 
 def gla_reference(m, x: Tensor) -> Tensor:
-    f = m._features(x)
+    f = m.features(x)
     return gated_reference(f["q"], f["k"], f["v"], f["gk"], m.scale)
 
 
 def deltanet_reference(m, x: Tensor) -> Tensor:
-    f = m._features(x)
+    f = m.features(x)
     return delta_rule_reference(f["q"], f["k"], f["v"], f["beta"], m.scale)
 
 

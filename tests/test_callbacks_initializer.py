@@ -105,6 +105,13 @@ def test_without_trainer_and_no_space():
         ESSInitializer(probe_batch=probe).initialize(ToyLM(layer="mlp"))
 
 
+def test_unknown_search_space_key_is_named_before_the_search():
+    probe = torch.randint(0, 16, (4, 12))
+    init = ESSInitializer(probe_batch=probe, search_space={"layers.*": {"decay_hgh": [0.5]}})
+    with pytest.raises(ValueError, match=r"unknown key 'decay_hgh'.*did you mean 'decay_high'"):
+        init.initialize(ToyLM())
+
+
 class KeywordLM(ToyLM):
     """A module whose forward needs a keyword the probe's plain ``pl_module(inputs)`` does not pass."""
 

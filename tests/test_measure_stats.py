@@ -13,7 +13,7 @@ from ess_train.measure import (
     entropy_profiles,
     layer_ess,
     position_bounds,
-    state_utilization,
+    layer_utilization,
 )
 from ess_train.models.protocol import find_ess_layers, operators_of
 from tests.tolerances import tol
@@ -26,11 +26,11 @@ AGG = tol(torch.float32, n=8 * 8 * 12)
 
 def test_state_utilization():
     ess = torch.tensor([[0.0, 1.0, 2.0, 1.0]])  # L = 4, per_operator 2: bounds 0, 1, 2, 1
-    assert float(state_utilization(ess, 2, 4, None)) == pytest.approx(1.0)
+    assert float(layer_utilization(ess, 2, 4, None)) == pytest.approx(1.0)
     # position 0 (b_0 = 0, ESS_0 = 0) changes nothing
-    assert float(state_utilization(ess[:, 1:], 2, 4, [1, 2, 3])) == pytest.approx(1.0)
-    assert state_utilization(ess, 0, 4, None) is None
-    assert state_utilization(torch.zeros(1, 1), 3, 1, None) is None  # L = 1
+    assert float(layer_utilization(ess[:, 1:], 2, 4, [1, 2, 3])) == pytest.approx(1.0)
+    assert layer_utilization(ess, 0, 4, None) is None
+    assert layer_utilization(torch.zeros(1, 1), 3, 1, None) is None  # L = 1
 
 
 def test_gaussian_dense_operator_scales_to_its_rank():

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from ess_train.callbacks._common import log_to_loggers
-from ess_train.checks import UNSET, renamed_keyword
+from ess_train.checks import UNSET, check_keywords, renamed_keyword
 from ess_train.measure import (
     ESSWarning,
     PositionSpec,
@@ -50,7 +50,7 @@ class ESSInitializer(Callback):
 
     ``metric``: ``"utilization"`` (the one ESSMonitor logs:
     ``sum_i ESS_i / sum_i min(per_operator, i, L - i)`` over the evaluated positions,
-    ``ess_train.measure.state_utilization``; a layer where it is undefined, ``per_operator == 0``, keeps its
+    ``ess_train.measure.layer_utilization``; a layer where it is undefined, ``per_operator == 0``, keeps its
     defaults, with a warning), ``"ess"`` (mean entropy-ESS) or
     ``"total"`` (layer total ESS). Logs ``init/<layer>/ess_before``, ``init/<layer>/ess_after`` (mean
     entropy-ESS) and ``init/<layer>/utilization_before``/``_after`` at step 0; ``report`` holds, per layer,
@@ -141,6 +141,9 @@ class ESSInitializer(Callback):
             for name, sp in spaces.items()
             if sp and callable(getattr(layers[name], "apply_init", None))
         }
+        for name, sp in spaces.items():
+            where = f"the init search space of layer {name!r} ({type(layers[name]).__name__}.apply_init)"
+            check_keywords(sp, layers[name].apply_init, where=where)
         if not spaces:
             rank_zero_warn(
                 "ESSInitializer: no layer with apply_init() and a search space "

@@ -16,12 +16,26 @@ from ess_train.ess.measures import (
     tolerance_ess,
     tolerance_ess_from_singular_values,
 )
-from ess_train.ess.operators import DenseOperator, Operator, RecurrentOperator
+from ess_train.ess.operators import (
+    DeltaRuleOperator,
+    DenseOperator,
+    GatedToeplitzOperator,
+    Operator,
+    RecurrentOperator,
+    SelectiveSSMOperator,
+    ShiftRegisterOperator,
+    compute_dtype,
+)
 
 __all__ = [
     "DenseOperator",
     "RecurrentOperator",
     "Operator",
+    "SelectiveSSMOperator",
+    "DeltaRuleOperator",
+    "GatedToeplitzOperator",
+    "ShiftRegisterOperator",
+    "compute_dtype",
     "DEFAULT_CHUNK_ELEMENTS",
     "DEFAULT_CHUNK_ELEMENTS_ACCELERATOR",
     "hankel_singular_values",

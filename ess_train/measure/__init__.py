@@ -35,8 +35,8 @@ from ess_train.measure.stats import (
     entropy_profile,
     entropy_profiles,
     layer_ess,
+    layer_utilization,
     no_autocast,
-    state_utilization,
 )
 from ess_train.measure.warning import ESSWarning
 
@@ -66,7 +66,7 @@ __all__ = [
     "probe_rows",
     "probe_views",
     "resolve_positions",
-    "state_utilization",
+    "layer_utilization",
     "SUMMARY_KEYS",
     "Totals",
 ]

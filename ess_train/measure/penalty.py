@@ -2,7 +2,7 @@
 
 The regularizer adds it to the training loss; it needs no trainer, only the views a forward captured
 (``capture_operators``) and the layers they came from, so it can be added to any loss by hand. The floor
-mode uses the same utilization the monitor logs (:func:`~ess_train.measure.stats.state_utilization`).
+mode uses the same utilization the monitor logs (:func:`~ess_train.measure.stats.layer_utilization`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from ess_train.checks import UNSET, renamed_keyword
-from ess_train.ess import DenseOperator, RecurrentOperator
+from ess_train.ess import Operator, RecurrentOperator
 from ess_train.measure.positions import PositionSpec, position_bounds, resolve_positions
-from ess_train.measure.stats import compute_copy, entropy_profiles, no_autocast, state_utilization
+from ess_train.measure.stats import compute_copy, entropy_profiles, layer_utilization, no_autocast
 from ess_train.measure.warning import ESSWarning
 from ess_train.models.protocol import OperatorView
 
@@ -98,7 +98,7 @@ def ess_penalty(
     """The differentiable penalty of ``mode`` over the captured ``views`` (``None`` when nothing applies).
 
     - ``floor``: ``mean over layers of relu(min_utilization - utilization)^2`` (default 0.5), with the
-      utilization ESSMonitor logs (``ess/<layer>/utilization``, :func:`state_utilization`):
+      utilization ESSMonitor logs (``ess/<layer>/utilization``, :func:`layer_utilization`):
       ``sum_i ESS_i / sum_i min(StateSize.per_operator, i, L - i)`` over the evaluated positions, entropy-ESS
       averaged over the rows and operators used. A layer whose utilization is undefined
       (``per_operator == 0``, e.g. sliding-window attention with ``window=1``, or ``L == 1``) is skipped,
@@ -132,7 +132,7 @@ def ess_penalty(
 
     terms: list[Tensor] = []
     # floor/ceiling: (layer, operator copy, positions, per-operator bound); ESS of all in batched calls
-    jobs: list[tuple[str, DenseOperator | RecurrentOperator, list[int] | None, int]] = []
+    jobs: list[tuple[str, Operator, list[int] | None, int]] = []
     for name, view in views.items():
         if name not in layers:
             continue
@@ -140,7 +140,7 @@ def ess_penalty(
         if mode == "decay_identity":
             if not isinstance(op, RecurrentOperator):
                 continue
-            a = op.a  # (built on each read by the lazy operators: read once)
+            a = op.a
             if not a.requires_grad:
                 continue
             a = a if a.dtype == torch.float64 else a.float()
@@ -169,7 +169,7 @@ def ess_penalty(
             profiles = entropy_profiles([j[1] for j in jobs], [j[2] for j in jobs])
         for (_, small, evaluated, per_op), ent in zip(jobs, profiles):
             if mode == "floor":
-                util = state_utilization(ent, per_op, small.seq_len, evaluated)
+                util = layer_utilization(ent, per_op, small.seq_len, evaluated)
                 assert util is not None  # bounds checked above
                 terms.append(torch.relu(min_utilization - util).square())
             else:

@@ -2,7 +2,7 @@
 
 What the monitor logs, the regularizer penalizes and the initializer scores is computed here, from
 :class:`~ess_train.models.protocol.OperatorView` objects and the engine (``ess_train.ess``):
-:func:`state_utilization` (``sum_i ESS_i / sum_i b_i``), :func:`entropy_profiles` (batched engine calls
+:func:`layer_utilization` (``sum_i ESS_i / sum_i b_i``), :func:`entropy_profiles` (batched engine calls
 for compatible operators), :func:`compute_copy` (a cheaper operator subset) and :func:`layer_ess` (a
 layer's summary, :class:`LayerESS`). No Lightning: usable on any ``nn.Module`` with protocol layers.
 """
@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ess_train.ess import (
     DenseOperator,
+    Operator,
     RecurrentOperator,
     entropy_ess,
     entropy_ess_from_singular_values,
@@ -32,7 +33,7 @@ from ess_train.models.protocol import OperatorView, StateSize
 __all__ = [
     "compute_copy",
     "no_autocast",
-    "state_utilization",
+    "layer_utilization",
     "entropy_profile",
     "entropy_profiles",
     "concat_operators",
@@ -43,18 +44,18 @@ __all__ = [
 
 # -------------------------------------------------------------------------------------------- operators
 def compute_copy(
-    op: DenseOperator | RecurrentOperator,
+    op: Operator,
     rows: int | None = None,
     operators: int | None = None,
     offset: int = 0,
-) -> DenseOperator | RecurrentOperator:
+) -> Operator:
     """``op`` restricted to its first ``rows`` batch rows and ``operators`` operators of dim 1.
 
     The operators are evenly spaced with stride ``G // operators``, starting at ``offset`` (mod ``G``): an
     increasing ``offset`` (the regularizer passes its call count) cycles through all of them.
 
     Returns ``op`` itself when nothing is cut, otherwise ``op.subset(...)``: the same kind of operator
-    (a lazy zoo operator, e.g. Mamba's, cuts its factors, so nothing full-size is materialized), graph
+    (a structured operator, e.g. Mamba's, cuts its factors, so nothing full-size is materialized), graph
     preserved. Dtypes are kept: the engine computes in float32 (float64 stays) whatever the operator's dtype.
     """
     batch = op.batch_shape
@@ -72,7 +73,7 @@ def compute_copy(
 
 # ------------------------------------------------------------------------------------------------- ESS
 @contextlib.contextmanager
-def no_autocast(op: DenseOperator | RecurrentOperator) -> Iterator[None]:
+def no_autocast(op: Operator) -> Iterator[None]:
     """Autocast off on ``op``'s device (ESS is computed in float32/float64 whatever the AMP setting)."""
     device_type = op.device.type
     if device_type not in ("cpu", "cuda", "xpu", "mps", "hpu"):
@@ -82,7 +83,7 @@ def no_autocast(op: DenseOperator | RecurrentOperator) -> Iterator[None]:
         yield
 
 
-def state_utilization(
+def layer_utilization(
     ess: Tensor, per_operator: int, seq_len: int, positions: list[int] | None
 ) -> Tensor | None:
     """State utilization ``sum_i ESS_i / sum_i b_i`` over the evaluated positions (the one definition the
@@ -106,13 +107,13 @@ def state_utilization(
     return profile.sum() / bound
 
 
-def entropy_profile(op: DenseOperator | RecurrentOperator, positions: list[int] | None) -> Tensor:
+def entropy_profile(op: Operator, positions: list[int] | None) -> Tensor:
     """Entropy-ESS ``[batch, G, P]`` of ``op`` (batch dims after the first flattened into G)."""
     ent = entropy_ess(op, positions=positions)
     return ent.reshape(ent.shape[0], -1, ent.shape[-1])
 
 
-def _batch_key(op: DenseOperator | RecurrentOperator, positions: list[int] | None) -> tuple[Any, ...]:
+def _batch_key(op: Operator, positions: list[int] | None) -> tuple[Any, ...]:
     """Operators with equal keys can share one engine call."""
     pos = None if positions is None else tuple(positions)
     if isinstance(op, RecurrentOperator):
@@ -120,7 +121,7 @@ def _batch_key(op: DenseOperator | RecurrentOperator, positions: list[int] | Non
     return ("dense", op.seq_len, op.dtype, op.device, pos)
 
 
-def concat_operators(ops: list[DenseOperator | RecurrentOperator]) -> DenseOperator | RecurrentOperator:
+def concat_operators(ops: list[Operator]) -> Operator:
     """One operator whose batch is the concatenation of the flattened batches of ``ops`` (same key)."""
     L = ops[0].seq_len
     if isinstance(ops[0], RecurrentOperator):
@@ -140,7 +141,7 @@ def concat_operators(ops: list[DenseOperator | RecurrentOperator]) -> DenseOpera
 
 
 def entropy_profiles(
-    ops: Sequence[DenseOperator | RecurrentOperator], positions: Sequence[list[int] | None]
+    ops: Sequence[Operator], positions: Sequence[list[int] | None]
 ) -> list[Tensor]:
     """:func:`entropy_profile` of each operator, with one engine call per group of compatible operators
     (same kind, length, state size, dtype, device and positions: e.g. all GLA layers of a model), which
@@ -171,7 +172,7 @@ class LayerESS:
     ``avg_entropy``/``avg_tolerance``: mean over the evaluated positions (position 0, whose ESS is 0, counts
     when it is evaluated, as with ``positions=None``), operators and rows. ``utilization``:
     ``sum_i ESS_i / sum_i min(per_operator, i, L - i)`` over the evaluated positions
-    (:func:`state_utilization`, independent of whether position 0 is evaluated); NaN where undefined
+    (:func:`layer_utilization`, independent of whether position 0 is evaluated); NaN where undefined
     (``per_operator == 0`` or ``L == 1``).
     """
 
@@ -236,7 +237,7 @@ def layer_ess(
         kv = kv.expand_as(row_totals) if kv.numel() == 1 else kv[: row_totals.shape[0]]
         per_kv = float((row_totals / kv.clamp_min(1)).mean())
     avg = float(profile.mean())
-    util = state_utilization(profile, size.per_operator, L, positions)
+    util = layer_utilization(profile, size.per_operator, L, positions)
     return LayerESS(
         positions=pos,
         profile=[float(v) for v in profile],

@@ -63,7 +63,7 @@ class SoftmaxAttention(ESSMixer):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
 
-    def _features(self, x: Tensor) -> dict[str, Tensor]:
+    def features(self, x: Tensor) -> dict[str, Tensor]:
         """Per-token queries (rotated), keys (rotated), values: each ``[B, H, L, head_dim]``."""
         q, k, v = (split_heads(p(x), self.num_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
         if self.rotary:
@@ -75,7 +75,7 @@ class SoftmaxAttention(ESSMixer):
         return torch.ones(L, L, dtype=torch.bool, device=device).tril()
 
     def operator(self, x: Tensor) -> OperatorView:
-        f = self._features(x)
+        f = self.features(x)
         q, k, v = f["q"], f["k"], f["v"]
         scores = (q @ k.transpose(-1, -2)) * self.scale
         scores = scores.masked_fill(~self._allowed(x.shape[1], x.device), float("-inf"))

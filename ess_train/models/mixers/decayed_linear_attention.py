@@ -10,7 +10,6 @@ diagonal :class:`RecurrentOperator` with ``a = gamma_h`` (repeated over ``N = d_
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -123,16 +122,14 @@ class DecayedLinearAttention(ESSMixer):
         }
         return {name: list(dict.fromkeys(vals)) for name, vals in cands.items()}
 
-    def apply_init(self, **setting: Any) -> None:
+    def apply_init(self, *, decay_min: float | None = None, decay_max: float | None = None) -> None:
         """Re-initialize the decays in place from ``decay_min``/``decay_max`` (either may be omitted)."""
-        unknown = set(setting) - {"decay_min", "decay_max"}
-        if unknown:
-            raise ValueError(f"unknown init setting(s) {sorted(unknown)}; expected decay_min, decay_max")
-        for name, value in setting.items():
-            setattr(self, name, check_open_unit(name, value))
+        for name, value in (("decay_min", decay_min), ("decay_max", decay_max)):
+            if value is not None:
+                setattr(self, name, check_open_unit(name, value))
         self._init_decays()
 
-    def _features(self, x: Tensor) -> dict[str, Tensor]:
+    def features(self, x: Tensor) -> dict[str, Tensor]:
         """q, k ``[B, H, L, d_k]`` (rotated if ``rotary``), v ``[B, H, L, d_v]``, log-decays ``[H]``."""
         q = split_heads(self.q_proj(x), self.num_heads)
         k = split_heads(self.k_proj(x), self.num_heads)
@@ -142,7 +139,7 @@ class DecayedLinearAttention(ESSMixer):
         return {"q": q, "k": k, "v": v, "log_decay": F.logsigmoid(self.decay_logit).to(k.dtype)}
 
     def operator(self, x: Tensor) -> OperatorView:
-        f = self._features(x)
+        f = self.features(x)
         q, k, v = f["q"], f["k"], f["v"]
         c = q * self.scale
         y = chunk_decayed_linear_attention(c, k, v, f["log_decay"], chunk_size=self.chunk_size)

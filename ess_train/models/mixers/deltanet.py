@@ -14,47 +14,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ess_train.checks import check_bool, check_choice, check_positive_float, check_positive_int
-from ess_train.ess import RecurrentOperator
-from ess_train.ess.operators import select_batch
+from ess_train.ess import DeltaRuleOperator
 from ess_train.models.mixers._common import RMSNorm, gated_head_readout, head_dims, split_heads
 from ess_train.models.ops import chunk_delta_rule
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
-__all__ = ["DeltaNet", "DeltaRuleOperator"]
-
-
-class DeltaRuleOperator(RecurrentOperator):
-    """A :class:`RecurrentOperator` with full transitions ``A_t = I - beta_t k_t k_t^T``, built when read.
-
-    ``a`` (``[..., L, N, N]``) is materialized on each access of ``.a`` (``O(L N^2)`` memory), so the forward
-    pass that builds the view never pays for it. ``k``/``beta`` keep the rank-one structure for engines
-    that can use it.
-
-    Args: k ``[..., L, N]``, beta ``[..., L]``, c ``[..., L, N]``.
-    """
-
-    def __init__(self, k: Tensor, beta: Tensor, c: Tensor) -> None:
-        if k.shape != c.shape or beta.shape != k.shape[:-1]:
-            raise ValueError(
-                f"k and c must be [..., L, N] and beta [..., L]; got k {tuple(k.shape)}, "
-                f"beta {tuple(beta.shape)}, c {tuple(c.shape)}"
-            )
-        self.k, self.beta = k, beta
-        self.b = beta[..., None] * k
-        self.c = c
-        self.diagonal = False
-
-    def subset(self, rows: int | None = None, index: Tensor | None = None) -> DeltaRuleOperator:
-        """Cut ``k``, ``beta`` and ``c``: no ``[..., L, N, N]`` transitions are built."""
-        batch = self.batch_shape
-        k, c = (select_batch(x, batch, 2, rows, index) for x in (self.k, self.c))
-        return DeltaRuleOperator(k, select_batch(self.beta, batch, 1, rows, index), c)
-
-    @property
-    def a(self) -> Tensor:  # type: ignore[override]
-        N = self.k.shape[-1]
-        eye = torch.eye(N, dtype=self.k.dtype, device=self.k.device)
-        return eye - self.beta[..., None, None] * self.k[..., :, None] * self.k[..., None, :]
+__all__ = ["DeltaNet"]
 
 
 class DeltaNet(ESSMixer):
@@ -108,7 +73,7 @@ class DeltaNet(ESSMixer):
                 nn.init.xavier_uniform_(lin.weight, gain=2**-2.5)
         self.o_norm.reset_parameters()
 
-    def _features(self, x: Tensor) -> dict[str, Tensor]:
+    def features(self, x: Tensor) -> dict[str, Tensor]:
         """Unit-norm q, k ``[B, H, L, d_k]``, v ``[B, H, L, d_v]``, beta ``[B, H, L]`` in (0, 1)."""
         q, k, v = (split_heads(p(x), self.num_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
         if self.qk_activation == "silu":
@@ -118,7 +83,7 @@ class DeltaNet(ESSMixer):
         return {"q": q, "k": k, "v": v, "beta": beta}
 
     def operator(self, x: Tensor) -> OperatorView:
-        f = self._features(x)
+        f = self.features(x)
         c = f["q"] * self.scale
         y = chunk_delta_rule(c, f["k"], f["v"], f["beta"], chunk_size=self.chunk_size)
         return OperatorView(op=DeltaRuleOperator(f["k"], f["beta"], c), u=f["v"], y=y)

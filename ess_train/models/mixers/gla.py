@@ -9,8 +9,6 @@ Readout (fla): per-head RMSNorm, ``swish(g_proj(x))`` output gate, output projec
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -107,24 +105,19 @@ class GatedLinearAttention(ESSMixer):
             )
         }
 
-    def apply_init(self, **setting: Any) -> None:
+    def apply_init(self, *, gate_logit_normalizer: float | None = None) -> None:
         """Set ``gate_logit_normalizer`` (used by every later forward)."""
-        unknown = set(setting) - {"gate_logit_normalizer"}
-        if unknown:
-            raise ValueError(f"unknown init setting(s) {sorted(unknown)}; expected gate_logit_normalizer")
-        if "gate_logit_normalizer" in setting:
-            self.gate_logit_normalizer = check_positive_float(
-                "gate_logit_normalizer", setting["gate_logit_normalizer"]
-            )
+        if gate_logit_normalizer is not None:
+            self.gate_logit_normalizer = check_positive_float("gate_logit_normalizer", gate_logit_normalizer)
 
     def get_extra_state(self) -> dict[str, float]:
         """Checkpoint the normalizer: ``ESSInitializer`` may have changed it (it is no parameter)."""
         return {"gate_logit_normalizer": self.gate_logit_normalizer}
 
     def set_extra_state(self, state: dict[str, float]) -> None:
-        self.apply_init(**state)
+        self.apply_init(gate_logit_normalizer=state["gate_logit_normalizer"])
 
-    def _features(self, x: Tensor) -> dict[str, Tensor]:
+    def features(self, x: Tensor) -> dict[str, Tensor]:
         """q, k, log-gates ``gk`` (``<= 0``) ``[B, H, L, d_k]`` and v ``[B, H, L, d_v]``."""
         q, k, v, gk = (
             split_heads(p(x), self.num_heads) for p in (self.q_proj, self.k_proj, self.v_proj, self.gk_proj)
@@ -135,7 +128,7 @@ class GatedLinearAttention(ESSMixer):
         return {"q": q, "k": k, "v": v, "gk": gk}
 
     def operator(self, x: Tensor) -> OperatorView:
-        f = self._features(x)
+        f = self.features(x)
         q, k, v, gk = f["q"], f["k"], f["v"], f["gk"]
         c = q * self.scale
         y = chunk_linear_attention(

@@ -18,67 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from ess_train.checks import check_int, check_positive_float, check_positive_int
-from ess_train.ess import DenseOperator
-from ess_train.ess.operators import compute_dtype, select_batch
+from ess_train.ess import GatedToeplitzOperator, compute_dtype
 from ess_train.models.ops import fft_causal_conv
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
-__all__ = ["Hyena", "GatedToeplitzOperator", "HyenaFilter"]
-
-
-class GatedToeplitzOperator(DenseOperator):
-    """``T[..., t, s] = g_out[..., t] h[..., t - s] g_in[..., s]`` for ``s <= t`` (0 above), built when read.
-
-    Args: ``h [..., L]`` (filter taps, lag 0 first), ``g_out``, ``g_in [..., L]``; leading dims broadcast.
-    ``T`` is materialized (``O(L^2)`` per operator) on first access of ``.T`` / ``.dense()`` and cached,
-    so the forward pass that builds the view never pays for it.
-    """
-
-    def __init__(self, h: Tensor, g_out: Tensor, g_in: Tensor) -> None:
-        L = h.shape[-1]
-        if g_out.shape[-1] != L or g_in.shape[-1] != L:
-            raise ValueError(
-                f"h, g_out and g_in must share the last dim L; got {tuple(h.shape)}, "
-                f"{tuple(g_out.shape)}, {tuple(g_in.shape)}"
-            )
-        self.h, self.g_out, self.g_in = h, g_out, g_in
-        self._T: Tensor | None = None
-
-    @property
-    def T(self) -> Tensor:  # type: ignore[override]
-        if self._T is None:
-            L = self.seq_len
-            idx = torch.arange(L, device=self.h.device)
-            lag = idx[:, None] - idx[None, :]
-            band = self.h[..., lag.clamp(min=0)] * (lag >= 0).to(self.h.dtype)  # [..., L, L]
-            self._T = self.g_out[..., :, None] * band * self.g_in[..., None, :]
-        return self._T
-
-    def subset(self, rows: int | None = None, index: Tensor | None = None) -> GatedToeplitzOperator:
-        """Cut the filter and the gates: only the selected operators' ``T`` is ever built."""
-        batch = self.batch_shape
-        return GatedToeplitzOperator(
-            *(select_batch(x, batch, 1, rows, index) for x in (self.h, self.g_out, self.g_in))
-        )
-
-    @property
-    def seq_len(self) -> int:
-        return self.h.shape[-1]
-
-    @property
-    def batch_shape(self) -> torch.Size:
-        return torch.broadcast_shapes(self.h.shape[:-1], self.g_out.shape[:-1], self.g_in.shape[:-1])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.promote_types(torch.promote_types(self.h.dtype, self.g_out.dtype), self.g_in.dtype)
-
-    @property
-    def device(self) -> torch.device:
-        return self.h.device
-
-    def __repr__(self) -> str:
-        return f"GatedToeplitzOperator(batch={tuple(self.batch_shape)}, L={self.seq_len}, dtype={self.dtype})"
+__all__ = ["Hyena", "HyenaFilter"]
 
 
 class _Sin(nn.Module):

@@ -113,14 +113,14 @@ class LinearAttention(ESSMixer):
             return taylor_features(x)
         return x
 
-    def _features(self, x: Tensor) -> dict[str, Tensor]:
+    def features(self, x: Tensor) -> dict[str, Tensor]:
         """Feature-mapped queries/keys ``[B, H, L, d']`` and values ``[B, H, L, d_v]``."""
         q = self._phi(split_heads(self.q_proj(x), self.num_heads))
         k = self._phi(split_heads(self.k_proj(x), self.num_heads))
         return {"q": q, "k": k, "v": split_heads(self.v_proj(x), self.num_heads)}
 
     def operator(self, x: Tensor) -> OperatorView:
-        f = self._features(x)
+        f = self.features(x)
         q, k, v = f["q"], f["k"], f["v"]
         if self.normalize:
             ones = torch.ones_like(v[..., :1])

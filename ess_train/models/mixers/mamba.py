@@ -5,9 +5,9 @@ giving ``u``, ``x_proj(u)`` to ``(dt, B, C)``, ``dt = softplus(dt_proj(dt) + bia
 Per channel ``c`` (state size ``N``): ``h_t = exp(dt_{t,c} A_c) h_{t-1} + dt_{t,c} B_t u_{t,c}``,
 ``y_{t,c} = C_t . h_t``. Readout: ``out_proj((y + D u) * silu(z))``.
 
-Operator per channel (batch shape ``[batch, d_inner]``): a diagonal :class:`RecurrentOperator` with
-``a = exp(dt A)``, ``b = dt B``, ``c = C`` (:class:`SelectiveSSMOperator` builds them when read), ``u`` = the
-conv output; ``D u`` and the gate belong to the readout. TSS ``d_inner * N``.
+Operator per channel (batch shape ``[batch, d_inner]``): the engine's :class:`SelectiveSSMOperator`,
+diagonal with ``a = exp(dt A)``, ``b = dt B``, ``c = C``, built from the factors;
+``u`` = the conv output; ``D u`` and the gate belong to the readout. TSS ``d_inner * N``.
 
 Fast forward: :func:`~ess_train.models.ops.mamba_scan` (the chunked cumsum form with a custom backward,
 :mod:`ess_train.models.ops.scan`); the initializations shared with S4D are in :mod:`.ssm_init`.
@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ess_train.checks import check_choice, check_positive_float, check_positive_int
-from ess_train.ess import RecurrentOperator
-from ess_train.ess.operators import compute_dtype, select_batch
+from ess_train.ess import SelectiveSSMOperator, compute_dtype
 from ess_train.models.mixers.ssm_init import (
     A_INITS,
     DT_RANGES,
@@ -36,69 +35,7 @@ from ess_train.models.mixers.ssm_init import (
 from ess_train.models.ops import mamba_scan
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
-__all__ = ["Mamba", "SelectiveSSMOperator"]
-
-
-class SelectiveSSMOperator(RecurrentOperator):
-    """Mamba's per-channel operator, built when read: ``a = exp(dt A)``, ``b = dt B``, ``c = C``.
-
-    Args: ``dt [batch, D, L]``, ``A [D, N]`` (negative), ``B, C [batch, L, N]`` (shared by the channels).
-    ``a``/``b`` (``[batch, D, L, N]``) are materialized on each access; ``c`` is an expanded view.
-    """
-
-    def __init__(self, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
-        if dt.dim() != 3 or A.dim() != 2 or B.dim() != 3 or B.shape != C.shape:
-            raise ValueError(
-                f"expected dt [batch, D, L], A [D, N], B and C [batch, L, N]; got dt {tuple(dt.shape)}, "
-                f"A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}"
-            )
-        if A.shape[0] != dt.shape[1] or B.shape[:2] != (dt.shape[0], dt.shape[2]) or A.shape[1] != B.shape[2]:
-            raise ValueError(
-                f"inconsistent shapes: dt {tuple(dt.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}"
-            )
-        self.dt, self.A, self.B, self.C = dt, A, B, C
-        self.diagonal = True
-
-    @property
-    def a(self) -> Tensor:  # type: ignore[override]
-        return torch.exp(self.dt[..., None] * self.A[:, None, :])
-
-    @property
-    def b(self) -> Tensor:  # type: ignore[override]
-        return self.dt[..., None] * self.B[:, None, :, :]
-
-    @property
-    def c(self) -> Tensor:  # type: ignore[override]
-        batch, D, L = self.dt.shape
-        return self.C[:, None, :, :].expand(batch, D, L, self.A.shape[1])
-
-    def subset(self, rows: int | None = None, index: Tensor | None = None) -> SelectiveSSMOperator:
-        """Cut the factors (``dt`` rows and channels, ``A`` channels, ``B``/``C`` rows): nothing of size
-        ``[batch, D, L, N]`` is built."""
-        dt = select_batch(self.dt, self.batch_shape, 1, rows, index)
-        A = self.A if index is None else self.A.index_select(0, index.to(self.A.device))
-        B, C = (x if rows is None else x[:rows] for x in (self.B, self.C))
-        return SelectiveSSMOperator(dt, A, B, C)
-
-    @property
-    def seq_len(self) -> int:
-        return self.dt.shape[-1]
-
-    @property
-    def state_dim(self) -> int:
-        return self.A.shape[-1]
-
-    @property
-    def batch_shape(self) -> torch.Size:
-        return self.dt.shape[:-1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.promote_types(torch.promote_types(self.dt.dtype, self.A.dtype), self.B.dtype)
-
-    @property
-    def device(self) -> torch.device:
-        return self.dt.device
+__all__ = ["Mamba"]
 
 
 class Mamba(ESSMixer):
@@ -200,19 +137,16 @@ class Mamba(ESSMixer):
             "a_init": list(dict.fromkeys([self.a_init, *A_INITS])),
         }
 
-    def apply_init(self, **setting: Any) -> None:
+    def apply_init(self, *, dt_range: Any = None, a_init: str | None = None) -> None:
         """Re-draw ``dt_proj.bias`` (``dt_range=(dt_min, dt_max)``) and/or ``A_log`` (``a_init``) in place."""
-        unknown = set(setting) - {"dt_range", "a_init"}
-        if unknown:
-            raise ValueError(f"unknown init setting(s) {sorted(unknown)}; expected dt_range and/or a_init")
-        if "dt_range" in setting:
-            lo, hi = parse_dt_range(setting["dt_range"])
+        if dt_range is not None:
+            lo, hi = parse_dt_range(dt_range)
             init_dt_bias_(self.dt_proj.bias, lo, hi, self.dt_init_floor)
-        if "a_init" in setting:
-            init_a_log_(self.A_log, check_choice("a_init", setting["a_init"], A_INITS))
+        if a_init is not None:
+            init_a_log_(self.A_log, check_choice("a_init", a_init, A_INITS))
 
     # ------------------------------------------------------------------------------------------ forward
-    def _features(self, x: Tensor) -> dict[str, Tensor]:
+    def features(self, x: Tensor) -> dict[str, Tensor]:
         """u ``[B, D, L]``, z ``[B, L, D]``, dt ``[B, D, L]``, A ``[D, N]``, B and C ``[B, L, N]``."""
         L = x.shape[1]
         cd = compute_dtype(x.dtype)
@@ -228,7 +162,7 @@ class Mamba(ESSMixer):
         return {"u": u, "z": z, "dt": dt, "A": A, "B": Bm.to(cd), "C": Cm.to(cd)}
 
     def operator(self, x: Tensor) -> OperatorView:
-        f = self._features(x)
+        f = self.features(x)
         u, dt, A, Bm, Cm = f["u"], f["dt"], f["A"], f["B"], f["C"]
         y = mamba_scan(dt, A, Bm, Cm, u, self.chunk_size)  # [B, D, L]
         return OperatorView(op=SelectiveSSMOperator(dt, A, Bm, Cm), u=u, y=y, extras={"z": f["z"]})

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ess_train.checks import check_choice, check_positive_int
-from ess_train.ess import RecurrentOperator
-from ess_train.ess.operators import compute_dtype
+from ess_train.ess import RecurrentOperator, compute_dtype
 from ess_train.models.mixers.ssm_init import A_INITS, DT_RANGES, check_dt_range, init_a_log_, parse_dt_range
 from ess_train.models.ops import exp_nonpositive, fft_causal_conv
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
@@ -98,15 +97,12 @@ class S4D(ESSMixer):
             "a_init": list(dict.fromkeys([self.a_init, *A_INITS])),
         }
 
-    def apply_init(self, **setting: Any) -> None:
+    def apply_init(self, *, dt_range: Any = None, a_init: str | None = None) -> None:
         """Re-draw ``log_dt`` (``dt_range``) and/or ``A_log`` (``a_init``) in place."""
-        unknown = set(setting) - {"dt_range", "a_init"}
-        if unknown:
-            raise ValueError(f"unknown init setting(s) {sorted(unknown)}; expected dt_range and/or a_init")
-        if "dt_range" in setting:
-            self._init_log_dt(*parse_dt_range(setting["dt_range"]))
-        if "a_init" in setting:
-            init_a_log_(self.A_log, check_choice("a_init", setting["a_init"], A_INITS))
+        if dt_range is not None:
+            self._init_log_dt(*parse_dt_range(dt_range))
+        if a_init is not None:
+            init_a_log_(self.A_log, check_choice("a_init", a_init, A_INITS))
 
     def ssm(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
         """Discrete per-channel ``(log a, b, c)``, each ``[d_model, N]``: ``a = exp(dt A)``, ``b = dt B``."""

@@ -3,41 +3,24 @@
 Per channel, ``y_t = sum_{j=0}^{k-1} w_j u_{t-j}`` (kernel size ``k``, taps ``w_j`` on lag ``j``);
 optional bias and SiLU in the readout.
 
-Operator per channel: the shift-register realization, a :class:`RecurrentOperator` with full constant
-transition ``A = shift`` (``A[i, i-1] = 1``), ``b = e_0``, ``c = (w_0, ..., w_{k-1})``, expanded (not copied)
-over batch and time. The register holds ``u_t, ..., u_{t-k+1}``: ``k`` slots, because in the convention
-``y_t = c . h_t`` the state also carries the current input (the direct tap ``w_0``). What is carried
-between steps (``rank(H_i)``) is ``k - 1``: TSS ``d_model * (k - 1)``, ``dense()`` is the Toeplitz band.
+Operator per channel: the shift-register realization, the engine's :class:`ShiftRegisterOperator`
+(full constant transition ``A = shift`` (``A[i, i-1] = 1``), ``b = e_0``, ``c = (w_0, ..., w_{k-1})``,
+expanded, not copied, over batch and time). The register holds ``u_t, ..., u_{t-k+1}``: ``k`` slots,
+because in the convention ``y_t = c . h_t`` the state also carries the current input (the direct
+tap ``w_0``). What is carried between steps (``rank(H_i)``) is ``k - 1``: TSS ``d_model * (k - 1)``,
+``dense()`` is the Toeplitz band.
 """
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ess_train.checks import check_choice, check_int, check_positive_int
-from ess_train.ess import RecurrentOperator
+from ess_train.ess import ShiftRegisterOperator
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
-__all__ = ["ShortConv", "shift_register_operator"]
-
-
-def shift_register_operator(taps: Tensor, batch: int, L: int) -> RecurrentOperator:
-    """FIR filters ``taps [G, k]`` (``taps[g, j]`` on lag ``j``) as a recurrence with ``N = k`` slots.
-
-    Batch shape ``[batch, G]``; ``a [batch, G, L, k, k]``, ``b``, ``c [batch, G, L, k]`` are expanded views.
-    """
-    G, k = taps.shape
-    shift = torch.diag(torch.ones(k - 1, dtype=taps.dtype, device=taps.device), diagonal=-1)
-    e0 = torch.zeros(k, dtype=taps.dtype, device=taps.device)
-    e0[0] = 1.0
-    return RecurrentOperator(
-        shift.expand(batch, G, L, k, k),
-        e0.expand(batch, G, L, k),
-        taps[None, :, None, :].expand(batch, G, L, k),
-        validate=False,
-    )
+__all__ = ["ShortConv"]
 
 
 class ShortConv(ESSMixer):
@@ -80,7 +63,7 @@ class ShortConv(ESSMixer):
         batch, L, _ = x.shape
         u = x.transpose(1, 2)  # [B, H, L]
         y = F.conv1d(u, self.conv.weight, None, padding=self.kernel_size - 1, groups=self.d_model)[..., :L]
-        return OperatorView(op=shift_register_operator(self.taps, batch, L), u=u, y=y)
+        return OperatorView(op=ShiftRegisterOperator(self.taps, batch, L), u=u, y=y)
 
     def readout(self, view: OperatorView, x: Tensor) -> Tensor:
         y = view.y

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ess_train.ess.operators import compute_dtype
+from ess_train.ess import compute_dtype
 
 __all__ = ["fft_causal_conv"]
 
