@@ -2,7 +2,8 @@
 
 - :func:`reference_y` (attention family): takes a mixer and its input ``x: [B, L, d_model]`` and returns the
   sequence-mixing output ``y: [B, H, L, d_v]`` (what ``mixer.operator(x).y`` must equal), from the mixer's
-  per-token features (``mixer.features(x)``, the public per-token quantities: projections, feature maps, gates) and an explicit loop over tokens;
+  per-token features (``mixer.features(x)``: projections, feature maps, gates) and an explicit loop over
+  tokens;
 - :func:`reference_forward` (SSM and convolution mixers): the whole layer's output ``[B, L, d_model]`` (what
   ``mixer(x)`` must equal), from the layer's parameters and an explicit loop over tokens.
 

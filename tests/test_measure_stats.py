@@ -12,8 +12,8 @@ from ess_train.measure import (
     entropy_profile,
     entropy_profiles,
     layer_ess,
-    position_bounds,
     layer_utilization,
+    position_bounds,
 )
 from ess_train.models.protocol import find_ess_layers, operators_of
 from tests.tolerances import tol

@@ -1,8 +1,8 @@
 """Small layer pieces shared by the attention-family mixers (and the backbone's RMSNorm).
 
-Head split/merge and their width check, an RMSNorm over the last dim, the fla-style gated head readout,
-rotary position embedding. The chunked kernels live in :mod:`ess_train.models.ops`, the argument checks in
-:mod:`ess_train.checks`.
+Head split/merge and their width check, the state size of matrix-state heads, an RMSNorm over the last
+dim, the fla-style gated head readout, rotary position embedding. The chunked kernels live in
+:mod:`ess_train.models.ops`, the argument checks in :mod:`ess_train.checks`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ess_train.checks import check_positive_float, check_positive_int
+from ess_train.models.protocol import StateSize
 
 __all__ = [
     "head_dims",
@@ -22,7 +23,14 @@ __all__ = [
     "gated_head_readout",
     "RMSNorm",
     "rotary_embedding",
+    "matrix_state_size",
 ]
+
+
+def matrix_state_size(num_heads: int, d_k: int, d_v: int, seq_len: int) -> StateSize:
+    """State size of heads with a ``d_k x d_v`` matrix state (linear attention, GLA, DeltaNet, ...): TSS
+    ``heads d_k d_v``; one operator per head and value channel, bounded by ``min(d_k, L // 2)``."""
+    return StateSize(total=num_heads * d_k * d_v, per_operator=min(d_k, seq_len // 2), multiplicity=d_v)
 
 
 def head_dims(d_model: Any, num_heads: Any, expand: Any = 1.0, expand_name: str = "expand") -> int:

@@ -21,6 +21,7 @@ from ess_train.models.mixers._common import (
     RMSNorm,
     gated_head_readout,
     head_dims,
+    matrix_state_size,
     rotary_embedding,
     split_heads,
 )
@@ -150,11 +151,7 @@ class DecayedLinearAttention(ESSMixer):
         return gated_head_readout(view.y, x, self.o_norm, self.g_proj, self.o_proj, self.num_heads)
 
     def state_size(self, seq_len: int) -> StateSize:
-        return StateSize(
-            total=self.num_heads * self.head_k_dim * self.head_v_dim,
-            per_operator=min(self.head_k_dim, seq_len // 2),
-            multiplicity=self.head_v_dim,
-        )
+        return matrix_state_size(self.num_heads, self.head_k_dim, self.head_v_dim, seq_len)
 
     def extra_repr(self) -> str:
         return (

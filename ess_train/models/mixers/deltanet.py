@@ -15,7 +15,13 @@ from torch import Tensor, nn
 
 from ess_train.checks import check_bool, check_choice, check_positive_float, check_positive_int
 from ess_train.ess import DeltaRuleOperator
-from ess_train.models.mixers._common import RMSNorm, gated_head_readout, head_dims, split_heads
+from ess_train.models.mixers._common import (
+    RMSNorm,
+    gated_head_readout,
+    head_dims,
+    matrix_state_size,
+    split_heads,
+)
 from ess_train.models.ops import chunk_delta_rule
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
@@ -92,11 +98,7 @@ class DeltaNet(ESSMixer):
         return gated_head_readout(view.y, x, self.o_norm, self.g_proj, self.o_proj, self.num_heads)
 
     def state_size(self, seq_len: int) -> StateSize:
-        return StateSize(
-            total=self.num_heads * self.head_k_dim * self.head_v_dim,
-            per_operator=min(self.head_k_dim, seq_len // 2),
-            multiplicity=self.head_v_dim,
-        )
+        return matrix_state_size(self.num_heads, self.head_k_dim, self.head_v_dim, seq_len)
 
     def extra_repr(self) -> str:
         return (

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ess_train.checks import check_bool, check_choice, check_positive_float, check_positive_int
 from ess_train.ess import RecurrentOperator
-from ess_train.models.mixers._common import RMSNorm, head_dims, merge_heads, split_heads
+from ess_train.models.mixers._common import RMSNorm, head_dims, matrix_state_size, merge_heads, split_heads
 from ess_train.models.ops import chunk_linear_attention
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
@@ -138,11 +138,7 @@ class LinearAttention(ESSMixer):
 
     def state_size(self, seq_len: int) -> StateSize:
         N = self.state_dim
-        return StateSize(
-            total=self.num_heads * N * self.head_dim,
-            per_operator=min(N, seq_len // 2),
-            multiplicity=self.head_dim,
-        )
+        return matrix_state_size(self.num_heads, N, self.head_dim, seq_len)
 
     def extra_repr(self) -> str:
         return (
