@@ -32,3 +32,24 @@ def test_the_definitions_live_in_the_repository() -> None:
     assert "Effective state-size" in text
     for path in ROOT.glob("ess_train/**/*.py"):
         assert "shared/ESS.md" not in path.read_text(), f"{path} names the team's copy, not docs/ESS.md"
+
+
+PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+# What a README example would spend on training: cut to a few steps, nothing else changed.
+SHORTEN = {"max_steps=1000": "max_steps=3, limit_val_batches=1, enable_progress_bar=False"}
+
+
+def readme_examples() -> list[str]:
+    return PYTHON_BLOCK.findall((ROOT / "README.md").read_text())
+
+
+@pytest.mark.parametrize("index", range(len(readme_examples())))
+def test_readme_python_examples_run(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ```python block of README.md runs as written (training cut to a few steps): its public
+    imports and calls are the ones the package has."""
+    code = readme_examples()[index]
+    for old, new in SHORTEN.items():
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "readme_example"})
