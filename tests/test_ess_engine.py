@@ -313,7 +313,7 @@ def test_positions_subset_order_duplicates():
         assert_within(got**2, full[:, pos] ** 2, delta[:, pos], "sigma^2 of a subset")
         assert torch.equal(got[:, 0], got[:, 3])  # a duplicate is the same value
     ds = sigma_error_from_eig(full, delta)
-    assert_within(entropy_ess(op, 5), entropy_ess(op)[:, 5:6], entropy_ess_error(full, ds)[:, 5:6], "ESS_5")
+    assert_within(entropy_ess(op, [5]), entropy_ess(op)[:, 5:6], entropy_ess_error(full, ds)[:, 5:6], "ESS_5")
     # dense: other crops of T, other SVD problems
     dense_full = hankel_singular_values(op, method="dense")
     bound = dense_dsigma(dense_full, 20, 2)[:, pos]

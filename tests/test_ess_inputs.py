@@ -92,7 +92,7 @@ def test_wrong_operator_type_and_method():
 # positions and thresholds
 
 
-@pytest.mark.parametrize("pos,bad", [([3, 10], 10), ([-1, 2], -1), (12, 12)])
+@pytest.mark.parametrize("pos,bad", [([3, 10], 10), ([-1, 2], -1), ([12], 12)])
 def test_positions_out_of_range(pos, bad):
     for op in (_rec(L=10), torch.tril(torch.ones(10, 10))):
         with pytest.raises(ValueError, match=rf"position {bad} .*L=10"):
@@ -110,6 +110,9 @@ def test_positions_types():
     with pytest.raises(ValueError, match="1-D"):
         entropy_ess(op, torch.tensor([[1, 2]]))
     assert entropy_ess(op, torch.tensor(3)).shape == (2, 1)
+    # one meaning of an int across the product: "k evenly spaced positions" (measure); the engine refuses it
+    with pytest.raises(TypeError, match=r"positions=3 is ambiguous.*\[3\] for position 3"):
+        entropy_ess(op, 3)
 
 
 def test_threshold_arguments():

@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 Method = Literal["auto", "dense", "gramian"]
-Positions = int | Sequence[int] | Tensor | None
+Positions = Sequence[int] | Tensor | None
 
 # Size (elements) of the largest intermediate tensor built per chunk. On CPU 2**20 (4 MiB in float32)
 # keeps allocations under glibc's mmap threshold, so they are reused instead of page-faulted afresh:
@@ -81,8 +81,12 @@ def _parse_positions(positions: Positions, L: int) -> Tensor:
     if isinstance(positions, bool):
         raise TypeError("positions must be ints, a sequence of ints or an integer tensor, got a bool")
     if isinstance(positions, int):
-        pos = torch.tensor([positions])
-    elif isinstance(positions, Tensor):
+        raise TypeError(
+            f"positions={positions} is ambiguous here: the engine takes the positions themselves, e.g. "
+            f"[{positions}] for position {positions}, or a list/tensor of them (an int means 'that many "
+            "evenly spaced positions' only in ess_train.measure, the callbacks and analyze)"
+        )
+    if isinstance(positions, Tensor):
         if positions.dtype == torch.bool or positions.is_floating_point() or positions.is_complex():
             raise TypeError(f"positions must be an integer tensor, got dtype {positions.dtype}")
         if positions.dim() > 1:
@@ -185,7 +189,8 @@ def hankel_singular_values(
     """Singular values of ``H_i = T[i:, :i]`` at each position: ``[..., len(positions), K]``.
 
     Sorted descending and zero-padded; ``K = N`` for a ``RecurrentOperator``, ``L // 2`` for a
-    ``DenseOperator``. ``H_0`` is empty: all zeros. ``positions``: ints in ``[0, L)`` (default all);
+    ``DenseOperator``. ``H_0`` is empty: all zeros. ``positions``: a list or 1-D tensor of ints in ``[0, L)``
+    (default all; a bare int is refused: it means a count of positions elsewhere in the product);
     ``chunk_elements`` bounds intermediate tensors (default :data:`DEFAULT_CHUNK_ELEMENTS` on CPU,
     :data:`DEFAULT_CHUNK_ELEMENTS_ACCELERATOR` elsewhere; one position at least) and does
     not change results. Differentiable; returned in the operator's dtype.
