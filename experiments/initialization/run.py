@@ -36,11 +36,6 @@ MAMBA_SMALL = "+model.mixer_kwargs={d_state:8,expand:1}"  # Mamba at 1/3 of the 
 HYBRID_STEPS = {"gla": 600, "mamba": 800}  # pilots (seed 0, default init): val acc 0.46 (GLA), 0.26 (Mamba)
 
 
-def _positions(L: int, n: int) -> list[int]:
-    n = min(n, L - 1)
-    return sorted({round(1 + k * (L - 2) / max(1, n - 1)) for k in range(n)})
-
-
 def ess_at_init_points(smoke: bool) -> list[tuple[str, str, dict]]:
     """(family, sweep, mixer_kwargs) of part (a)."""
     pts: list[tuple[str, str, dict]] = []
@@ -57,7 +52,7 @@ def ess_at_init_points(smoke: bool) -> list[tuple[str, str, dict]]:
 
 
 def run_ess_at_init(out_csv: Path, smoke: bool) -> list[dict]:
-    from ess_train.measure import layer_ess
+    from ess_train.measure import layer_ess, resolve_positions
     from ess_train.models import SequenceModel
     from ess_train.tasks import MQARDataModule
 
@@ -67,7 +62,7 @@ def run_ess_at_init(out_csv: Path, smoke: bool) -> list[dict]:
     dm.setup("fit")
     inputs = next(iter(dm.val_dataloader()))["inputs"][: (2 if smoke else 4)]
     seeds = [0] if smoke else [0, 1, 2]
-    positions = _positions(L, 8 if smoke else 16)
+    positions = resolve_positions(8 if smoke else 16, L)
     rows = []
     for family, sweep, kw in ess_at_init_points(smoke):
         for seed in seeds:
