@@ -2,7 +2,8 @@
 
 The functions take plain data, as :class:`ess_train.callbacks.ESSMonitor` keeps it: per layer a history dict
 with ``steps``, ``positions``, ``profiles`` (one entropy-ESS-by-position list per step),
-``tolerance_profiles`` (same, tolerance-ESS) and ``utilization`` (one number per step); optionally the
+``tolerance_profiles`` (same, tolerance-ESS; of the steps ``profile_steps`` where given, a thinned history)
+and ``utilization`` (one number per step); optionally the
 layer's theoretical state size (``tss``: ``total``, ``per_operator``, ``seq_len``) and a display label,
 e.g. ``"model.blocks.1.mixer (GatedLinearAttention)"`` from :func:`layer_label`.
 
@@ -41,6 +42,7 @@ __all__ = [
     "utilization_figure",
     "save_figure",
     "save_history_plots",
+    "profile_steps",
     "plot_stem",
 ]
 
@@ -139,6 +141,13 @@ def _subtitle(label: str, tss: Mapping[str, Any] | None) -> str:
     if "total" in tss:
         parts.append(f"TSS {int(tss['total'])}")
     return "  |  ".join(parts)
+
+
+def profile_steps(hist: Mapping[str, Any]) -> list[int]:
+    """The steps of a history's ``profiles``: ``profile_steps`` (a thinned history keeps fewer profiles than
+    scalars, ``ess_train.measure.history``), else ``steps``."""
+    kept = hist.get("profile_steps")
+    return list(kept) if kept is not None else list(hist.get("steps", []))
 
 
 def _as_matrix(profiles: Sequence[Sequence[float]], width: int) -> np.ndarray:
@@ -293,7 +302,7 @@ def profile_figure(
 
     label = label or layer_label(name)
     positions = list(hist.get("positions", []))
-    steps = np.asarray(hist.get("steps", []), dtype=float)
+    steps = np.asarray(profile_steps(hist), dtype=float)
     prof = _as_matrix(hist.get("profiles", []), len(positions))[: len(steps)]
     tol = _as_matrix(hist.get("tolerance_profiles", []), len(positions))[: len(steps)]
 
@@ -504,7 +513,12 @@ def save_history_plots(
             continue
         stem = plot_stem(name)
         fig = heatmap_figure(
-            name, hist["steps"], hist["positions"], hist["profiles"], label=labels[name], tss=tss.get(name)
+            name,
+            profile_steps(hist),
+            hist["positions"],
+            hist["profiles"],
+            label=labels[name],
+            tss=tss.get(name),
         )
         paths.append(save_figure(fig, out / f"{stem}_heatmap.png"))
         fig = profile_figure(name, hist, label=labels[name], tss=tss.get(name))

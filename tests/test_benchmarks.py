@@ -18,6 +18,11 @@ EXPECTED = {
     "bench_mixers.py": r"\| gla \| core \(recurrence only\) \|.*\| [\d.]+ \|",
     "bench_callbacks.py": r"ratio \d+\.\d{3}",
     "bench_tasks.py": r"\| mqar \| .* \| [\d.]+ \| [\d,]+ \|",
+    # a monitor share of training, and a bounded state (400 vs 100 measurements)
+    "bench_scale.py": (
+        r"\| attention \| 4 \| 128 \| .* \| [\d.]+% \|(?s:.*)"
+        r"\| attention \| 4 \| 128 \| \d+ \| .* \| 1\.\d\d \|"
+    ),
 }
 
 

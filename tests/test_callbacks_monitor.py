@@ -225,8 +225,9 @@ def test_resume_restores_history_and_probe(tmp_path):
 
 def test_state_dict_keeps_the_version_1_keys_and_loads_a_version_1_state():
     """The monitor's state is the history's (``version``, ``history``, ``totals``, ``tss``, ``flags``,
-    ``layer_kinds``) plus ``probe`` and ``warned``, the keys of version 1; a version-1 state loads (the
-    history's own loader tests: tests/test_measure_history.py)."""
+    ``layer_kinds``, the keys of version 1, plus ``scalars`` and ``profiles`` since version 3) plus ``probe``,
+    ``warned`` and ``plan``; a version-1 state loads and keeps measuring its positions (the history's own
+    loader tests: tests/test_measure_history.py)."""
     from tests.test_measure_history import version1_state
 
     monitor = ESSMonitor()
@@ -236,8 +237,10 @@ def test_state_dict_keeps_the_version_1_keys_and_loads_a_version_1_state():
     assert monitor.tss["layers.0"]["total"] == 32 and monitor.layer_kinds == {"layers.0": "ToyRecurrence"}
     assert monitor.summary()["layers"]["layers.0"]["tss"] == 32 and "media" in monitor._warned
     state = monitor.state_dict()
-    assert set(state) == {"version", "history", "totals", "tss", "flags", "layer_kinds", "probe", "warned"}
-    assert state["version"] == 2 and state["history"]["layers.0"]["steps"] == [0, 2]
+    v1 = {"version", "history", "totals", "tss", "flags", "layer_kinds", "probe", "warned"}
+    assert set(state) == v1 | {"scalars", "profiles", "plan"}
+    assert state["version"] == 3 and state["history"]["layers.0"]["steps"] == [0, 2]
+    assert state["plan"]["mode"] == "given" and state["plan"]["layers"]["layers.0"]["positions"] == [0, 1, 2]
 
 
 class RecordingLogger(pl.loggers.Logger):
@@ -315,7 +318,7 @@ def test_stands_aside_under_parameter_sharding():
 
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-    from ess_train.callbacks.monitor import sharding_strategy
+    from ess_train.callbacks._common import sharding_strategy
 
     assert sharding_strategy(SimpleNamespace(strategy=DDPStrategy())) is None
     assert sharding_strategy(SimpleNamespace(strategy=FSDPStrategy())) == "FSDPStrategy"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import lightning.pytorch as pl
@@ -10,6 +11,13 @@ import torch
 
 from ess_train.callbacks import ESSMonitor
 from ess_train.measure import HISTORY_VERSION, SUMMARY_KEYS, ESSHistory, LayerESS, LayerHistory
+from ess_train.measure.history import (
+    MAX_PROFILES,
+    append_record,
+    history_from_records,
+    measurement_record,
+    read_records,
+)
 from ess_train.models.protocol import StateSize
 from tests.toy_modules import ToyDataModule, ToyLM, make_trainer
 
@@ -70,7 +78,14 @@ def test_mapping_view_reads_like_the_old_dicts():
     history = ESSHistory()
     history.record(0, {"a": stats([0, 1])})
     hist = history.layers["a"]
-    assert set(hist) == {"steps", "positions", "profiles", "tolerance_profiles", *SUMMARY_KEYS}
+    assert set(hist) == {
+        "steps",
+        "positions",
+        "profile_steps",
+        "profiles",
+        "tolerance_profiles",
+        *SUMMARY_KEYS,
+    }
     assert hist.get("tolerance_profiles") == [[0.0, 0.5]] and hist.get("nope") is None
     with pytest.raises(KeyError):
         hist["record"]
@@ -102,16 +117,34 @@ def test_state_dict_round_trip_is_plain_data():
     history.record(0, {"a": stats([0, 1, 2])})
     history.check_thresholds("a", 0.0, 0.05, 0.95)
     state = history.state_dict()
-    assert state["version"] == HISTORY_VERSION == 2
-    assert set(state) == {"version", "history", "totals", "tss", "flags", "layer_kinds"}
-    assert type(state["history"]["a"]) is dict and state["history"]["a"]["steps"] == [0]
+    assert state["version"] == HISTORY_VERSION == 3
+    assert set(state) == {
+        "version",
+        "history",
+        "scalars",
+        "profiles",
+        "totals",
+        "tss",
+        "flags",
+        "layer_kinds",
+    }
+    assert state["history"]["a"] == {"steps": [0], "positions": [0, 1, 2]}  # plain lists
+    scalars = state["scalars"]["a"]
+    assert scalars.dtype == torch.float32 and scalars.shape == (1, len(SUMMARY_KEYS))  # float32: exact here
+    assert scalars[0, SUMMARY_KEYS.index("total")] == 8.0
+    profiles = state["profiles"]["a"]
+    assert profiles["steps"] == [0] and profiles["entropy"].tolist() == [[0.0, 1.0, 2.0]]
+    assert profiles["tolerance"].dtype == torch.float32 and profiles["tolerance"].tolist() == [
+        [0.0, 0.5, 1.0]
+    ]
     assert state["tss"] == {"a": {"total": 8, "per_operator": 2, "multiplicity": 4, "seq_len": 6}}
     assert state["flags"] == {"a": ["collapse"]} and state["totals"]["total"] == [8.0]
     state["history"]["a"]["steps"].append(99)  # a copy: the history is not changed through it
     assert history.layers["a"].steps == [0]
     loaded = ESSHistory()
     loaded.load_state_dict(history.state_dict())
-    assert loaded.state_dict() == history.state_dict()
+    assert loaded.layers["a"].as_dict() == history.layers["a"].as_dict()
+    assert loaded.totals.as_dict() == history.totals.as_dict() and loaded.flags == history.flags
     loaded.record(1, {"a": stats([0, 1, 2])})
     assert loaded.layers["a"].steps == [0, 1] and loaded.totals.steps == [0, 1]
 
@@ -132,6 +165,22 @@ def version1_state() -> dict:
     }
 
 
+def as_old_state(state: dict, version: int) -> dict:
+    """A version-3 monitor or history state written as version 1 or 2 would have it (profiles and scalars as
+    per-step lists in ``history``, no ``plan``): what checkpoints of those versions hold."""
+    old = {k: v for k, v in state.items() if k not in ("scalars", "profiles", "plan")}
+    old["version"] = version
+    old["history"] = {}
+    for name, hist in state["history"].items():
+        entry = dict(hist)
+        table = state["scalars"][name].double()
+        entry.update({key: table[:, i].tolist() for i, key in enumerate(SUMMARY_KEYS)})
+        entry["profiles"] = state["profiles"][name]["entropy"].double().tolist()
+        entry["tolerance_profiles"] = state["profiles"][name]["tolerance"].double().tolist()
+        old["history"][name] = entry
+    return old
+
+
 def test_loads_a_version_1_state_without_tolerance_profiles():
     history = ESSHistory()
     history.load_state_dict(version1_state())
@@ -142,7 +191,7 @@ def test_loads_a_version_1_state_without_tolerance_profiles():
     assert history.layer_kinds == {} and history.tss["layers.0"].per_operator == 4
     history.record(4, {"layers.0": stats([0, 1, 2])})
     assert hist.steps == [0, 2, 4] and hist.tolerance_profiles[2] == [0.0, 0.5, 1.0]
-    assert history.state_dict()["version"] == 2
+    assert history.state_dict()["version"] == 3
 
 
 def test_loads_a_version_1_state_with_short_lists():
@@ -188,7 +237,7 @@ def test_resume_from_a_history_without_tolerance_profiles(tmp_path):
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=False)
     (key,) = [k for k in state["callbacks"] if k.startswith("ESSMonitor")]
-    state["callbacks"][key]["version"] = 1
+    state["callbacks"][key] = as_old_state(state["callbacks"][key], 1)
     for hist in state["callbacks"][key]["history"].values():
         del hist["tolerance_profiles"]
     torch.save(state, ckpt)
@@ -201,3 +250,92 @@ def test_resume_from_a_history_without_tolerance_profiles(tmp_path):
     assert len(tol) == 3 and all(math.isnan(v) for v in tol[0] + tol[1])
     assert all(math.isfinite(v) for v in tol[2])
     assert resumed.save_plots(tmp_path / "plots")
+
+
+# ------------------------------------------------------------------------------------- bounded history (v3)
+def _record_run(history: ESSHistory, steps, layers: int = 1, width: int = 4) -> None:
+    for step in steps:
+        history.record(step, {f"l{i}": stats(list(range(width)), scale=1.0 + step) for i in range(layers)})
+
+
+def test_profiles_are_thinned_log_spaced_with_every_scalar_kept():
+    history = ESSHistory()
+    steps = range(0, 50 * 400 + 1, 50)
+    _record_run(history, steps)
+    hist = history.layers["l0"]
+    assert hist.steps == list(steps) and len(hist.avg_entropy) == 401  # every per-step scalar
+    kept = hist.profile_steps
+    assert len(kept) == len(hist.profiles) == len(hist.tolerance_profiles) == MAX_PROFILES
+    assert kept[0] == 0 and kept[-8:] == list(steps)[-8:]  # the first and the 8 newest
+    # each kept row is the profile recorded at its step (scale = 1 + step)
+    assert all(row == [(1.0 + s) * p for p in range(4)] for s, row in zip(kept, hist.profiles))
+    older = kept[:-8]
+    assert sum(s < 2000 for s in older) > 3 * sum(s >= 10000 for s in older)  # dense early, sparse late
+    gaps = [b - a for a, b in zip(older, older[1:])]
+    assert gaps[-1] > 5 * gaps[0]  # log-spaced: older gaps grow with the step
+
+
+def test_thinning_is_the_same_through_a_checkpoint():
+    """A resumed history keeps what an uninterrupted one does (the kept set is in the state)."""
+    full, first = ESSHistory(), ESSHistory()
+    _record_run(full, range(0, 300))
+    _record_run(first, range(0, 150))
+    resumed = ESSHistory()
+    resumed.load_state_dict(first.state_dict())
+    _record_run(resumed, range(150, 300))
+    assert resumed.layers["l0"].as_dict() == full.layers["l0"].as_dict()
+
+
+def test_state_bytes_are_bounded_after_100_and_400_measurements():
+    """The target: a 12-layer model's checkpointed history (25 positions, what the budget gives a 12-layer
+    attention model at L = 1024) within 2x after 100 and 400 measurements, the profiles' part constant."""
+
+    def nbytes(obj) -> int:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return len(buf.getvalue())
+
+    sizes, profile_sizes = [], []
+    for n in (100, 400):
+        history = ESSHistory()
+        _record_run(history, range(0, 50 * n, 50), layers=12, width=25)
+        state = history.state_dict()
+        sizes.append(nbytes(state))
+        profile_sizes.append(nbytes(state["profiles"]))
+    assert sizes[1] < 2 * sizes[0], sizes
+    assert abs(profile_sizes[1] - profile_sizes[0]) < 0.01 * profile_sizes[0], profile_sizes
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_unbounded_older_state_loads_thinned(version):
+    history = ESSHistory(max_profiles=10_000)
+    _record_run(history, range(0, 100))
+    old = as_old_state(history.state_dict(), version)
+    assert len(old["history"]["l0"]["profiles"]) == 100  # as versions 1 and 2 kept them
+    loaded = ESSHistory()
+    loaded.load_state_dict(old)
+    hist = loaded.layers["l0"]
+    assert hist.steps == list(range(100)) and hist.avg_entropy == history.layers["l0"].avg_entropy
+    assert len(hist.profiles) == MAX_PROFILES and hist.profile_steps[0] == 0 and hist.profile_steps[-1] == 99
+    assert all(row == [(1.0 + s) * p for p in range(4)] for s, row in zip(hist.profile_steps, hist.profiles))
+
+
+def test_full_record_file_round_trip_and_resume(tmp_path):
+    history = ESSHistory()
+    path = tmp_path / "ess_history.jsonl"
+    for step in range(0, 100, 10):
+        _record_run(history, [step], layers=2)
+        append_record(path, measurement_record(history, step), first=step == 0)
+    records = read_records(path)
+    assert [r["step"] for r in records] == list(range(0, 100, 10))
+    assert (
+        records[3]["layers"]["l1"]["profile"] == [0.0, 31.0, 62.0, 93.0] and records[3]["total"] == 2 * 8 * 31
+    )
+    # a run resumed from step 50 rewrites what came after its checkpoint
+    history2 = ESSHistory()
+    _record_run(history2, [50, 60])
+    append_record(path, measurement_record(history2, 60), first=True)
+    assert [r["step"] for r in read_records(path)] == [0, 10, 20, 30, 40, 50, 60]
+    full = history_from_records(read_records(path))
+    assert full.layers["l0"].profile_steps == [0, 10, 20, 30, 40, 50, 60] and full.totals.steps[-1] == 60
+    assert full.layers["l1"].steps == [0, 10, 20, 30, 40, 50]  # l1 was not in the resumed record

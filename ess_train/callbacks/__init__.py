@@ -5,7 +5,8 @@
 - :class:`ESSInitializer`: picks each layer's init hyperparameters by the ESS they give.
 
 They work with any LightningModule whose layers implement the operator protocol
-(``ess_train.models.protocol``); layers are found with ``find_ess_layers(pl_module, include, exclude)``.
+(``ess_train.models.protocol``) and with unmodified Hugging Face layers of the adapted classes; layers
+are found by ``ess_train.measure.find_layers(pl_module, include, exclude)``.
 What they measure is computed by ``ess_train.measure`` (``ess_penalty`` and ``ESSWarning`` come from there).
 """
 

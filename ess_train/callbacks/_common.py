@@ -1,5 +1,6 @@
-"""The Lightning side the ESS callbacks share: the step they log at, logging to every logger, and one-line
-error reports. What a measurement computes lives in ``ess_train.measure`` (no Lightning there)."""
+"""The Lightning side the ESS callbacks share: the step they log at, logging to every logger, one-line
+error reports and whether a strategy shards parameters. What a measurement computes lives in
+``ess_train.measure`` (no Lightning there)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-__all__ = ["log_to_loggers", "logger_step", "short_traceback"]
+__all__ = ["log_to_loggers", "logger_step", "sharding_strategy", "short_traceback"]
 
 
 def logger_step(trainer: pl.Trainer) -> int:
@@ -38,3 +39,16 @@ def short_traceback(exc: BaseException, limit: int = 3) -> str:
     frames = traceback.extract_tb(exc.__traceback__)[-limit:]
     where = " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}" for f in reversed(frames))
     return f"{type(exc).__name__}: {exc} (at {where})" if where else f"{type(exc).__name__}: {exc}"
+
+
+def sharding_strategy(trainer: pl.Trainer) -> str | None:
+    """Name of the trainer's strategy when it shards parameters across ranks (FSDP, ModelParallel,
+    DeepSpeed ZeRO-3), where a forward on one rank alone would hang; None otherwise."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        return type(strategy).__name__
+    if isinstance(strategy, DeepSpeedStrategy) and getattr(strategy, "zero_stage_3", False):
+        return "DeepSpeedStrategy (ZeRO stage 3)"
+    return None

@@ -28,7 +28,7 @@ from ess_train.measure import (
     probe_views,
     resolve_positions,
 )
-from ess_train.models.protocol import find_ess_layers
+from ess_train.measure.layers import find_layers
 
 __all__ = ["ESSInitializer"]
 
@@ -134,7 +134,7 @@ class ESSInitializer(Callback):
         self, pl_module: nn.Module, trainer: pl.Trainer | None = None
     ) -> dict[str, dict[str, Any]]:
         """Run the search on ``pl_module`` now (also usable without a trainer, given ``probe_batch``)."""
-        layers = find_ess_layers(pl_module, include=self.include, exclude=self.exclude)
+        layers = find_layers(pl_module, include=self.include, exclude=self.exclude)
         spaces = {name: self._space_for(name, layer) for name, layer in layers.items()}
         spaces = {
             name: sp

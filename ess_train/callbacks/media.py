@@ -1,4 +1,5 @@
-"""ESSMonitor's media on W&B and TensorBoard: ESS-by-position line plots and position x step heatmaps.
+"""ESSMonitor's media on W&B and TensorBoard: ESS-by-position line plots and position x step heatmaps; and
+the full record of every measurement, one JSON line each, in the run's checkpoint directory.
 
 Drawn from an :class:`ess_train.measure.ESSHistory` (the figures themselves are ``ess_train.plots``); other
 loggers get the scalars only (one info line says so). PNG files are ``ess_train.plots.save_history_plots``.
@@ -8,17 +9,18 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from ess_train.callbacks._common import logger_step
-from ess_train.measure.history import ESSHistory
+from ess_train.measure.history import ESSHistory, append_record, measurement_record
 
 log = logging.getLogger(__name__)
 
-__all__ = ["media_loggers", "log_profiles", "log_heatmaps", "render_heatmap"]
+__all__ = ["media_loggers", "log_profiles", "log_heatmaps", "render_heatmap", "record_path", "stream_record"]
 
 
 def render_heatmap(
@@ -57,7 +59,7 @@ def log_profiles(trainer: pl.Trainer, history: ESSHistory, step: int, told: set[
 
     payload = {}
     for name, hist in history.layers.items():
-        if not hist.steps or hist.steps[-1] != step or not hist.positions:
+        if not hist.profile_steps or hist.profile_steps[-1] != step or not hist.positions:
             continue
         profile = hist.profiles[-1]
         if not all(math.isfinite(v) for v in profile):
@@ -90,7 +92,7 @@ def log_heatmaps(trainer: pl.Trainer, history: ESSHistory, told: set[str]) -> No
             continue
         image = render_heatmap(
             name,
-            hist.steps,
+            hist.profile_steps,
             hist.positions,
             hist.profiles,
             label=layer_label(name, history.layer_kinds.get(name)),
@@ -106,3 +108,27 @@ def log_heatmaps(trainer: pl.Trainer, history: ESSHistory, told: set[str]) -> No
     log.debug(
         f"ESSMonitor: logged ESS heatmaps for {len(history.layers)} layer(s) at step {trainer.global_step}"
     )
+
+
+def record_path(trainer: pl.Trainer, history_file: str | None) -> Path | None:
+    """Where the full record goes: ``history_file`` in the checkpoint directory (``None`` without
+    checkpointing, or without ``history_file``), or ``history_file`` itself when it is absolute."""
+    if history_file is None:
+        return None
+    path = Path(history_file)
+    if path.is_absolute():
+        return path
+    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+    return Path(dirpath) / path if dirpath else None
+
+
+def stream_record(
+    trainer: pl.Trainer, history: ESSHistory, step: int, history_file: str | None, wrote: bool
+) -> bool:
+    """Append the measurement at ``step`` to :func:`record_path` (``wrote``: this process wrote before; its
+    first write drops what a resumed run's checkpoint does not have). True when written."""
+    path = record_path(trainer, history_file)
+    if path is None:
+        return False
+    append_record(path, measurement_record(history, step), first=not wrote)
+    return True

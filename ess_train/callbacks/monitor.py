@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from ess_train import measure as ess_measure
-from ess_train.callbacks._common import log_to_loggers, short_traceback
-from ess_train.callbacks.media import log_heatmaps, log_profiles, render_heatmap
+from ess_train.callbacks._common import log_to_loggers, sharding_strategy, short_traceback
+from ess_train.callbacks.media import log_heatmaps, log_profiles, render_heatmap, stream_record
 from ess_train.measure import ESSWarning, PositionSpec
-from ess_train.models.protocol import OperatorView, find_ess_layers
+from ess_train.measure import budget as ess_budget
+from ess_train.measure.history import MAX_PROFILES
+from ess_train.measure.layers import find_layers
+from ess_train.models.protocol import OperatorView
 
-__all__ = ["ESSMonitor", "render_heatmap", "sharding_strategy"]  # (render_heatmap: for existing imports)
+log = logging.getLogger(__name__)
+
+__all__ = ["ESSMonitor", "render_heatmap"]  # (render_heatmap: for existing imports)
 
 #: warning of each threshold flag: comparison, threshold attribute, meaning
 _FLAGS = {
@@ -46,9 +53,19 @@ class ESSMonitor(Callback):
     LightningModule, never the DDP wrapper).
 
     What is measured is kept in ``ess_history`` (:class:`ess_train.measure.ESSHistory`, the checkpointed
-    state); ``history``, ``totals``, ``tss``, ``flags`` and ``layer_kinds`` read it as plain data
-    (``monitor.history[layer]["steps"]``). Media go through ``callbacks/media.py``, PNG files through
-    ``ess_train.plots``.
+    state, bounded: every per-step scalar, but at most ``max_profiles`` log-spaced ESS-by-position profiles
+    per layer); ``history``, ``totals``, ``tss``, ``flags`` and ``layer_kinds`` read it as plain data
+    (``monitor.history[layer]["steps"]``). The full record, one JSON line per measurement, goes to
+    ``history_file`` (``ess_history.jsonl`` next to the checkpoints; ``ess_train.measure.read_records``).
+    Media go through ``callbacks/media.py``, PNG files through ``ess_train.plots``.
+
+    Cost: with ``positions="auto"`` (default) the first measurement fits, per layer, how many positions
+    (evenly spaced, at most ``max_positions``), probe rows and operators are measured into ``budget`` (a
+    fraction of the training between two measurements), by a deterministic cost model
+    (``ess_train.measure.budget``: SVD work from the operators' shapes against the training step's counted
+    FLOPs): a dense (softmax attention) layer gets far fewer positions than a recurrent one. What it chose
+    is logged once, kept in the state (a resumed run measures the same) and in ``summary()["measurement"]``
+    with the measured time fraction.
 
     A layer whose operator holds NaN/inf is *missing* for that step: its metrics are not logged (its
     history holds NaN), ``ess/missing_layers`` is logged, and a warning is emitted once per layer.
@@ -58,8 +75,17 @@ class ESSMonitor(Callback):
         every_n_steps: measure when ``global_step % every_n_steps == 0``.
         probe_batch: a batch (Tensor, dict or tuple) to probe with; default from the data.
         probe_size: number of probe rows.
-        positions: ``None`` (all), an ``int`` count (evenly spaced in ``[1, L-1]``) or a list of positions.
-        include, exclude: ``fnmatch`` patterns on layer names (see ``find_ess_layers``).
+        positions: ``"auto"`` (fitted to ``budget``), ``None`` or ``"all"`` (all), an ``int`` count (evenly
+            spaced in ``[1, L-1]``) or a list of positions; an explicit value wins over the budget.
+        budget: the share of training time (between two measurements) a measurement may take, with
+            ``positions="auto"``; ``None``: no budget (all positions).
+        max_positions, min_positions: bounds of the positions ``"auto"`` chooses per layer (fewer than
+            ``min_positions`` only when even one probe row and operator do not fit).
+        max_rows: measure at most this many probe rows per layer (``None``: as the budget allows).
+        max_profiles: ESS-by-position profiles kept per layer in the history (thinned, log-spaced).
+        history_file: the full record (JSON lines), relative to the checkpoint directory (not written
+            without checkpointing), or an absolute path; ``None``: not written.
+        include, exclude: ``fnmatch`` patterns on layer names (see ``ess_train.measure.find_layers``).
         collapse_threshold, saturation_threshold: warn once per layer when utilization goes below/above.
         strict: re-raise errors instead of warning.
         log_heatmap: log a position x step heatmap per layer at validation end (W&B, TensorBoard image)
@@ -77,7 +103,7 @@ class ESSMonitor(Callback):
         every_n_steps: int = 50,
         probe_batch: Any = None,
         probe_size: int = 8,
-        positions: PositionSpec = None,
+        positions: PositionSpec | str = "auto",
         include: Iterable[str] | None = None,
         exclude: Iterable[str] | None = None,
         collapse_threshold: float = 0.05,
@@ -89,8 +115,17 @@ class ESSMonitor(Callback):
         tolerance_atol: float = 0.0,
         forward_fn: Callable[[pl.LightningModule, Tensor], Any] | None = None,
         max_operators: int | None = None,
+        budget: float | None = 0.05,
+        max_positions: int = 256,
+        min_positions: int = 16,
+        max_rows: int | None = None,
+        max_profiles: int = MAX_PROFILES,
+        history_file: str | None = "ess_history.jsonl",
     ) -> None:
         super().__init__()
+        positions = ess_budget.check_limits(
+            positions, budget, min_positions, max_positions, max_rows, max_operators, max_profiles
+        )
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         if probe_size < 1:
@@ -114,10 +149,22 @@ class ESSMonitor(Callback):
         self.tolerance_atol = tolerance_atol
         self.forward_fn = forward_fn
         self.max_operators = max_operators
+        self.budget = budget
+        self.max_positions = max_positions
+        self.min_positions = min_positions
+        self.max_rows = max_rows
+        self.max_profiles = max_profiles
+        self.history_file = history_file
 
         self.layers: dict[str, nn.Module] = {}
         #: everything measured (checkpointed); ``history`` etc. below read it.
-        self.ess_history = ess_measure.ESSHistory()
+        self.ess_history = ess_measure.ESSHistory(max_profiles=max_profiles)
+        #: what is measured per layer (chosen at the first measurement; checkpointed).
+        self.plan: ess_budget.MeasurementPlan | None = None
+        self._shapes: dict[str, ess_budget.LayerShape] = {}
+        self._seconds = {"measure": 0.0, "train": 0.0, "measurements": 0}
+        self._batch_t0: float | None = None
+        self._wrote_file = False
         self._probe: tuple[Tensor, Tensor | None] | None = None
         if probe_batch is not None:
             self._probe = ess_measure.probe_from_batch(probe_batch, probe_size, input_key)
@@ -153,7 +200,7 @@ class ESSMonitor(Callback):
     # ------------------------------------------------------------------------------------------ lightning
     @property
     def state_key(self) -> str:
-        positions = self.positions
+        positions = None if self.positions == "auto" else self.positions  # (the key of earlier versions)
         if positions is not None and not isinstance(positions, int):
             positions = sorted({int(p) for p in positions})
         return self._generate_state_key(
@@ -164,7 +211,7 @@ class ESSMonitor(Callback):
         )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.layers = find_ess_layers(pl_module, include=self.include, exclude=self.exclude)
+        self.layers = find_layers(pl_module, include=self.include, exclude=self.exclude)
         self.layer_kinds.update({name: type(layer).__name__ for name, layer in self.layers.items()})
         self._disabled = not self.layers
         if self._disabled:
@@ -193,9 +240,17 @@ class ESSMonitor(Callback):
         if trainer.global_step == 0:
             self.measure(trainer, pl_module)
 
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_t0 = time.perf_counter()
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._batch_t0 is not None:  # training time, for the measured share in summary()
+            self._seconds["train"] += time.perf_counter() - self._batch_t0
+            self._batch_t0 = None
         step = trainer.global_step
         if step > 0 and step % self.every_n_steps == 0:
             self.measure(trainer, pl_module)
@@ -208,13 +263,15 @@ class ESSMonitor(Callback):
             self._guarded(trainer, lambda: log_heatmaps(trainer, self.ess_history, self._warned))
 
     def state_dict(self) -> dict[str, Any]:
-        """The history's state (``ess_train.measure.history``: ``version``, ``history``, ``totals``, ``tss``,
-        ``flags``, ``layer_kinds``) plus ``probe`` and ``warned``."""
+        """The history's state (``ess_train.measure.history``: ``version``, ``history``, ``scalars``,
+        ``profiles``, ``totals``, ``tss``, ``flags``, ``layer_kinds``) plus ``probe``, ``warned`` and ``plan``
+        (what is measured per layer, ``MeasurementPlan.as_dict()``)."""
         probe = None
         if self._probe is not None:
             inputs, slice_id = self._probe
             probe = {"inputs": inputs.cpu(), "slice_id": None if slice_id is None else slice_id.cpu()}
-        return {**self.ess_history.state_dict(), "probe": probe, "warned": sorted(self._warned)}
+        plan = None if self.plan is None else self.plan.as_dict()
+        return {**self.ess_history.state_dict(), "probe": probe, "warned": sorted(self._warned), "plan": plan}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         found = dict(self.layer_kinds)  # by this run's setup: these win (older checkpoints have no kinds)
@@ -224,6 +281,12 @@ class ESSMonitor(Callback):
         probe = state_dict.get("probe")
         if probe is not None:
             self._probe = (probe["inputs"], probe.get("slice_id"))
+        if state_dict.get("plan") is not None:
+            self.plan = ess_budget.MeasurementPlan.from_dict(state_dict["plan"])
+        elif self.positions == "auto" and any(h.positions for h in self.history.values()):
+            # a checkpoint of a version without plans: keep measuring the positions it has
+            positions = {name: hist.positions for name, hist in self.history.items()}
+            self.plan = ess_budget.plan_of_positions(positions, self.max_operators)
 
     # ------------------------------------------------------------------------------------------- public
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
@@ -236,8 +299,15 @@ class ESSMonitor(Callback):
         return self._guarded(trainer, lambda: self._measure(trainer, pl_module, step))
 
     def summary(self) -> dict[str, Any]:
-        """Latest numbers per layer (with TSS, first utilization and warnings raised) and model totals."""
-        return self.ess_history.summary()
+        """Latest numbers per layer (with TSS, first utilization and warnings raised), model totals and
+        ``measurement``: the plan (what is measured, its estimated cost and budget in FLOP equivalents) and
+        the time measured in this process (``measured_fraction``: measuring over training time)."""
+        out = self.ess_history.summary()
+        if self.plan is not None:
+            spent = dict(self._seconds)
+            spent["measured_fraction"] = spent["measure"] / spent["train"] if spent["train"] > 0 else None
+            out["measurement"] = {**self.plan.as_dict(), "budget_fraction": self.budget, "seconds": spent}
+        return out
 
     def save_plots(self, directory: str | Path) -> list[Path]:
         """Write ``<layer>_heatmap.png``, ``<layer>_profile.png`` per layer and ``utilization.png`` (with the
@@ -302,23 +372,59 @@ class ESSMonitor(Callback):
             return None
         self._log_tss(trainer)
         kv = ess_measure.kv_pairs_for(getattr(trainer, "datamodule", None), probe[1])
+        t0 = time.perf_counter()
+        rows = None if self.plan is None else self.plan.rows  # (the rows the plan measures: less to capture)
+        inputs = probe[0][:rows].to(pl_module.device)
         views = ess_measure.probe_views(
-            pl_module,
-            probe[0].to(pl_module.device),
-            self.layers,
-            self.forward_fn,
-            trainer.precision_plugin.forward_context(),
+            pl_module, inputs, self.layers, self.forward_fn, trainer.precision_plugin.forward_context()
         )
+        self._shapes.update({name: ess_budget.LayerShape.of(v.op) for name, v in views.items()})
+        if self.plan is None:
+            self.plan = self._make_plan(trainer, pl_module, inputs)
         stats = {
             name: self._layer_stats(name, layer, views.get(name), step, kv)
             for name, layer in self.layers.items()
         }
+        del views
         metrics = {f"ess/{key}": value for key, value in self.ess_history.record(step, stats).items()}
         log_to_loggers(trainer, metrics)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         if self.log_heatmap:
             log_profiles(trainer, self.ess_history, step, self._warned)
+        self._wrote_file |= stream_record(
+            trainer, self.ess_history, step, self.history_file, self._wrote_file
+        )
+        self._seconds["measure"] += time.perf_counter() - t0
+        self._seconds["measurements"] += 1
         return metrics
+
+    def _make_plan(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor
+    ) -> ess_budget.MeasurementPlan:
+        """Fit what is measured per layer into the budget (``ess_train.measure.budget``); said once."""
+        limits = {"min_positions": self.min_positions, "max_positions": self.max_positions}
+        limits.update(max_rows=self.max_rows, max_operators=self.max_operators)
+        plan = ess_budget.plan_for_training(
+            pl_module,
+            inputs,
+            self._shapes,
+            every_n_steps=self.every_n_steps,
+            fraction=self.budget,
+            positions=self.positions,
+            trainer=trainer,
+            forward_fn=self.forward_fn,
+            **limits,
+        )
+        fraction = "" if self.budget is None else f" of a {self.budget:.0%} budget"
+        log.info(f"ESSMonitor measures{fraction}: {plan.describe(self._shapes)}")
+        if not plan.fits:
+            self._warn_once(
+                "over-budget",
+                "ESSMonitor: even the smallest measurement is over its budget "
+                f"({plan.describe(self._shapes)}); measure less often (every_n_steps), or pass "
+                "positions=/budget= explicitly.",
+            )
+        return plan
 
     def _layer_stats(
         self, name: str, layer: nn.Module, view: OperatorView | None, step: int, kv: Any
@@ -331,15 +437,20 @@ class ESSMonitor(Callback):
             return None
         seq_len = view.op.seq_len
         size = layer.state_size(seq_len)
+        choice = self.plan.layers.get(name) if self.plan is not None else None
+        if choice is None:  # a layer not called when the plan was made: the user's, or the fewest positions
+            spec = self.min_positions if self.positions == "auto" else self.positions
+            choice = ess_budget.LayerChoice(spec, self.max_rows, self.max_operators, 0.0)
+        view = ess_budget.view_rows(view, choice.rows)
         try:
             stats = ess_measure.layer_ess(
                 view,
                 size,
-                ess_measure.resolve_positions(self.positions, seq_len),
+                choice.resolve(seq_len),
                 rtol=self.tolerance_rtol,
                 atol=self.tolerance_atol,
                 kv_pairs=kv,
-                max_operators=self.max_operators,
+                max_operators=choice.operators,
             )
         except ValueError as exc:  # non-finite operator (check_finite)
             self._warn_once(
@@ -365,16 +476,3 @@ class ESSMonitor(Callback):
                 f"(per_operator={size.per_operator}): utilization is undefined and not logged.",
             )
         return stats
-
-
-def sharding_strategy(trainer: pl.Trainer) -> str | None:
-    """Name of the trainer's strategy when it shards parameters across ranks (FSDP, ModelParallel,
-    DeepSpeed ZeRO-3), where a forward on one rank alone would hang; None otherwise."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
-    strategy = getattr(trainer, "strategy", None)
-    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
-        return type(strategy).__name__
-    if isinstance(strategy, DeepSpeedStrategy) and getattr(strategy, "zero_stage_3", False):
-        return "DeepSpeedStrategy (ZeRO stage 3)"
-    return None

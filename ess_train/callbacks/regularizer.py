@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from ess_train.checks import UNSET, renamed_keyword
 from ess_train.measure import ESSWarning, Mode, PositionSpec, ess_penalty
+from ess_train.measure.layers import find_layers
 from ess_train.measure.penalty import DEFAULT_MIN_UTILIZATION, DEFAULT_PENALTY_POSITIONS, penalty_targets
-from ess_train.models.protocol import capture_operators, find_ess_layers
+from ess_train.models.protocol import capture_operators
 
 __all__ = ["ESSRegularizer"]
 
@@ -40,7 +41,10 @@ class ESSRegularizer(Callback):
     applied when ``step % every_n_steps == 0``. Logs ``ess/reg_loss`` (the unweighted penalty) and
     ``ess/reg_weight`` through ``pl_module.log`` on the steps Lightning writes (``log_every_n_steps``).
     Manual optimization is not supported (the callback warns and stands aside). A penalty that is not
-    finite (NaN/inf) is never added: that step keeps the user's loss, with a warning (once).
+    finite (NaN/inf) is never added: that step keeps the user's loss, with a warning (once). When, by the
+    cost model of ``ess_train.measure.budget``, the penalty on dense layers (softmax attention) costs more
+    than a training step (from L of about 512 at these defaults), it says so once: its defaults hold for
+    recurrent layers, not there (README, "Monitoring cost at scale").
 
     Args:
         weight: penalty weight.
@@ -138,7 +142,7 @@ class ESSRegularizer(Callback):
         if not pl_module.automatic_optimization:
             self._warn_once("manual", "ESSRegularizer: manual optimization is not supported; standing aside.")
             return
-        self.layers = find_ess_layers(pl_module, include=self.include, exclude=self.exclude)
+        self.layers = find_layers(pl_module, include=self.include, exclude=self.exclude)
         if not self.layers:
             self._warn_once(
                 "no-layers",
@@ -185,6 +189,33 @@ class ESSRegularizer(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message, category=ESSWarning)
+
+    def _check_cost(self, views: Mapping[str, Any], pl_module: nn.Module) -> None:
+        """Warn once when the penalty's SVD work (forward + backward, ``ess_train.measure.budget``'s cost
+        model) exceeds a training step's (``6 * parameters * tokens``, a lower bound) when dense layers
+        (softmax attention) take part: at long L the defaults do not hold for them (README, "Monitoring cost
+        at scale"). Recurrent layers' defaults do (~0.1 training steps per step); tiny costs are not said."""
+        from ess_train.measure import budget, resolve_positions
+
+        shapes = {name: budget.LayerShape.of(v.op) for name, v in views.items()}
+        if not shapes:
+            return
+        cost = 0.0
+        for shape in shapes.values():
+            pos = resolve_positions(self.positions, shape.seq_len)
+            cost += 3 * budget.layer_cost(shape, pos, self.batch_rows, self.max_operators)
+        first = next(iter(shapes.values()))
+        tokens = first.rows * first.seq_len
+        step = 6.0 * sum(p.numel() for p in pl_module.parameters()) * tokens
+        dense = sorted(name for name, shape in shapes.items() if shape.kind == "dense")
+        if dense and cost > max(step, budget.BUDGET_FLOOR_FLOPS):
+            self._warn_once(
+                "cost",
+                f"ESSRegularizer: its penalty costs about {cost / step:.2g} training steps per regularized "
+                f"step by the cost model (L={first.seq_len}; dense layers: {dense[:3]}"
+                f"{' ...' if len(dense) > 3 else ''}): pass every_n_steps=, fewer positions= or batch_rows=, "
+                "or exclude= the dense layers.",
+            )
 
     def _regularized_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, original: Any, *args: Any, **kwargs: Any
@@ -235,6 +266,8 @@ class ESSRegularizer(Callback):
                 "skipped (and on every step where this happens).",
             )
             return out
+        if self.num_calls == 0:
+            self._check_cost(views, pl_module)
         self.step = step
         self.num_calls += 1
         self._last_penalty = penalty.detach()  # no host sync here; read through ``last_penalty``

@@ -17,6 +17,7 @@ from ess_train.measure.history import (
     LayerTSS,
     Totals,
 )
+from ess_train.measure.layers import find_layers
 from ess_train.measure.penalty import MODES, Mode, ess_penalty
 from ess_train.measure.positions import PositionSpec, position_bounds, resolve_positions
 from ess_train.measure.probe import (
@@ -41,6 +42,7 @@ from ess_train.measure.stats import (
 from ess_train.measure.warning import ESSWarning
 
 __all__ = [
+    "find_layers",
     "compute_copy",
     "concat_operators",
     "entropy_profile",

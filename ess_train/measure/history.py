@@ -11,32 +11,65 @@ The records read as plain data: a :class:`LayerHistory`, :class:`Totals` and :cl
 read-only mappings of their field names (``history.layers[name]["steps"]``), which is what
 ``ess_train.plots`` takes.
 
-State format (:meth:`~ESSHistory.state_dict`), plain dicts and lists: ``version``, ``history`` (per layer a
-dict of lists, the field names of :class:`LayerHistory`), ``totals`` (``steps``, ``total``, ``per_kv``),
-``tss`` (per layer ``total``, ``per_operator``, ``multiplicity``, ``seq_len``), ``flags``, ``layer_kinds``.
-Version 2 (written now) has every per-step list of every layer at full length. Version 1 (the monitor's
-state before this module) has the same keys, but lists may be short or absent (checkpoints written before
-tolerance profiles were kept have none; some have no ``layer_kinds``): the loader pads them with NaN.
+Bounded: every per-step scalar (:data:`SUMMARY_KEYS`, one number per layer and measurement) is kept, but
+of the ESS-by-position profiles only ``max_profiles`` per layer (default :data:`MAX_PROFILES`): the first, the
+``recent`` newest and, in between, log-spaced steps (:func:`thin_profiles`: when one too many, the older
+profile whose neighbours are closest in ``log(step + gap)`` goes). ``LayerHistory.profile_steps`` are
+the steps of the kept ``profiles``/``tolerance_profiles``; ``steps`` those of the scalars. The rule depends
+only on the steps recorded, so a resumed run keeps what an uninterrupted one does. The full record is
+``ESSMonitor``'s JSON-lines file (:func:`measurement_record`, :func:`read_records`).
+
+State format (:meth:`~ESSHistory.state_dict`): ``version``, ``history`` (per layer ``steps`` and
+``positions``, plain lists), ``scalars`` (per layer a ``[steps, len(SUMMARY_KEYS)]`` tensor, float32 when
+exact, as the statistics are, else float64), ``profiles`` (per layer ``steps``: the kept steps,
+``entropy`` and ``tolerance``: float32 tensors ``[kept, positions]``, lossless: the profiles are float32
+values), ``totals`` (``steps``, ``total``, ``per_kv``), ``tss`` (per layer ``total``, ``per_operator``,
+``multiplicity``, ``seq_len``), ``flags``, ``layer_kinds``. Version 3 is written now. Versions 1 and 2 (the
+monitor's state before, profiles as lists in ``history``, one per step) are read too: version 2 has every
+list at full length; version 1 may have short or absent lists (checkpoints written before tolerance profiles
+were kept have none; some have no ``layer_kinds``), padded with NaN; their profiles are thinned on loading.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
 
 if TYPE_CHECKING:
     from ess_train.measure.stats import LayerESS
     from ess_train.models.protocol import StateSize
 
-__all__ = ["ESSHistory", "LayerHistory", "LayerTSS", "Totals", "SUMMARY_KEYS", "HISTORY_VERSION"]
+__all__ = [
+    "ESSHistory",
+    "LayerHistory",
+    "LayerTSS",
+    "Totals",
+    "SUMMARY_KEYS",
+    "HISTORY_VERSION",
+    "MAX_PROFILES",
+    "thin_profiles",
+    "measurement_record",
+    "read_records",
+    "history_from_records",
+    "append_record",
+]
 
-#: the state format :meth:`ESSHistory.state_dict` writes; :meth:`ESSHistory.load_state_dict` reads 1 and 2.
-HISTORY_VERSION = 2
+#: the state format :meth:`ESSHistory.state_dict` writes; :meth:`ESSHistory.load_state_dict` reads 1 to 3.
+HISTORY_VERSION = 3
 
 #: per-step summary scalars of a layer (``LayerESS.metrics()`` keys; NaN where not measured).
 SUMMARY_KEYS = ("avg_entropy", "max_entropy", "avg_tolerance", "utilization", "total", "per_kv")
+
+#: profiles kept per layer (the first, log-spaced older ones, the :data:`RECENT_PROFILES` newest).
+MAX_PROFILES = 64
+RECENT_PROFILES = 8
 
 
 class _FieldMapping(Mapping[str, Any]):
@@ -70,12 +103,31 @@ def _nan(width: int) -> list[float]:
     return [math.nan] * width
 
 
+def thin_profiles(
+    steps: list[int], max_profiles: int, recent: int = RECENT_PROFILES, gap: int = 1
+) -> int | None:
+    """Index into ``steps`` (the kept profiles' steps, ascending) of the one to drop when there are more than
+    ``max_profiles``, else ``None``. Never the first nor the ``recent`` newest; of the others, the one whose
+    neighbours are closest in ``log(step + gap)`` (ties: the earliest), which keeps the older profiles
+    log-spaced in step (``gap``: the measurement interval, so that step 0 counts)."""
+    if len(steps) <= max(max_profiles, 2):
+        return None
+    last = len(steps) - 1 - min(max(recent, 1), max(max_profiles - 2, 1))
+    if last < 1:
+        return len(steps) - 2
+    g = max(int(gap), 1)
+    spans = [math.log(steps[i + 1] + g) - math.log(steps[i - 1] + g) for i in range(1, last + 1)]
+    return 1 + min(range(len(spans)), key=spans.__getitem__)
+
+
 @dataclass(eq=False)
 class LayerHistory(_FieldMapping):
-    """One layer's measurements, one entry per step in every list."""
+    """One layer's measurements: one entry per step in ``steps`` and each :data:`SUMMARY_KEYS` list; one row
+    per kept step (``profile_steps``, thinned) in ``profiles`` and ``tolerance_profiles``."""
 
     steps: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
+    profile_steps: list[int] = field(default_factory=list)
     profiles: list[list[float]] = field(default_factory=list)
     tolerance_profiles: list[list[float]] = field(default_factory=list)
     avg_entropy: list[float] = field(default_factory=list)
@@ -85,51 +137,98 @@ class LayerHistory(_FieldMapping):
     total: list[float] = field(default_factory=list)
     per_kv: list[float] = field(default_factory=list)
 
-    def record(self, step: int, stats: LayerESS | None) -> None:
-        """Append ``stats`` at ``step`` (``None``: missing, NaN). When the evaluated positions change (the
-        first measurement, or another probe length), the earlier profiles become NaN at the new width."""
+    def record(self, step: int, stats: LayerESS | None, max_profiles: int = MAX_PROFILES) -> None:
+        """Append ``stats`` at ``step`` (``None``: missing, NaN), then thin the profiles to ``max_profiles``.
+        When the evaluated positions change (the first measurement, or another probe length), the earlier
+        profiles become NaN at the new width."""
         self.steps.append(step)
+        self.profile_steps.append(step)
         if stats is None:
             width = len(self.positions) or 1
             self.profiles.append(_nan(width))
             self.tolerance_profiles.append(_nan(width))
             for key in SUMMARY_KEYS:
                 getattr(self, key).append(math.nan)
-            return
-        width = len(stats.positions)
-        if self.positions != stats.positions:
-            self.positions = list(stats.positions)
-            self.profiles = [_nan(width) for _ in self.profiles]
-            self.tolerance_profiles = [_nan(width) for _ in self.tolerance_profiles]
-        self.profiles.append(list(stats.profile))
-        tol = stats.tolerance_profile
-        self.tolerance_profiles.append(list(tol) if tol is not None else _nan(width))
-        values = stats.metrics()
-        for key in SUMMARY_KEYS:
-            getattr(self, key).append(values.get(key, math.nan))
+        else:
+            width = len(stats.positions)
+            if self.positions != stats.positions:
+                self.positions = list(stats.positions)
+                self.profiles = [_nan(width) for _ in self.profiles]
+                self.tolerance_profiles = [_nan(width) for _ in self.tolerance_profiles]
+            self.profiles.append(list(stats.profile))
+            tol = stats.tolerance_profile
+            self.tolerance_profiles.append(list(tol) if tol is not None else _nan(width))
+            values = stats.metrics()
+            for key in SUMMARY_KEYS:
+                getattr(self, key).append(values.get(key, math.nan))
+        self.thin(max_profiles)
+
+    def thin(self, max_profiles: int = MAX_PROFILES) -> None:
+        """Drop profiles (:func:`thin_profiles`) until at most ``max_profiles`` are kept."""
+        gap = self.steps[1] - self.steps[0] if len(self.steps) > 1 else 1
+        while (i := thin_profiles(self.profile_steps, max_profiles, gap=gap)) is not None:
+            del self.profile_steps[i], self.profiles[i], self.tolerance_profiles[i]
+
+    def state(self) -> tuple[dict[str, Any], Tensor, dict[str, Any]]:
+        """``(history, scalars, profiles)`` entries of the state format (module docstring)."""
+        width = len(self.positions) or 1
+        rows = [r if len(r) == width else _nan(width) for r in self.profiles]
+        tols = [r if len(r) == width else _nan(width) for r in self.tolerance_profiles]
+        profiles = {
+            "steps": list(self.profile_steps),
+            "entropy": torch.tensor(rows, dtype=torch.float32).reshape(len(rows), width),
+            "tolerance": torch.tensor(tols, dtype=torch.float32).reshape(len(tols), width),
+        }
+        values = [getattr(self, k) for k in SUMMARY_KEYS]
+        scalars = torch.tensor(values, dtype=torch.float64).reshape(len(SUMMARY_KEYS), -1).T.contiguous()
+        return {"steps": list(self.steps), "positions": list(self.positions)}, _compact(scalars), profiles
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LayerHistory:
-        """From a state dict's layer entry; short or absent per-step lists (version 1) are padded with NaN."""
+    def from_dict(
+        cls, data: Mapping[str, Any], scalars: Any = None, profiles: Mapping[str, Any] | None = None
+    ) -> LayerHistory:
+        """From a state dict's layer entry and (version 3) its scalars and profiles entries; without them
+        (versions 1 and 2) all is read from ``data``, one entry per step, short or absent lists NaN-padded."""
         steps = [int(s) for s in data.get("steps", [])]
         positions = [int(p) for p in data.get("positions", [])]
         n, width = len(steps), len(positions) or 1
+        table = None if scalars is None else torch.as_tensor(scalars, dtype=torch.float64)
 
-        def profiles(key: str) -> list[list[float]]:
-            rows = [list(r) for r in data.get(key, [])][:n]
-            return rows + [_nan(width) for _ in range(n - len(rows))]
-
-        def scalars(key: str) -> list[float]:
-            values = list(data.get(key, []))[:n]
+        def column(key: str) -> list[float]:
+            if table is not None:
+                values = table[:n, SUMMARY_KEYS.index(key)].tolist() if table.numel() else []
+            else:
+                values = [float(v) for v in list(data.get(key, []))[:n]]
             return values + _nan(n - len(values))
 
-        return cls(
-            steps=steps,
-            positions=positions,
-            profiles=profiles("profiles"),
-            tolerance_profiles=profiles("tolerance_profiles"),
-            **{key: scalars(key) for key in SUMMARY_KEYS},
-        )
+        hist = cls(steps=steps, positions=positions, **{key: column(key) for key in SUMMARY_KEYS})
+        if profiles is not None:
+            hist.profile_steps = [int(s) for s in profiles.get("steps", [])]
+            k = len(hist.profile_steps)
+            for key, name in (("entropy", "profiles"), ("tolerance", "tolerance_profiles")):
+                got = profiles.get(key)
+                out = (
+                    []
+                    if got is None
+                    else torch.as_tensor(got, dtype=torch.float64).reshape(-1, width).tolist()
+                )
+                setattr(hist, name, out[:k] + [_nan(width) for _ in range(k - len(out))])
+            return hist
+
+        def rows(key: str) -> list[list[float]]:
+            got = [[float(v) for v in r] for r in data.get(key, [])][:n]
+            return got + [_nan(width) for _ in range(n - len(got))]
+
+        hist.profile_steps = list(steps)
+        hist.profiles, hist.tolerance_profiles = rows("profiles"), rows("tolerance_profiles")
+        return hist
+
+
+def _compact(values: Tensor) -> Tensor:
+    """``values`` as float32 when that is exact (the statistics are float32 numbers), else float64."""
+    small = values.float()
+    same = (small.double() == values) | (values.isnan() & small.isnan())
+    return small if bool(same.all()) else values
 
 
 @dataclass(eq=False)
@@ -163,6 +262,8 @@ class ESSHistory:
     flags: dict[str, list[str]] = field(default_factory=dict)
     #: class name of each layer (``"GatedLinearAttention"``), for plot labels.
     layer_kinds: dict[str, str] = field(default_factory=dict)
+    #: profiles kept per layer (:func:`thin_profiles`); not part of the state (the monitor's setting).
+    max_profiles: int = MAX_PROFILES
 
     @property
     def last_step(self) -> int | None:
@@ -178,7 +279,7 @@ class ESSHistory:
         scalars: dict[str, float] = {}
         measured = [s for s in stats.values() if s is not None]
         for name, layer_stats in stats.items():
-            self.layers.setdefault(name, LayerHistory()).record(step, layer_stats)
+            self.layers.setdefault(name, LayerHistory()).record(step, layer_stats, self.max_profiles)
             for key, value in (layer_stats.metrics() if layer_stats is not None else {}).items():
                 if key != "utilization" or math.isfinite(value):
                     scalars[f"{name}/{key}"] = value
@@ -242,10 +343,13 @@ class ESSHistory:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain data (copies): ``version``, ``history``, ``totals``, ``tss``, ``flags``, ``layer_kinds``."""
+        """Version 3 state (module docstring): plain lists, and float32 tensors for the kept profiles."""
+        layers = {name: hist.state() for name, hist in self.layers.items()}
         return {
             "version": HISTORY_VERSION,
-            "history": {name: hist.as_dict() for name, hist in self.layers.items()},
+            "history": {name: entry[0] for name, entry in layers.items()},
+            "scalars": {name: entry[1] for name, entry in layers.items()},
+            "profiles": {name: entry[2] for name, entry in layers.items()},
             "totals": self.totals.as_dict(),
             "tss": {name: size.as_dict() for name, size in self.tss.items()},
             "flags": {name: list(f) for name, f in self.flags.items()},
@@ -253,18 +357,28 @@ class ESSHistory:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Replace everything with ``state`` (version 1 or 2; missing keys read as empty)."""
+        """Replace everything with ``state`` (version 1, 2 or 3; missing keys read as empty); profiles beyond
+        ``max_profiles`` (an older, unbounded state) are thinned."""
         version = int(state.get("version", 1))
         if version > HISTORY_VERSION:
             raise ValueError(
                 f"ESS history state version {version} is newer than this ess_train reads ({HISTORY_VERSION})"
             )
-        self.layers = {name: LayerHistory.from_dict(h) for name, h in state.get("history", {}).items()}
+        v3 = version >= 3
+        scalars, profiles = state.get("scalars", {}), state.get("profiles", {})
+        self.layers = {
+            name: LayerHistory.from_dict(
+                h, scalars.get(name, ()) if v3 else None, profiles.get(name, {}) if v3 else None
+            )
+            for name, h in state.get("history", {}).items()
+        }
+        for hist in self.layers.values():
+            hist.thin(self.max_profiles)
         totals = state.get("totals") or {}
         self.totals = Totals(
-            steps=list(totals.get("steps", [])),
-            total=list(totals.get("total", [])),
-            per_kv=list(totals.get("per_kv", [])),
+            steps=[int(s) for s in totals.get("steps", [])],
+            total=[float(v) for v in totals.get("total", [])],
+            per_kv=[float(v) for v in totals.get("per_kv", [])],
         )
         self.tss = {
             name: LayerTSS(**{k: int(size[k]) for k in LayerTSS._field_names()})
@@ -272,3 +386,86 @@ class ESSHistory:
         }
         self.flags = {name: list(f) for name, f in state.get("flags", {}).items()}
         self.layer_kinds = dict(state.get("layer_kinds", {}))
+
+
+# ------------------------------------------------------------------------------------ the full record (file)
+def _json_float(v: float) -> float | None:
+    return round(float(v), 4) if math.isfinite(v) else None
+
+
+def measurement_record(history: ESSHistory, step: int) -> dict[str, Any]:
+    """The measurement at ``step`` (the last one recorded) as one JSON-ready line of the full record:
+    ``step``, ``total``, ``per_kv`` and per layer ``positions``, ``profile``, ``tolerance_profile`` and the
+    :data:`SUMMARY_KEYS` (values rounded to 1e-4; NaN as ``null``)."""
+    layers = {}
+    for name, hist in history.layers.items():
+        if not hist.steps or hist.steps[-1] != step:
+            continue
+        entry: dict[str, Any] = {"positions": list(hist.positions)}
+        if hist.profile_steps and hist.profile_steps[-1] == step:
+            entry["profile"] = [_json_float(v) for v in hist.profiles[-1]]
+            entry["tolerance_profile"] = [_json_float(v) for v in hist.tolerance_profiles[-1]]
+        entry.update({k: _json_float(getattr(hist, k)[-1]) for k in SUMMARY_KEYS})
+        layers[name] = entry
+    totals = history.totals
+    last = totals.steps.index(step) if step in totals.steps else None
+    return {
+        "step": int(step),
+        "total": None if last is None else _json_float(totals.total[last]),
+        "per_kv": None if last is None else _json_float(totals.per_kv[last]),
+        "layers": layers,
+    }
+
+
+def append_record(path: str | Path, record: Mapping[str, Any], *, first: bool = False) -> None:
+    """Append ``record`` as one line to the JSON-lines file ``path``. ``first``: this process's first write,
+    which drops the lines of steps at or after ``record``'s (written after the checkpoint this run resumed
+    from), so that a resumed run's file reads as an uninterrupted run's."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if first and path.exists():
+        kept = [r for r in read_records(path) if int(r.get("step", -1)) < int(record["step"])]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        path.write_text(text)
+    with path.open("a") as f:
+        f.write(json.dumps(dict(record)) + "\n")
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file written by :func:`append_record` (a torn last line is skipped)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def history_from_records(records: list[Mapping[str, Any]], max_profiles: int | None = None) -> ESSHistory:
+    """An :class:`ESSHistory` of every measurement in ``records`` (all profiles unless ``max_profiles``):
+    the unthinned history, for plots of a whole run (``ess_train.plots.save_history_plots``)."""
+    history = ESSHistory(max_profiles=max_profiles or max(len(records), 2))
+    for rec in records:
+        step = int(rec["step"])
+        for name, entry in rec.get("layers", {}).items():
+            hist = history.layers.setdefault(name, LayerHistory())
+            width = len(entry.get("positions", []))
+            if hist.positions != list(entry.get("positions", [])):
+                hist.positions = [int(p) for p in entry.get("positions", [])]
+                hist.profiles = [_nan(width) for _ in hist.profiles]
+                hist.tolerance_profiles = [_nan(width) for _ in hist.tolerance_profiles]
+            hist.steps.append(step)
+            for key in SUMMARY_KEYS:
+                v = entry.get(key)
+                getattr(hist, key).append(math.nan if v is None else float(v))
+            if "profile" in entry:
+                hist.profile_steps.append(step)
+                for key, name_ in (("profile", "profiles"), ("tolerance_profile", "tolerance_profiles")):
+                    row = [math.nan if v is None else float(v) for v in entry.get(key) or _nan(width)]
+                    getattr(hist, name_).append(row)
+            hist.thin(history.max_profiles)
+        history.totals.steps.append(step)
+        history.totals.total.append(math.nan if rec.get("total") is None else float(rec["total"]))
+        history.totals.per_kv.append(math.nan if rec.get("per_kv") is None else float(rec["per_kv"]))
+    return history

@@ -11,14 +11,19 @@ Any ``nn.Module`` takes part by implementing two methods:
 Zoo mixers subclass :class:`ESSMixer`, whose ``forward`` goes through ``operator`` so that the
 view built for the forward pass can be captured with no extra computation (see
 :func:`capture_operators`). A user layer that only implements the two methods is captured by a
-forward pre-hook that calls ``operator`` on the layer's input.
+forward pre-hook that calls ``operator`` on the layer's input (positional or keyword).
+
+Unmodified layers of other libraries (Hugging Face attention, Mamba, Mamba2, Qwen3-Next's GatedDeltaNet)
+take part through stand-ins (``ess_train.adapters``, above this module) that :func:`find_ess_layers` is
+given (``adapt=``): they play the protocol's part (``state_size``) and capture themselves
+(``capture(sink, name)``, which :func:`capture_operators` calls).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -117,56 +122,89 @@ def find_ess_layers(
     model: nn.Module,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
-) -> dict[str, nn.Module]:
+    adapt: Callable[[nn.Module], Any] | None = None,
+) -> dict[str, Any]:
     """Every sub-module implementing the protocol, keyed by qualified name.
 
+    ``adapt``: for a module that does not implement the protocol, its stand-in or ``None``
+    (:func:`ess_train.adapters.adapt`, which :func:`ess_train.measure.find_layers` passes, gives the
+    adapters of unmodified Hugging Face layers: they play the protocol's part and capture themselves).
     ``include``/``exclude`` are ``fnmatch`` patterns on the names (``"blocks.*.mixer"``). A layer nested
     inside another supported layer is skipped (the outer one owns its operator).
     """
     include = list(include) if include else None
     exclude = list(exclude or [])
-    found: dict[str, nn.Module] = {}
+    found: dict[str, Any] = {}
     for name, module in model.named_modules():
-        if not _supports_ess(module):
-            continue
         if any(name.startswith(p + ".") for p in found if p):
             continue
         if include is not None and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
             continue
         if any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
             continue
-        found[name] = module
+        if _supports_ess(module):
+            found[name] = module
+        elif adapt is not None:
+            layer = adapt(module)
+            if layer is not None:
+                found[name] = layer
     return found
 
 
+def _is_adapted(layer: Any) -> bool:
+    return not isinstance(layer, nn.Module) and callable(getattr(layer, "capture", None))
+
+
+def _first_input(args: tuple, kwargs: dict[str, Any]) -> Tensor:
+    """The layer input of a call made positionally or with keywords (``layer(x=...)``)."""
+    if args:
+        return args[0]
+    for key in ("x", "hidden_states", "inputs", "input"):
+        if key in kwargs:
+            return kwargs[key]
+    if kwargs:
+        return next(iter(kwargs.values()))
+    raise TypeError("the layer was called with no input")
+
+
 @contextlib.contextmanager
-def capture_operators(layers: dict[str, nn.Module]) -> Iterator[dict[str, OperatorView]]:
+def capture_operators(
+    layers: dict[str, Any], sink: MutableMapping[str, OperatorView] | None = None
+) -> Iterator[MutableMapping[str, OperatorView]]:
     """Record each layer's :class:`OperatorView` during the forward passes run inside the block.
 
     Zoo mixers (:class:`ESSMixer`) hand over the view their forward built; other protocol layers are
-    captured by a forward pre-hook that calls ``layer.operator(input)``. Gradients flow through the
+    captured by a forward pre-hook that calls ``layer.operator(input)`` (the first positional argument, or
+    the input keyword: ``x``, ``hidden_states``); adapted layers (``ess_train.adapters``) by their own
+    ``capture(sink, name)``. Gradients flow through the
     captured views when the forward runs with grad enabled. The last forward wins for each layer.
+    ``sink``: where views are written (default a new dict; ``ess_train.analyze`` passes one that reduces
+    each view to its ESS as it arrives, so no layer's operator outlives its forward).
     """
-    sink: dict[str, OperatorView] = {}
+    if sink is None:
+        sink = {}
     handles = []
-    try:
-        for name, layer in layers.items():
-            if isinstance(layer, ESSMixer):
-                layer._capture_name = name
-                layer._capture_sinks.append(sink)
-            else:
+    with contextlib.ExitStack() as stack:
+        try:
+            for name, layer in layers.items():
+                if _is_adapted(layer):
+                    stack.enter_context(layer.capture(sink, name))
+                elif isinstance(layer, ESSMixer):
+                    layer._capture_name = name
+                    layer._capture_sinks.append(sink)
+                else:
 
-                def hook(module: nn.Module, args: tuple, _name: str = name) -> None:
-                    sink[_name] = module.operator(args[0])
+                    def hook(module: nn.Module, args: tuple, kwargs: dict, _name: str = name) -> None:
+                        sink[_name] = module.operator(_first_input(args, kwargs))
 
-                handles.append(layer.register_forward_pre_hook(hook))
-        yield sink
-    finally:
-        for handle in handles:
-            handle.remove()
-        for layer in layers.values():
-            if isinstance(layer, ESSMixer):
-                layer._capture_sinks[:] = [s for s in layer._capture_sinks if s is not sink]
+                    handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+            yield sink
+        finally:
+            for handle in handles:
+                handle.remove()
+            for layer in layers.values():
+                if isinstance(layer, ESSMixer):
+                    layer._capture_sinks[:] = [s for s in layer._capture_sinks if s is not sink]
 
 
 def operators_of(model: nn.Module, x: Tensor, **find_kwargs: Any) -> dict[str, OperatorView]:

@@ -1,0 +1,49 @@
+"""Exact ESS of models people already have: adapters for unmodified Hugging Face layers.
+
+Each adapted module class gets an :class:`~ess_train.adapters.base.AdaptedLayer` that captures the layer's
+exact operator without touching the model's code (see ``docs/ADAPTERS.md``):
+
+- softmax attention (Llama, Mistral with sliding windows, GPT-2, Qwen2, Qwen3) through transformers'
+  attention-function and mask interfaces (:mod:`~ess_train.adapters.hf_attention`);
+- Mamba and FalconMamba (:mod:`~ess_train.adapters.hf_mamba`) and Mamba2
+  (:mod:`~ess_train.adapters.hf_mamba2`), rebuilt from the mixer's parameters by a forward pre-hook;
+- Qwen3-Next's GatedDeltaNet (:mod:`~ess_train.adapters.hf_gated_deltanet`), its torch kernel call recorded.
+
+``find_ess_layers`` and ``capture_operators`` (``ess_train.models.protocol``) use them by themselves, so
+ESSMonitor and ESSRegularizer measure these layers with no change to user code. This package imports torch,
+the engine and the protocol only; transformers is imported when an adapted layer is first captured.
+"""
+
+from ess_train.adapters.base import (
+    AdaptedLayer,
+    CaptureError,
+    ExactnessError,
+    check_exact,
+    exactness_tolerance,
+    max_relative_error,
+)
+from ess_train.adapters.registry import (
+    ADAPTERS,
+    MIN_TRANSFORMERS,
+    TESTED_TRANSFORMERS,
+    adapt,
+    looks_like_mixer,
+    register_attention_class,
+    require_transformers,
+)
+
+__all__ = [
+    "ADAPTERS",
+    "AdaptedLayer",
+    "CaptureError",
+    "ExactnessError",
+    "MIN_TRANSFORMERS",
+    "TESTED_TRANSFORMERS",
+    "adapt",
+    "check_exact",
+    "exactness_tolerance",
+    "looks_like_mixer",
+    "max_relative_error",
+    "register_attention_class",
+    "require_transformers",
+]

@@ -1,0 +1,132 @@
+"""Which module classes are adapted, by exact class, and the transformers versions supported.
+
+Dispatch is by the exact class (``type(module).__module__`` and ``__qualname__``): a subclass or a
+look-alike (FalconMamba's mixer has Mamba's parameter names plus norms) never inherits an adapter, and a
+class not listed is reported as not measured, never guessed. Nothing here imports transformers: a module
+of a transformers class can only exist once transformers is imported.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from torch import nn
+
+from ess_train.adapters.base import AdaptedLayer, CaptureError
+from ess_train.adapters.hf_attention import HFAttentionAdapter
+from ess_train.adapters.hf_gated_deltanet import GatedDeltaNetAdapter
+from ess_train.adapters.hf_mamba import FalconMambaAdapter, MambaAdapter
+from ess_train.adapters.hf_mamba2 import Mamba2Adapter
+
+__all__ = [
+    "MIN_TRANSFORMERS",
+    "TESTED_TRANSFORMERS",
+    "ADAPTERS",
+    "adapt",
+    "register_attention_class",
+    "require_transformers",
+    "looks_like_mixer",
+]
+
+#: oldest transformers accepted (the attention and mask interfaces and the 5.x mixer signatures)
+MIN_TRANSFORMERS = (5, 24)
+#: versions the adapters' tests ran on
+TESTED_TRANSFORMERS = ("5.24.0",)
+
+
+def _attention(window: str | None) -> Callable[[nn.Module, bool], AdaptedLayer]:
+    """An attention adapter factory; ``window``: where the sliding window lives (module / config / none)."""
+
+    def make(module: nn.Module, check: bool) -> AdaptedLayer:
+        size = None
+        if window == "module":
+            size = getattr(module, "sliding_window", None)
+        elif window == "config":
+            size = getattr(module.config, "sliding_window", None)
+        return HFAttentionAdapter(module, window=size, check=check)
+
+    return make
+
+
+_HF = "transformers.models"
+#: "module.qualname" -> factory(module, check) -> AdaptedLayer
+ADAPTERS: dict[str, Callable[[nn.Module, bool], AdaptedLayer]] = {
+    f"{_HF}.llama.modeling_llama.LlamaAttention": _attention(None),
+    f"{_HF}.mistral.modeling_mistral.MistralAttention": _attention("config"),
+    f"{_HF}.gpt2.modeling_gpt2.GPT2Attention": _attention(None),
+    f"{_HF}.qwen2.modeling_qwen2.Qwen2Attention": _attention("module"),
+    f"{_HF}.qwen3.modeling_qwen3.Qwen3Attention": _attention("module"),
+    f"{_HF}.mamba.modeling_mamba.MambaMixer": lambda m, check: MambaAdapter(m, check),
+    f"{_HF}.falcon_mamba.modeling_falcon_mamba.FalconMambaMixer": lambda m, check: FalconMambaAdapter(
+        m, check
+    ),
+    f"{_HF}.mamba2.modeling_mamba2.Mamba2Mixer": lambda m, check: Mamba2Adapter(m, check),
+    f"{_HF}.qwen3_next.modeling_qwen3_next.Qwen3NextAttention": _attention("module"),
+    f"{_HF}.qwen3_next.modeling_qwen3_next.Qwen3NextGatedDeltaNet": lambda m, check: GatedDeltaNetAdapter(
+        m, check
+    ),
+}
+
+_typed: dict[tuple[type, str], type] = {}
+
+
+def _key(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_attention_class(cls: type, window: str | None = None) -> None:
+    """Adapt another transformers attention class through the attention interface (at your own risk: the
+    exactness check at first capture still guards it). ``window``: ``"module"`` (its ``sliding_window``
+    attribute), ``"config"`` (``config.sliding_window``) or ``None``."""
+    ADAPTERS[_key(cls)] = _attention(window)
+
+
+def require_transformers() -> str:
+    """transformers' version, after refusing a missing or too old one with a clear message."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError(
+            "ESS of Hugging Face models needs transformers: pip install 'ess_train[hf]'"
+        ) from exc
+    version = transformers.__version__
+    parts = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    if parts < MIN_TRANSFORMERS:
+        need = ".".join(map(str, MIN_TRANSFORMERS))
+        raise ImportError(
+            f"transformers {version} is too old for ess_train's adapters (need >= {need}, tested "
+            f"{', '.join(TESTED_TRANSFORMERS)}): pip install 'transformers>={need},<6'"
+        )
+    return version
+
+
+def adapt(module: nn.Module, check: bool = True) -> AdaptedLayer | None:
+    """The adapter of ``module``'s exact class, or ``None`` when the class is not known.
+
+    The returned object's type is named after the module's class (``LlamaAttention``), so that reports
+    and ESSMonitor's layer kinds show the model's own class names.
+    """
+    cls = type(module)
+    factory = ADAPTERS.get(_key(cls))
+    if factory is None:
+        return None
+    if cls.__module__.startswith("transformers."):
+        require_transformers()
+    try:
+        adapter = factory(module, check)
+    except CaptureError:  # e.g. GPT-2 cross-attention: not a causal operator, so not measured
+        return None
+    typed = _typed.get((type(adapter), cls.__name__))
+    if typed is None:
+        typed = _typed[(type(adapter), cls.__name__)] = type(cls.__name__, (type(adapter),), {})
+    adapter.__class__ = typed
+    return adapter
+
+
+_MIXER_NAME = re.compile(r"(Attention|Attention2|Mixer|DeltaNet|Retention|Hyena|SSM|LinearAttn|TimeMix)$")
+
+
+def looks_like_mixer(module: nn.Module) -> bool:
+    """Whether ``module``'s class name suggests a sequence mixer (for the "not measured" list only)."""
+    return bool(_MIXER_NAME.search(type(module).__name__))
