@@ -10,15 +10,22 @@ Columns (all in one run, same process, same thread count):
   one channel, scaled to all channels (its cost does not depend on N: measured once per L). Where a
   full run of one channel would take more than ``--obvious-budget`` seconds, it is estimated from a few
   positions (interpolated over all positions) and marked ``~``;
-- floor: one batched ``torch.linalg.eigvalsh`` on ``[channels, L, N, N]`` (the last step of the
-  Gramian path alone), in channel slices when the tensor exceeds 1 GiB (the CPU kernel loops over the
-  batch, so the sum of slices is the same work);
+- floor: one batched float64 ``torch.linalg.eigvalsh`` on ``[channels, L, N, N]`` (the last step of the
+  Gramian path alone, float64 for every operator), in channel slices when the tensor exceeds 1 GiB (the
+  CPU kernel loops over the batch, so the sum of slices is the same work);
 - speedup = obvious / gramian, vs floor = gramian / floor.
+Then the cost of float64 accumulation for float32 operators (the default) against the previous float32 path
+(float32 sums and eigenproblems, autograd through the Cholesky factor), forward and forward+backward, scan,
+segment path and full (DeltaNet) transitions; and the accuracy table (issue 14): float32 entropy-ESS and
+tolerance-ESS (``rtol = 1e-5``) against a float64 SVD of the same operator, for four distributions of
+diagonal ``a`` and DeltaNet's ``I - beta k k^T``, Gramian (all positions and 16: segments) and dense
+paths, new and previous.
 Then, for a few positions (the training-time estimates of the regularizer: 16 of them, or L / 4), the
 segment path against the full Gramian scan at the same positions (both exact; ``use_segments`` picks the
 segment path there), forward and forward+backward, 16 channels, N = 16.
 Then the dense path (softmax attention) at those few positions: crops planned to pad the SVD work at most
-2x (the default) against one crop for all positions (``max_waste=inf``), forward and forward+backward.
+2x (the default) against one crop for all positions (``max_waste=inf``), and float32 ``svdvals`` against
+the float64 Gram route (the default for float32 blocks), forward and forward+backward.
 Then the peak memory of the dense path at the largest L, measured in a subprocess (peak RSS, VmHWM after
 resetting it, minus the RSS before) on its largest chunk of positions, which bounds the peak of a full run.
 """
@@ -38,10 +45,17 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import ess_train.ess.dense as dense  # noqa: E402
 import ess_train.ess.gramian as gramian  # noqa: E402
+import ess_train.ess.gramian_svals as gramian_svals  # noqa: E402
+import ess_train.ess.measures as measures  # noqa: E402
 from ess_train.ess import DEFAULT_CHUNK_ELEMENTS, RecurrentOperator, entropy_ess  # noqa: E402
 from ess_train.ess.dense import dense_hankel_singular_values, plan_dense_chunks  # noqa: E402
-from ess_train.ess.measures import entropy_ess_from_singular_values  # noqa: E402
+from ess_train.ess.measures import (  # noqa: E402
+    entropy_ess_from_singular_values,
+    hankel_singular_values,
+    tolerance_ess_from_singular_values,
+)
 
 
 def make_operator(channels: int, L: int, N: int, seed: int = 0) -> RecurrentOperator:
@@ -99,11 +113,11 @@ def obvious_seconds(T: torch.Tensor, budget_s: float) -> tuple[float, bool]:
 
 def floor_seconds(channels: int, L: int, N: int) -> float:
     g = torch.Generator().manual_seed(1)
-    per_slice = max(1, min(channels, (1 << 28) // (L * N * N)))
+    per_slice = max(1, min(channels, (1 << 27) // (L * N * N)))
     total = 0.0
     for c0 in range(0, channels, per_slice):
         n = min(per_slice, channels - c0)
-        X = torch.randn(n, L, N, N, generator=g)
+        X = torch.randn(n, L, N, N, generator=g, dtype=torch.float64)
         X = X + X.mT
         total += timed(lambda X=X: torch.linalg.eigvalsh(X))
         del X
@@ -209,7 +223,10 @@ def dense_few_positions(Ls: list[int], operators: int = 8, n_pos: int = 16, reps
         f"\nfew positions, dense (attention-like) T, {operators} operators, {n_pos} positions, float32: "
         f"planned crops vs one crop (best of {reps})"
     )
-    header = f"{'L':>5} | {'one fwd':>9} {'planned':>9} {'x':>6} | {'one f+b':>9} {'planned':>9} {'x':>6}"
+    header = (
+        f"{'L':>5} | {'one fwd':>9} {'planned':>9} {'x':>6} {'svd':>9} {'x':>6} | "
+        f"{'one f+b':>9} {'planned':>9} {'x':>6} {'svd':>9} {'x':>6}"
+    )
     print(header)
     print("-" * len(header))
     for L in Ls:
@@ -218,16 +235,160 @@ def dense_few_positions(Ls: list[int], operators: int = 8, n_pos: int = 16, reps
         T0 = scores.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
         pos = torch.linspace(1, L - 1, n_pos).round().long().unique()
         row = {}
-        for name, waste in (("one", math.inf), ("planned", 2.0)):
-            dense_entropy(T0, pos, waste, False)  # warm-up
-            row[name] = tuple(
-                min(timed(functools.partial(dense_entropy, T0, pos, waste, b)) for _ in range(reps))
-                for b in (False, True)
-            )
-        (of, ob), (pf, pb) = row["one"], row["planned"]
+        for name, waste, old in (("one", math.inf, False), ("planned", 2.0, False), ("svd", 2.0, True)):
+            with _float32_sums(old):
+                dense_entropy(T0, pos, waste, False)  # warm-up
+                row[name] = tuple(
+                    min(timed(functools.partial(dense_entropy, T0, pos, waste, b)) for _ in range(reps))
+                    for b in (False, True)
+                )
+        (of, ob), (pf, pb), (sf, sb) = row["one"], row["planned"], row["svd"]
         print(
-            f"{L:>5} | {fmt_s(of):>9} {fmt_s(pf):>9} {of / pf:>5.1f}x | "
-            f"{fmt_s(ob):>9} {fmt_s(pb):>9} {ob / pb:>5.1f}x"
+            f"{L:>5} | {fmt_s(of):>9} {fmt_s(pf):>9} {of / pf:>5.1f}x {fmt_s(sf):>9} {sf / pf:>5.1f}x | "
+            f"{fmt_s(ob):>9} {fmt_s(pb):>9} {ob / pb:>5.1f}x {fmt_s(sb):>9} {sb / pb:>5.1f}x"
+        )
+    print("one / planned: float32 blocks via a float64 Gram + eigvalsh (the default); svd: float32 svdvals")
+
+
+ACCURACY_CASES = (
+    "a ~ U(0.79, 0.99)",
+    "a ~ U(0, 1)",
+    "Mamba-like rates",
+    "a ~ U(0.99, 1)",
+    "DeltaNet (full A)",
+)
+
+
+def accuracy_operator(case: str, channels: int, L: int, N: int, seed: int = 0) -> RecurrentOperator:
+    """Float32 operators of issue 14's accuracy table: random ``b``, ``c`` and the named transitions
+    (Mamba-like: ``exp(-dt_t r_n)``, rates ``r_n`` from 1e-3 to 1 across the state; DeltaNet: ``A_t = I -
+    beta_t k_t k_t^T``, unit ``k_t``, ``beta_t ~ U(0, 1)``)."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(channels, L, N, generator=g)
+    c = torch.randn(channels, L, N, generator=g)
+    u = torch.rand(channels, L, N, generator=g)
+    if case == ACCURACY_CASES[0]:
+        a = 0.79 + 0.2 * u
+    elif case == ACCURACY_CASES[1]:
+        a = u
+    elif case == ACCURACY_CASES[2]:
+        dt = torch.exp(0.5 * torch.randn(channels, L, 1, generator=g))
+        a = torch.exp(-dt * torch.logspace(-3, 0, N))
+    elif case == ACCURACY_CASES[3]:
+        a = 0.99 + 0.01 * u
+    else:
+        k = torch.nn.functional.normalize(torch.randn(channels, L, N, generator=g), dim=-1)
+        beta = torch.rand(channels, L, 1, 1, generator=g)
+        a = torch.eye(N) - beta * k.unsqueeze(-1) * k.unsqueeze(-2)
+    return RecurrentOperator(a, b, c)
+
+
+def _float32_sums(on: bool):
+    """Context: the previous float32 path when ``on``: sums and eigenproblems in float32, autograd through
+    the Cholesky factor, float32 ``svdvals`` for dense blocks."""
+
+    class Ctx:
+        def __enter__(self) -> None:
+            self.saved = (
+                measures.GRAMIAN_ACCUMULATE,
+                dense.GRAM_FOR_FLOAT32,
+                gramian_svals.CLOSED_FORM_GRADIENT,
+            )
+            if on:
+                measures.GRAMIAN_ACCUMULATE = None
+                dense.GRAM_FOR_FLOAT32 = gramian_svals.CLOSED_FORM_GRADIENT = False
+
+        def __exit__(self, *exc: object) -> None:
+            measures.GRAMIAN_ACCUMULATE, dense.GRAM_FOR_FLOAT32, gramian_svals.CLOSED_FORM_GRADIENT = (
+                self.saved
+            )
+
+    return Ctx()
+
+
+def accuracy_table(channels: int, L: int, N: int, n_pos: int = 16, rtol: float = 1e-5) -> None:
+    """Table: float32 ESS against a float64 SVD of the same (float32) operator, both paths, old and new.
+
+    ``ent``: max relative error of entropy-ESS over positions 1..L-1 (all positions: the scan; ``n_pos``
+    positions: the segment path for diagonal ``a``); ``tol=``: fraction of positions where tolerance-ESS
+    at ``rtol`` (scale: the float64 peak) equals the float64 count."""
+    print(
+        f"\naccuracy, float32 vs float64 SVD of the same operator, {channels} channels, L={L}, N={N}: max "
+        f"rel. error of entropy-ESS over positions (all / {n_pos} positions), tolerance-ESS agreement "
+        f"at rtol={rtol:g}"
+    )
+    header = (
+        f"{'transitions':<19} | {'gramian ent':>11} {'tol=':>6} {'16 pos':>8} | {'dense ent':>9} {'tol=':>6} "
+        f"|| {'old gramian':>11} {'tol=':>6} {'16 pos':>8} | {'old dense':>9} {'tol=':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    pos = torch.linspace(1, L - 1, n_pos).round().long().unique()
+    for case in ACCURACY_CASES:
+        op = accuracy_operator(case, channels, L, N)
+        op64 = RecurrentOperator(op.a.double(), op.b.double(), op.c.double(), validate=False)
+        T64 = op64.dense()
+        s64 = hankel_singular_values(T64)
+        e64 = entropy_ess_from_singular_values(s64)
+        scale = s64.amax(dim=(-2, -1))
+        t64 = tolerance_ess_from_singular_values(s64, rtol, scale=scale)
+        cells = []
+        for old in (False, True):
+            with _float32_sums(old):
+                s_g = hankel_singular_values(op)
+                s_p = hankel_singular_values(op, pos)
+                s_d = hankel_singular_values(T64.float())
+            for s, idx in ((s_g, None), (s_p, pos), (s_d, None)):
+                ref = e64 if idx is None else e64[:, idx]
+                # as entropy_ess returns it (evaluated in float64 now, in float32 before)
+                e = entropy_ess_from_singular_values(s if old else s.double()).float().double()
+                err = (e - ref).abs() / ref.clamp_min(1e-300)
+                err = err[:, 1:] if idx is None else err
+                cells.append(f"{float(err.max()):.1e}")
+                if idx is None:
+                    t = tolerance_ess_from_singular_values(s.double(), rtol, scale=scale)
+                    cells.append(f"{float((t == t64).double().mean()):.3f}")
+        g, gt, gp, d, dt, og, ogt, ogp, od, odt = cells
+        print(
+            f"{case:<19} | {g:>11} {gt:>6} {gp:>8} | {d:>9} {dt:>6} || {og:>11} {ogt:>6} {ogp:>8} | "
+            f"{od:>9} {odt:>6}"
+        )
+    print("old = float32 sums and eigenproblems (the previous path), float32 SVD for dense blocks.")
+
+
+def accumulation_cost(configs: list[tuple[int, int, int, int | None, bool]], reps: int = 3) -> None:
+    """Table: time of the float32 path with float64 accumulation (new) against float32 sums (old), forward
+    and forward+backward, scan (all positions), segment path (few positions) and full transitions."""
+    print(f"\nfloat32 operators: float64 accumulation (new) vs float32 sums (old), best of {reps}")
+    header = (
+        f"{'path':<9} {'ch':>3} {'L':>5} {'N':>3} {'pos':>5} | {'old fwd':>9} {'new fwd':>9} {'x':>5} | "
+        f"{'old f+b':>9} {'new f+b':>9} {'x':>5}"
+    )
+    print(header)
+    print("-" * len(header))
+    for ch, L, N, n_pos, full in configs:
+        op = accuracy_operator(ACCURACY_CASES[4] if full else ACCURACY_CASES[2], ch, L, N)
+        pos = None if n_pos is None else torch.linspace(1, L - 1, n_pos).round().long().unique()
+        leaves = [x.clone().requires_grad_() for x in (op.a, op.b, op.c)]
+
+        def fwd(leaves: list[torch.Tensor] = leaves, pos: torch.Tensor | None = pos) -> None:
+            with torch.no_grad():
+                entropy_ess(RecurrentOperator(*leaves, validate=False), pos)
+
+        def fwd_bwd(leaves: list[torch.Tensor] = leaves, pos: torch.Tensor | None = pos) -> None:
+            entropy_ess(RecurrentOperator(*leaves, validate=False), pos).sum().backward()
+
+        row = {}
+        for old in (True, False):
+            with _float32_sums(old):
+                fwd_bwd()
+                row[old] = [min(timed(f) for _ in range(reps)) for f in (fwd, fwd_bwd)]
+        (of, ob), (nf, nb) = row[True], row[False]
+        segments = pos is not None and not full and gramian.use_segments(len(pos), L)
+        path = "full" if full else "segments" if segments else "scan"
+        print(
+            f"{path:<9} {ch:>3} {L:>5} {N:>3} {len(pos) if pos is not None else L:>5} | {fmt_s(of):>9} "
+            f"{fmt_s(nf):>9} {nf / of:>4.2f}x | {fmt_s(ob):>9} {fmt_s(nb):>9} {nb / ob:>4.2f}x"
         )
 
 
@@ -247,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     C = args.channels or (8 if args.quick else 64)
     # warm-up (allocator, LAPACK)
     entropy_ess(make_operator(2, 64, 8))
-    torch.linalg.eigvalsh(torch.eye(8).expand(4, 8, 8))
+    torch.linalg.eigvalsh(torch.eye(8, dtype=torch.float64).expand(4, 8, 8))
 
     header = (
         f"{'L':>5} {'N':>3} | {'gramian':>9} | {'obvious/ch':>11} {'obvious x' + str(C):>12} | "
@@ -274,6 +435,16 @@ def main(argv: list[str] | None = None) -> None:
             del op
     print("~ = estimated from 9 positions (a full run of one channel would exceed the budget);")
     print("obvious/ch measured once per L on channel 0 (its cost does not depend on N).")
+    if args.quick:
+        quick = [(8, 256, 16, None, False), (8, 256, 16, 16, False), (4, 128, 8, None, True)]
+        accumulation_cost(quick, reps=2)
+    else:
+        accumulation_cost(
+            [(64, 256, 16, None, False), (64, 1024, 16, None, False), (64, 256, 64, None, False)]
+            + [(16, 1024, 16, 16, False), (16, 1024, 16, 256, False), (16, 4096, 16, 16, False)]
+            + [(16, 256, 16, None, True), (16, 1024, 16, None, True)]
+        )
+    accuracy_table(4, 128, 16) if args.quick else accuracy_table(8, 256, 16)
     segment_vs_scan([256] if args.quick else [128, 1024, 4096])
     dense_few_positions([128] if args.quick else [128, 256, 1024])
     if not args.no_memory:

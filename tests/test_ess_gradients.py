@@ -12,7 +12,7 @@ from tests.tolerances import (
     entropy_ess_error,
     gramian_eig_error,
     gramian_scale,
-    sigma_error_from_eig,
+    gramian_sigma_error,
     svd_error,
     tol,
 )
@@ -24,9 +24,8 @@ def _ess_error(op, method: str, k: int = 1) -> torch.Tensor:
     """Round-off bound of ``k`` runs of entropy-ESS of ``op`` on ``method``'s path (tests/tolerances.py)."""
     dtype = torch.float64 if op.dtype == F64 else torch.float32
     s = hankel_singular_values(op, method=method).detach().double()
-    if method == "gramian":
-        delta = k * gramian_eig_error(dtype, gramian_scale(op), op.seq_len, op.state_dim)
-        ds = sigma_error_from_eig(s, delta)
+    if method == "gramian":  # float64 sums, products in the operator's dtype (tests/tolerances.py)
+        ds = gramian_sigma_error(dtype, s, gramian_scale(op), op.seq_len, op.state_dim, k)
     else:
         ds = k * svd_error(dtype, s.amax(-1, keepdim=True), op.seq_len, op.seq_len)
     return entropy_ess_error(s, ds, dtype)
@@ -190,7 +189,7 @@ def test_half_precision_gradients_flow(gramian_path):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cholesky_retry_path(monkeypatch, dtype, gramian_path):
     """With no initial jitter, singular Gramians fail to factor and go through the jitter ladder."""
-    import ess_train.ess.gramian as gramian
+    import ess_train.ess.gramian_svals as gramian_svals
 
     calls = []
     real = torch.linalg.cholesky_ex
@@ -207,7 +206,7 @@ def test_cholesky_retry_path(monkeypatch, dtype, gramian_path):
     b[..., 0] = torch.randn(2, L, generator=g, dtype=dtype)  # P has rank 1: singular
     c = torch.randn(2, L, N, generator=g, dtype=dtype)
     expected = entropy_ess(RecurrentOperator(a, b, c))
-    monkeypatch.setattr(gramian, "JITTER_EPS", 0.0)
+    monkeypatch.setattr(gramian_svals, "JITTER_EPS", 0.0)
     monkeypatch.setattr(torch.linalg, "cholesky_ex", counting)
     ess = _finite_grads(RecurrentOperator, (a, b, c))
     assert calls and calls[0] > 0, "the first factorization should fail somewhere"

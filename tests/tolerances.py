@@ -19,15 +19,24 @@ float64 path) still exceeds the bound by orders of magnitude.
 The models specific to the ESS engine (``docs/ESS.md``):
 
 - dense path, :func:`svd_error`: LAPACK's SVD is backward stable, each singular value of ``H_i`` is off
-  by at most ``c * max(rows, cols) * eps * sigma_max(H_i)`` (Weyl).
+  by at most ``c * max(rows, cols) * eps * sigma_max(H_i)`` (Weyl). Float32 blocks go through their
+  smaller Gram matrix in float64 instead (``m = max(rows, cols)`` exact products per entry): ``sigma`` is
+  off by at most ``sqrt(m eps64 rank) sigma_max`` plus the input rounding ``eps32 sqrt(rank) sigma_max``,
+  both below the same bound at float32 (``rank <= m`` and ``eps32^2 / eps64 = 64``).
 - Gramian path, :func:`gramian_eig_error`: ``sigma^2`` are eigenvalues of ``F^T Q F`` with ``P = F F^T``;
   ``P_i``, ``Q_i`` are sums of up to ``L`` outer products, then a Cholesky, two products and ``eigvalsh``
-  of ``N x N`` matrices: an *absolute* error ``c * (L + N) * eps * scale_i`` on ``sigma^2`` (the jitter
-  correction is of that size too), with the per-position, rescaling-invariant size of the Gramians
-  ``scale_i = (sum_k sqrt(P_i[k, k] Q_i[k, k]))^2 >= sigma_max(H_i)^2`` (:func:`gramian_scale`). A singular
-  value is therefore off by ``delta / max(sigma, sqrt(delta))`` (:func:`sigma_error_from_eig`): relative
-  ``~ (L + N) eps`` for the large ones, at most ``sqrt(delta)`` for the tiny ones (the ``sqrt(eps)``
-  resolution of any method that squares singular values).
+  of ``N x N`` matrices, all *in float64* (the engine accumulates in float64 whatever the operator's
+  dtype): an *absolute* error ``c * (L + N) * eps64 * scale_i`` on ``sigma^2`` (the jitter correction is
+  of that size too), with the per-position, rescaling-invariant size of the Gramians ``scale_i =
+  (sum_k sqrt(P_i[k, k] Q_i[k, k]))^2 >= sigma_max(H_i)^2`` (:func:`gramian_scale`). A singular value is
+  therefore off by ``delta / max(sigma, sqrt(delta))`` (:func:`sigma_error_from_eig`): relative ``~ (L +
+  N) eps64`` for the large ones, at most ``sqrt(delta) ~ 1e-8 sqrt(scale_i)`` for the tiny ones.
+  For a float32 operator (:func:`gramian_sigma_error`) add what float32 itself costs: the in-chunk
+  products of ``a`` and ``b`` / ``c`` (diagonal transitions: no sums, kept in float32) have relative
+  errors ``<= n eps32`` on each term (``n <= L``: the longest product), i.e. they are the exact terms of a
+  perturbed operator with ``|dT[t, s]| <= n eps32 sum_k |c_tk| |phi_k| |b_sk|``, so (Weyl, *not* squared)
+  each ``sigma`` moves by at most ``||dH_i||_F <= n eps32 sum_k sqrt(P_i[k, k] Q_i[k, k]) = n eps32
+  sqrt(scale_i)``; rounding the inputs to float32 and the result back to float32 are of that form too.
 - entropy-ESS, :func:`entropy_ess_error`: propagated from per-singular-value errors term by term
   through ``-p log p`` (the exact extreme change over each term's interval: valid with zero and tiny
   singular values, where the derivative is not), plus its own evaluation.
@@ -52,6 +61,7 @@ __all__ = [
     "svd_error",
     "gramian_scale",
     "gramian_eig_error",
+    "gramian_sigma_error",
     "sigma_error_from_eig",
     "entropy_ess_error",
     "near_threshold",
@@ -108,9 +118,22 @@ def gramian_scale(op) -> Tensor:
 
 
 def gramian_eig_error(dtype: torch.dtype, scale: Tensor | float, L: int, N: int, c: float = C):
-    """Absolute error of the Gramian path's ``sigma^2`` (see the module docstring); ``scale``:
+    """Absolute error of the Gramian path's ``sigma^2`` from its sums and eigenproblem (see the module
+    docstring), run in ``dtype`` (the engine: float64 for every operator); ``scale``:
     :func:`gramian_scale`."""
     return c * (L + N) * eps(dtype) * scale
+
+
+def gramian_sigma_error(
+    dtype: torch.dtype, sigma: Tensor, scale: Tensor, L: int, N: int, k: int = 1, c: float = C
+) -> Tensor:
+    """Absolute error of each Gramian-path ``sigma`` for an operator of ``dtype`` (``k`` runs): the float64
+    sums and eigenproblem (:func:`gramian_eig_error`, through :func:`sigma_error_from_eig`) plus the
+    operator's own dtype: products of up to ``L`` factors, input and output rounding, ``(L + 2)
+    eps(dtype) sqrt(scale)`` (module docstring). ``sigma``: reference values ``[..., P, K]``; ``scale``:
+    ``[..., P, 1]``."""
+    f64 = sigma_error_from_eig(sigma.double(), k * gramian_eig_error(torch.float64, scale, L, N, c))
+    return f64 + k * tol(dtype, scale.sqrt(), n=L + 2, c=c)
 
 
 def sigma_error_from_eig(sigma: Tensor, delta: Tensor | float) -> Tensor:

@@ -14,7 +14,71 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["dense_hankel_singular_values", "plan_dense_chunks"]
+__all__ = ["dense_hankel_singular_values", "plan_dense_chunks", "gram_svdvals"]
+
+# float32 blocks: singular values from the smaller Gram matrix in float64 (see :func:`gram_svdvals`)
+GRAM_FOR_FLOAT32 = True
+
+
+class _GramSvdvals(torch.autograd.Function):
+    """Singular values of ``H`` from ``eigh`` of its smaller Gram matrix in float64, with the gradient in
+    closed form in ``H``'s dtype: ``dL/dH = H V diag(g / sigma) V^T`` (``G = H^T H``) or ``U diag(g /
+    sigma) U^T H`` (``G = H H^T``), 0 where ``sigma = 0``; one matmul of ``H``'s size instead of autograd's
+    float64 ones through ``G``."""
+
+    @staticmethod
+    def forward(ctx, H: Tensor) -> Tensor:  # noqa: ANN001
+        r, k = H.shape[-2], H.shape[-1]
+        H64 = H.double()
+        G = H64.mT @ H64 if r >= k else H64 @ H64.mT
+        if ctx.needs_input_grad[0]:
+            lam, V = torch.linalg.eigh(G)
+        else:
+            lam, V = torch.linalg.eigvalsh(G), None
+        lam, V = lam.flip(-1), None if V is None else V.flip(-1)
+        # the eigensolver's round-off ~ eps64 ||G|| (times the size): below it, an exact 0
+        tau = torch.finfo(torch.float64).eps * min(r, k) * lam.abs().amax(-1, keepdim=True)
+        lam = lam - tau
+        pos = lam > 0
+        s = torch.where(pos, torch.sqrt(torch.where(pos, lam, torch.ones_like(lam))), torch.zeros_like(lam))
+        if V is not None:
+            ctx.save_for_backward(H, V, s)
+        return s.to(H.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor) -> Tensor:  # noqa: ANN001
+        H, V, s = ctx.saved_tensors
+        pos = s > 0
+        w = torch.where(pos, g.double() / torch.where(pos, s, torch.ones_like(s)), torch.zeros_like(s))
+        B = ((V * w.unsqueeze(-2)) @ V.mT).to(H.dtype)
+        return H @ B if H.shape[-2] >= H.shape[-1] else B @ H
+
+
+def gram_svdvals(H: Tensor) -> Tensor:
+    """Singular values of float32 ``H [..., r, k]`` (descending, ``min(r, k)`` of them) as square roots of
+    the eigenvalues of its smaller Gram matrix, formed and solved in float64; returned in ``H``'s dtype.
+
+    Products of float32 numbers are exact in float64, so the Gram matrix is off by at most ``m eps64
+    ||H||_F^2`` (``m = max(r, k)`` terms per entry) and ``eigvalsh`` adds ``~ eps64 ||G||``: each
+    ``sigma`` is off by at most ``~ sqrt(m eps64) ||H||_F`` absolutely, and by ``m eps64 ||H||_F^2 /
+    sigma`` (relative ``< eps32`` for ``sigma >~ 1e-4 sigma_max``) in general: as exact as a float32
+    SVD of ``H``, whose error is ``~ eps32 sigma_max``. The eigensolver's round-off is subtracted and the
+    result clamped at 0 (exact zeros, zero gradients there). Gradients in closed form (:class:`_GramSvdvals`),
+    finite for repeated values (``V diag(w) V^T`` is basis-independent within an eigenspace of equal ``w``).
+    Measured (``benchmarks/bench_ess.py``, softmax attention, 16 positions, L = 128-1024) against float32
+    ``svdvals``: 1.4-1.7x faster forward, 1.1-1.3x forward+backward, and more exact.
+    """
+    return _GramSvdvals.apply(H)
+
+
+def svdvals(H: Tensor) -> Tensor:
+    """Singular values of a batch of blocks: :func:`gram_svdvals` for float32 (when
+    :data:`GRAM_FOR_FLOAT32`, and not on MPS), ``torch.linalg.svdvals`` otherwise (float64 keeps the
+    SVD's eps64)."""
+    if H.dtype == torch.float32 and GRAM_FOR_FLOAT32 and H.device.type != "mps":  # MPS has no float64
+        return gram_svdvals(H)
+    return torch.linalg.svdvals(H)
 
 
 def _block_size(L: int, i0: int, i1: int, n: int) -> int:
@@ -82,7 +146,7 @@ def dense_hankel_singular_values(
             cols = torch.arange(i1, device=dev)
             mask = (rows.view(1, -1, 1) >= pos.view(-1, 1, 1)) & (cols.view(1, 1, -1) < pos.view(-1, 1, 1))
             H = torch.where(mask, block.unsqueeze(1), torch.zeros((), dtype=T.dtype, device=dev))
-            s = torch.linalg.svdvals(H)  # [bb, n, min(L - i0, i1)]
+            s = svdvals(H)  # [bb, n, min(L - i0, i1)]
             m = s.shape[-1]
             s = s[..., :K] if m >= K else torch.nn.functional.pad(s, (0, K - m))
             bound = torch.minimum(pos, L - pos)  # rank bound of H_i

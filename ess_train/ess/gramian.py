@@ -16,6 +16,24 @@ have come out exactly 0 (rank deficiency is exact, and their gradients are 0), t
 biased by at most ``tau``, i.e. singular values below about ``sqrt(eps) * sigma_max`` are lost,
 the resolution of any method that squares singular values.
 
+Precision (issue 14). Squaring makes float32 sums useless for small singular values: in float32 the
+resolution ``sqrt(eps32) ~ 3.5e-4`` cost entropy-ESS 1e-4 to 1e-2 relative error, 100-1000x a float32
+SVD's. So every *sum* runs in ``acc`` (float64 for all operators, ``measures.GRAMIAN_ACCUMULATE``): the
+Gramians, their chunk carries, the Cholesky, ``F^T Q F`` and ``eigvalsh`` (resolution ``sqrt(eps64) ~
+1.5e-8 < eps32``), and the result is cast back. The *products* of diagonal transitions (the in-chunk and
+in-segment weights ``prod a * b``, ``a * c``) stay in the operator's dtype: with no sums there is no
+cancellation, only relative errors ``~ S eps32`` per term, which is a perturbation of the operator by
+``n eps32`` componentwise: it moves each ``sigma`` by ``<= n eps32 sqrt(scale)`` *unsquared* (Weyl; the
+model in ``tests/tolerances.py``), the same as rounding the inputs to float32. Measured (8 channels, L =
+256, N = 16, the four ``a`` distributions of the issue and DeltaNet's ``I - beta k k^T``): entropy-ESS
+within 1.1e-6 of float64 (was up to 1.5e-2; a float32 SVD: 4e-6 to 1e-5), tolerance-ESS at ``rtol =
+1e-5`` equal at all positions (was 7% to 99%). Square-root (factored) propagation was not built: it
+needs a QR per chunk carry and per position (``(S + N) x N`` factors) on top of the scan, and QR of the
+rank-deficient early states has unstable gradients, while float64 sums met the targets with this
+module's structure, and its finite gradients on degenerate operators, unchanged. Cost:
+float64 matmuls are ~2x float32 on CPUs and data-centre GPUs, 32-64x on consumer GPUs, where
+``GRAMIAN_ACCUMULATE = None`` restores the float32 sums (and their ``sqrt(eps32)`` resolution).
+
 Gradients never go through eigenvectors (``eigvalsh`` backward is ``V diag(g) V^T``, finite for
 repeated eigenvalues) nor through a square root at 0.
 
@@ -41,6 +59,8 @@ import math
 import torch
 from torch import Tensor
 
+from ess_train.ess.gramian_svals import singular_values_from_gramians
+
 __all__ = [
     "gramian_hankel_singular_values",
     "affine_scan",
@@ -61,6 +81,7 @@ def affine_scan(
     *,
     diagonal: bool,
     reverse: bool = False,
+    acc: torch.dtype | None = None,
 ) -> Tensor:
     """All states of ``X_t = alpha_t X_{t-1} alpha_t^T + beta_t beta_t^T`` (``X_{-1} = carry``).
 
@@ -70,15 +91,21 @@ def affine_scan(
         carry: ``[B, N, N]`` state before the first step (zero when ``None``).
         reverse: run from ``t = C-1`` down to ``0`` (``X_t = alpha_t X_{t+1} alpha_t^T + ...``,
             ``X_C = carry``).
+        acc: the dtype the sums are accumulated in (default: ``beta``'s). For diagonal ``alpha`` the
+            in-chunk products of ``alpha`` and ``beta`` (no cancellation: relative errors only, like
+            rounding the inputs) stay in ``beta``'s dtype; every sum, and full ``alpha``, runs in ``acc``.
 
     Returns:
         ``[B, C, N, N]``, the state after each step.
     """
+    acc = beta.dtype if acc is None else acc
     if reverse:
         alpha, beta = alpha.flip(1), beta.flip(1)
+    if not diagonal:
+        alpha, beta = alpha.to(acc), beta.to(acc)
     B, C, N = beta.shape
     if C == 0:
-        return beta.new_zeros(B, 0, N, N)
+        return beta.new_zeros(B, 0, N, N, dtype=acc)
     scan = _diagonal_chunks if diagonal else _full_chunks
     S = max(1, math.isqrt(C - 1) + 1)  # ceil(sqrt(C))
     if diagonal:
@@ -90,10 +117,10 @@ def affine_scan(
         beta = torch.cat([beta, beta.new_zeros(B, pad, N)], 1)
     alpha = alpha.reshape(B, nC, S, *alpha.shape[2:])
     beta = beta.reshape(B, nC, S, N)
-    X, Phi = scan(alpha, beta)  # local states (zero carry) [B, nC, S, N, N], transitions so far
+    X, Phi = scan(alpha, beta, acc)  # local states (zero carry) [B, nC, S, N, N], transitions so far
 
     # carries between chunks (a loop over C / S chunks)
-    cur = carry if carry is not None else beta.new_zeros(B, N, N)
+    cur = carry.to(acc) if carry is not None else X.new_zeros(B, N, N)
     carries = []
     for j in range(nC):
         carries.append(cur)
@@ -114,7 +141,7 @@ def affine_scan(
     return X.flip(1) if reverse else X
 
 
-def _diagonal_chunks(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+def _diagonal_chunks(alpha: Tensor, beta: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
     """Zero-carry states inside chunks for diagonal ``alpha`` ``[B, nC, S, N]``, as one batched matmul.
 
     ``X_t = W_t^T W_t`` with rows ``W_t[s] = (prod_{s < r <= t} alpha_r) * beta_s`` (``s <= t``, 0
@@ -128,11 +155,11 @@ def _diagonal_chunks(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
         w = alpha[:, :, t : t + 1] * w if t else w.clone()
         w[:, :, t] = beta[:, :, t]
         ws.append(w)
-    W = torch.stack(ws, 2)  # [B, nC, S(t), S(s), N]
-    return W.mT @ W, torch.cumprod(alpha, dim=2)
+    W = torch.stack(ws, 2).to(acc)  # [B, nC, S(t), S(s), N]
+    return W.mT @ W, torch.cumprod(alpha, dim=2).to(acc)
 
 
-def _full_chunks(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+def _full_chunks(alpha: Tensor, beta: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
     """Zero-carry states inside chunks for full ``alpha`` ``[B, nC, S, N, N]``: a loop over the S offsets."""
     B, nC, S, N = beta.shape
     xs: list[Tensor] = []
@@ -165,7 +192,9 @@ def segment_starts(pos_list: list[int], L: int) -> list[int]:
     return starts
 
 
-def segment_gramians(a: Tensor, b: Tensor, c: Tensor, pos_list: list[int]) -> tuple[Tensor, Tensor]:
+def segment_gramians(
+    a: Tensor, b: Tensor, c: Tensor, pos_list: list[int], acc: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
     """Reachability and observability Gramians ``P_i``, ``Q_i`` at the positions ``pos_list`` (sorted,
     unique), for diagonal transitions: ``a``, ``b``, ``c`` ``[B, L, N]`` -> two ``[B, len(pos_list), N, N]``.
 
@@ -177,7 +206,9 @@ def segment_gramians(a: Tensor, b: Tensor, c: Tensor, pos_list: list[int]) -> tu
 
     (``P_0 = 0``, ``Q_L = 0``). The in-segment products are cumulative products over segments laid out
     as a padded ``[B, K, S, N]`` tensor (padding: ``a = 1``, ``b = c = 0``): products only, ``a`` may be 0.
+    They stay in the inputs' dtype (relative errors only); the sums run in ``acc`` (default: ``b``'s dtype).
     """
+    acc = b.dtype if acc is None else acc
     Bt, L, N = b.shape
     starts = segment_starts(pos_list, L)
     K = len(starts)
@@ -195,13 +226,13 @@ def segment_gramians(a: Tensor, b: Tensor, c: Tensor, pos_list: list[int]) -> tu
     prefix = torch.cumprod(a_seg, 2)  # prod_{s_k <= r <= t}
     suffix = torch.cumprod(a_seg.flip(2), 2).flip(2)  # prod_{s <= r < s_{k+1}}
     after = torch.cat([suffix[:, :, 1:], torch.ones_like(suffix[:, :, :1])], 2)  # prod_{s < r < s_{k+1}}
-    v = prefix * c_seg
-    w = after * b_seg
+    v = (prefix * c_seg).to(acc)
+    w = (after * b_seg).to(acc)
     Y = (v.mT @ v).unbind(1)  # zero-carry Q at each segment start
     X = (w.mT @ w).unbind(1)  # zero-carry P at each segment end
-    phi = prefix[:, :, -1]
+    phi = prefix[:, :, -1].to(acc)
     decay = (phi.unsqueeze(-1) * phi.unsqueeze(-2)).unbind(1)
-    Ps = [a.new_zeros(Bt, N, N)]
+    Ps = [v.new_zeros(Bt, N, N)]
     for k in range(K - 1):
         Ps.append(torch.addcmul(X[k], decay[k], Ps[-1]))
     Qs = [Y[K - 1]]
@@ -219,108 +250,6 @@ def segment_gramians(a: Tensor, b: Tensor, c: Tensor, pos_list: list[int]) -> tu
 SEGMENT_MIN_POSITIONS = 16
 SEGMENT_FRACTION_OF_L = 4
 
-# Cholesky jitter J = JITTER_EPS * eps * diag(P) (+ tiny) on the balanced P first; for the (rare)
-# matrices where round-off still leaves P + J indefinite, JITTER_GROWTH times more, until it factors.
-JITTER_EPS = 4.0
-JITTER_GROWTH = 10.0
-
-
-def _jitter_ladder(A: Tensor, J: Tensor, base: Tensor, bad: Tensor, eps_j: float) -> Tensor:
-    """Raise the jitter ``J`` (already in ``A``) of the ``bad`` matrices until ``A`` factors (no grad)."""
-    J0 = J
-    while bool(bad.any()):
-        eps_j = max(eps_j * JITTER_GROWTH, torch.finfo(A.dtype).eps)
-        J = torch.where(bad.unsqueeze(-1), eps_j * base, J)
-        if eps_j >= 1.0:  # jitter of the size of diag(P): positive definite whatever the round-off
-            break
-        _, info = torch.linalg.cholesky_ex(A[bad] + torch.diag_embed((J - J0)[bad]))
-        bad = bad.clone()
-        bad[bad.clone()] = info > 0
-    return J
-
-
-def singular_values_from_gramians(P: Tensor, Q: Tensor) -> Tensor:
-    """Non-zero singular values of ``O R`` from ``P = R R^T`` and ``Q = O^T O``: ``[..., N, N] -> [..., N]``.
-
-    Sorted descending; exactly 0 where the product has no such direction (see module docstring).
-    The jitter is per diagonal entry, ``J = JITTER_EPS * eps * diag(P)``, so the computation does not
-    depend on how the states are scaled: for a state rescaling ``b -> D b``, ``c -> D^-1 c`` (same
-    ``T``; ``P -> D P D``, ``Q -> D^-1 Q D^-1``) the factor becomes ``D F``, ``F^T Q F`` and the
-    jitter bound ``J^1/2 Q J^1/2`` are unchanged. It is the same as balancing the Gramians first
-    (``D = (diag Q / diag P)^1/4``) and factoring with a jitter proportional to the balanced
-    diagonal, without the extra passes.
-    """
-    N = P.shape[-1]
-    if P.numel() == 0:
-        return P.new_zeros(P.shape[:-1])
-    finfo = torch.finfo(P.dtype)
-    eps_j = JITTER_EPS * finfo.eps
-    with torch.no_grad():
-        d = torch.diagonal(P, dim1=-2, dim2=-1).clamp_min(0)
-        dmax = d.amax(-1, keepdim=True)
-        empty = dmax.squeeze(-1) <= 0  # no past reaches the state: H_i = 0
-        dQ = torch.diagonal(Q, dim1=-2, dim2=-1).clamp_min(0)
-        trQ = dQ.sum(-1)
-        # per-diagonal jitter (Cholesky's round-off is relative to each pivot's own diagonal: the
-        # scaling-invariant choice). States that P barely reaches get a floor s_max^2 / (N dQ_k),
-        # s_k = sqrt(dP_k dQ_k) (invariant under rescalings), i.e. J_k Q_kk <= eps_j s_max^2 / N:
-        # no tiny pivots (finite Cholesky gradients) at the cost of at most doubling tau_J.
-        rQ = dQ.sqrt()
-        smax = (d.sqrt() * rQ).amax(-1, keepdim=True)
-        floor = torch.where(rQ > 0, smax / torch.where(rQ > 0, rQ, torch.ones_like(rQ)), torch.zeros_like(rQ))
-        floor = torch.where((smax > 0) & (rQ > 0), floor.square() / N, dmax / N)
-        floor = torch.where(torch.isfinite(floor), floor, dmax / N)
-        base = torch.maximum(d, floor) + finfo.tiny / max(eps_j, finfo.eps)
-    A = P.clone()
-    if bool(empty.any()):  # factor I there instead (no denormal pivots); results are masked to 0
-        A[empty] = torch.eye(N, dtype=P.dtype, device=P.device)
-        base = torch.where(empty.unsqueeze(-1), torch.ones_like(base), base)
-    J = eps_j * base
-    A.diagonal(dim1=-2, dim2=-1).add_(J)
-    F, info = torch.linalg.cholesky_ex(A)
-    bad = info > 0
-    if bool(bad.any()):
-        with torch.no_grad():
-            J_new = _jitter_ladder(A.detach(), J, base, bad, eps_j)
-        A = A.clone()
-        A.diagonal(dim1=-2, dim2=-1).add_(J_new - J)
-        J = J_new
-        if torch.is_grad_enabled() and A.requires_grad:
-            # factor the whole batch again (a failed factor must not enter the backward pass)
-            F, _ = torch.linalg.cholesky_ex(A)
-        else:
-            F = F.clone()
-            F[bad] = torch.linalg.cholesky_ex(A[bad])[0]
-    M = F.mT @ (Q @ F)
-    lam = torch.linalg.eigvalsh(M).flip(-1)
-    with torch.no_grad():
-        # Weyl: the jitter raises each eigenvalue by at most ||X||_2, X = J^1/2 Q J^1/2, bounded by
-        # ||X||_F = sqrt(J^T (Q o Q) J), computed as tr(Q) max(J) sqrt(Jn^T (Qn o Qn) Jn) with
-        # Qn = Q / tr Q, Jn = J / max J (no underflow); invariant under state rescalings (see above).
-        # The eigensolver's round-off ~ eps ||M||.
-        trQ_safe = torch.where(trQ > 0, trQ, torch.ones_like(trQ))
-        Qn = Q / trQ_safe[..., None, None]
-        Jmax = J.amax(-1)
-        Jn = J / Jmax.unsqueeze(-1)
-        tau_j = ((Qn * Qn) @ Jn.unsqueeze(-1)).squeeze(-1).mul(Jn).sum(-1).sqrt() * trQ * Jmax
-        tau = tau_j + finfo.eps * _norm(lam, (-1,))
-        tau = torch.where(~empty & (trQ > 0), tau, torch.inf)
-    lam = (lam - tau.unsqueeze(-1)).clamp_min(0)
-    return safe_sqrt(lam)
-
-
-def _norm(x: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """Euclidean norm over ``dims``, scaled so that tiny entries do not underflow when squared."""
-    m = x.abs().amax(dims, keepdim=True)
-    m = torch.where(m > 0, m, torch.ones_like(m))
-    return (x / m).square().sum(dims).sqrt() * m.reshape(m.shape[: m.dim() - len(dims)])
-
-
-def safe_sqrt(x: Tensor) -> Tensor:
-    """``sqrt(x)`` for ``x >= 0`` with gradient 0 (instead of inf) where ``x == 0``."""
-    pos = x > 0
-    return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))), torch.zeros_like(x))
-
 
 def use_segments(n_pos: int, L: int) -> bool:
     """Whether :func:`segment_gramians` (diagonal transitions) beats the full scan for ``n_pos`` positions:
@@ -336,6 +265,7 @@ def gramian_hankel_singular_values(
     diagonal: bool,
     positions: Tensor,
     chunk_elements: int,
+    acc: torch.dtype | None = None,
 ) -> Tensor:
     """Hankel singular values at sorted, unique ``positions`` (LongTensor on CPU).
 
@@ -346,6 +276,7 @@ def gramian_hankel_singular_values(
     checkpoint ``Q`` at chunk boundaries, once chunk by chunk).
     """
     Bt, L, N = b.shape
+    acc = b.dtype if acc is None else acc
     n_pos = positions.numel()
     if Bt == 0 or n_pos == 0 or L == 0:
         return b.new_zeros(Bt, n_pos, N)
@@ -359,11 +290,11 @@ def gramian_hankel_singular_values(
             return torch.cat(
                 [
                     singular_values_from_gramians(
-                        *segment_gramians(a[b0 : b0 + bb], b[b0 : b0 + bb], c[b0 : b0 + bb], pos_list)
+                        *segment_gramians(a[b0 : b0 + bb], b[b0 : b0 + bb], c[b0 : b0 + bb], pos_list, acc)
                     )
                     for b0 in range(0, Bt, bb)
                 ]
-            )
+            ).to(b.dtype)
     per_pos = N * N if not diagonal else N * max(N, 16)  # the larger of X_t and the scan weights W_t
     per_op = L * per_pos
     if per_op <= chunk_elements:
@@ -387,8 +318,9 @@ def gramian_hankel_singular_values(
         bf = torch.cat([torch.zeros_like(Bv[:, :1]), Bv[:, :-1]], 1)
         # backward (observability): Q_i = A_i^T Q_{i+1} A_i + (A_i^T c_i)(A_i^T c_i)^T.
         if diagonal:
-            ar, br = A, A * Cv
+            ar, br = A, A * Cv  # a product: stays in the inputs' dtype
         else:
+            A, af, bf, Cv = (x.to(acc) for x in (A, af, bf, Cv))
             ar, br = A.mT, (A.mT @ Cv.unsqueeze(-1)).squeeze(-1)
 
         q_carry: list[Tensor | None] = [None] * len(bounds)
@@ -397,18 +329,20 @@ def gramian_hankel_singular_values(
             for j in range(len(bounds) - 1, 0, -1):
                 p0, p1 = bounds[j]
                 q_carry[j] = cur
-                cur = affine_scan(ar[:, p0:p1], br[:, p0:p1], cur, diagonal=diagonal, reverse=True)[:, 0]
+                cur = affine_scan(ar[:, p0:p1], br[:, p0:p1], cur, diagonal=diagonal, reverse=True, acc=acc)[
+                    :, 0
+                ]
             q_carry[0] = cur
 
         p_carry = None
         pieces = []
         for j, (p0, p1) in enumerate(bounds[: last_needed + 1]):
             lo, hi = sel[j]
-            Pc = affine_scan(af[:, p0:p1], bf[:, p0:p1], p_carry, diagonal=diagonal)
+            Pc = affine_scan(af[:, p0:p1], bf[:, p0:p1], p_carry, diagonal=diagonal, acc=acc)
             p_carry = Pc[:, -1]
             if hi == lo:
                 continue
-            Qc = affine_scan(ar[:, p0:p1], br[:, p0:p1], q_carry[j], diagonal=diagonal, reverse=True)
+            Qc = affine_scan(ar[:, p0:p1], br[:, p0:p1], q_carry[j], diagonal=diagonal, reverse=True, acc=acc)
             first, last = pos_list[lo] - p0, pos_list[hi - 1] - p0
             if last - first + 1 == hi - lo:  # a contiguous range: slice, no copy
                 Pi, Qi = Pc[:, first : last + 1], Qc[:, first : last + 1]
@@ -417,4 +351,4 @@ def gramian_hankel_singular_values(
                 Pi, Qi = Pc[:, idx], Qc[:, idx]
             pieces.append(singular_values_from_gramians(Pi, Qi))
         out.append(torch.cat(pieces, 1))
-    return torch.cat(out, 0)
+    return torch.cat(out, 0).to(b.dtype)

@@ -11,8 +11,10 @@ Public entry points take an operator (``DenseOperator``, ``RecurrentOperator``, 
 ``P = len(positions)`` (all ``L`` positions by default, ``ESS_0 = 0``). ``method="auto"`` runs the
 Gramian path for a ``RecurrentOperator`` (``O(L N^3)``) and the dense path for a ``DenseOperator``
 (one ``svdvals`` per position, ``O(L^4)``); ``method="dense"`` on a ``RecurrentOperator``
-materializes ``T``. Math runs in float64 for float64 operators and in float32 otherwise
-(float16/bfloat16 are upcast and results cast back to the operator's dtype).
+materializes ``T``. Float64 operators are computed in float64; all others in float32 (float16/bfloat16
+upcast, results cast back to the operator's dtype), with float64 where float32 would square round-off:
+the Gramian path's sums and eigenproblems (:data:`GRAMIAN_ACCUMULATE`) and the Gram matrices of float32
+dense blocks (``ess_train.ess.dense``), so float32 results are as exact as a float32 SVD (issue 14).
 """
 
 from __future__ import annotations
@@ -44,23 +46,30 @@ __all__ = [
 Method = Literal["auto", "dense", "gramian"]
 Positions = Sequence[int] | Tensor | None
 
-# Size (elements) of the largest intermediate tensor built per chunk. On CPU 2**20 (4 MiB in float32)
+# Size (elements) of the largest intermediate tensor built per chunk (the Gramian path's sums are float64,
+# 8 bytes per element, for every operator). On CPU 2**20 (4 MiB in float32)
 # keeps allocations under glibc's mmap threshold, so they are reused instead of page-faulted afresh:
 # 1.4-1.8x faster than 2**24 at L=4096, N=64. Accelerators get larger chunks (fewer kernel launches).
 DEFAULT_CHUNK_ELEMENTS = 2**20
 DEFAULT_CHUNK_ELEMENTS_ACCELERATOR = 2**25
 
 
-def default_rtol(dtype: torch.dtype) -> float:
-    """Default ``rtol`` of :func:`tolerance_ess`: ``max(1e-6, 10 * sqrt(eps))`` of the compute dtype.
+# The Gramian path accumulates its sums, factors and eigenproblems in float64 whatever the operator's
+# dtype (see ``ess_train/ess/gramian.py``): float32 results are then as exact as a float32 SVD.
+GRAMIAN_ACCUMULATE = torch.float64
 
-    That is 1e-6 for float64 and about 3.5e-3 for float32 (also used for float16/bfloat16, which are
-    computed in float32). The Gramian path squares singular values, so it resolves ``sigma`` only down
-    to about ``sqrt(eps) * sigma_max`` (1.5e-8 in float64, 3.5e-4 in float32); a threshold well above
-    that floor makes both paths count the same singular values.
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """Default ``rtol`` of :func:`tolerance_ess`: ``max(1e-6, 100 * eps)`` of the compute dtype.
+
+    That is 1e-6 for float64 and about 1.2e-5 for float32 (also used for float16/bfloat16, which are
+    computed in float32). Both paths resolve a float32 operator's singular values to a few ``eps32 *
+    sigma_max`` (the Gramian path accumulates in float64 and never squares in float32; float32 dense
+    blocks use a float64 Gram matrix): a threshold 100 ulps up counts the same singular values as float64
+    at 99% of positions or more (``benchmarks/bench_ess.py`` prints the agreement).
     """
     eps = torch.finfo(compute_dtype(dtype)).eps
-    return max(1e-6, 10.0 * eps**0.5)
+    return max(1e-6, 100.0 * eps)
 
 
 def _as_operator(op: object) -> DenseOperator | RecurrentOperator:
@@ -164,6 +173,7 @@ def _svals(
                 diagonal=op.diagonal,
                 positions=uniq,
                 chunk_elements=budget,
+                acc=GRAMIAN_ACCUMULATE if op.device.type != "mps" else None,  # MPS has no float64
             )
         else:
             T = _materialize(RecurrentOperator(a, b, c, validate=False), budget).reshape(B, L, L)
@@ -227,7 +237,8 @@ def entropy_ess(
     paths, also for zero, rank-deficient and degenerate operators. Returned in the operator's dtype.
     """
     s, dtype = _svals(op, positions, method, chunk_elements)
-    return entropy_ess_from_singular_values(s).to(dtype)
+    # evaluated in float64 ([..., P, K]: cheap), so that float32 results keep the singular values' accuracy
+    return entropy_ess_from_singular_values(s.double() if s.device.type != "mps" else s).to(dtype)
 
 
 def tolerance_ess_from_singular_values(
@@ -277,7 +288,7 @@ def tolerance_ess(
     of that operator over the requested positions (all by default: pass ``scale`` when querying a
     subset, to threshold against the whole sequence). So the default is invariant to scaling ``T``,
     and a block that has decayed below ``rtol`` of the operator's peak counts 0. ``rtol`` defaults
-    to :func:`default_rtol` (1e-6 for float64, ~3.5e-3 for float32/float16/bfloat16); ``atol`` is
+    to :func:`default_rtol` (1e-6 for float64, ~1.2e-5 for float32/float16/bfloat16); ``atol`` is
     an absolute floor (default 0: a zero operator has ESS 0). Not differentiable (a count: int64, exact
     for any ``L``; :func:`average_ess` turns it into a float).
     """
