@@ -11,13 +11,8 @@ import torch
 
 from ess_train.callbacks import ESSMonitor
 from ess_train.measure import HISTORY_VERSION, SUMMARY_KEYS, ESSHistory, LayerESS, LayerHistory
-from ess_train.measure.history import (
-    MAX_PROFILES,
-    append_record,
-    history_from_records,
-    measurement_record,
-    read_records,
-)
+from ess_train.measure.history import MAX_PROFILES
+from ess_train.measure.records import append_record, history_from_records, measurement_record, read_records
 from ess_train.models.protocol import StateSize
 from tests.toy_modules import ToyDataModule, ToyLM, make_trainer
 

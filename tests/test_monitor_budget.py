@@ -13,7 +13,7 @@ import torch
 from ess_train.callbacks import ESSMonitor
 from ess_train.measure import budget as B
 from ess_train.measure import resolve_positions
-from ess_train.measure.history import read_records
+from ess_train.measure.records import read_records
 from ess_train.models import SequenceModel
 from tests.test_measure_history import stats
 from tests.toy_modules import ToyDataModule, make_trainer

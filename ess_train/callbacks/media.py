@@ -16,7 +16,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from ess_train.callbacks._common import logger_step
-from ess_train.measure.history import ESSHistory, append_record, measurement_record
+from ess_train.measure.history import ESSHistory
+from ess_train.measure.records import append_record, measurement_record
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,8 @@ class ESSMonitor(Callback):
     state, bounded: every per-step scalar, but at most ``max_profiles`` log-spaced ESS-by-position profiles
     per layer); ``history``, ``totals``, ``tss``, ``flags`` and ``layer_kinds`` read it as plain data
     (``monitor.history[layer]["steps"]``). The full record, one JSON line per measurement, goes to
-    ``history_file`` (``ess_history.jsonl`` next to the checkpoints; ``ess_train.measure.read_records``).
+    ``history_file`` (``ess_history.jsonl`` next to the checkpoints; read it with
+    ``ess_train.measure.records.read_records``).
     Media go through ``callbacks/media.py``, PNG files through ``ess_train.plots``.
 
     Cost: with ``positions="auto"`` (default) the first measurement fits, per layer, how many positions
