@@ -7,7 +7,9 @@ exact operator without touching the model's code (see ``docs/ADAPTERS.md``):
   attention-function and mask interfaces (:mod:`~ess_train.adapters.hf_attention`);
 - Mamba and FalconMamba (:mod:`~ess_train.adapters.hf_mamba`) and Mamba2
   (:mod:`~ess_train.adapters.hf_mamba2`), rebuilt from the mixer's parameters by a forward pre-hook;
-- Qwen3-Next's GatedDeltaNet (:mod:`~ess_train.adapters.hf_gated_deltanet`), its torch kernel call recorded.
+- Qwen3-Next's GatedDeltaNet (:mod:`~ess_train.adapters.hf_gated_deltanet`), its torch kernel call recorded;
+- flash-linear-attention 0.6's ``GatedLinearAttention``, ``DeltaNet`` and ``GatedDeltaNet``
+  (:mod:`~ess_train.adapters.fla_layers`), their kernel calls recorded.
 
 ``find_ess_layers`` and ``capture_operators`` (``ess_train.models.protocol``) use them by themselves, so
 ESSMonitor and ESSRegularizer measure these layers with no change to user code. This package imports torch,
@@ -22,6 +24,7 @@ from ess_train.adapters.base import (
     exactness_tolerance,
     max_relative_error,
 )
+from ess_train.adapters.fla_layers import TESTED_FLA, FLAAdapter, require_fla
 from ess_train.adapters.registry import (
     ADAPTERS,
     MIN_TRANSFORMERS,
@@ -37,7 +40,9 @@ __all__ = [
     "AdaptedLayer",
     "CaptureError",
     "ExactnessError",
+    "FLAAdapter",
     "MIN_TRANSFORMERS",
+    "TESTED_FLA",
     "TESTED_TRANSFORMERS",
     "adapt",
     "check_exact",
@@ -45,5 +50,6 @@ __all__ = [
     "looks_like_mixer",
     "max_relative_error",
     "register_attention_class",
+    "require_fla",
     "require_transformers",
 ]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ess_train.adapters.base import AdaptedLayer, CaptureError
+from ess_train.adapters.fla_layers import FLA_LAYERS, FLAAdapter
 from ess_train.adapters.hf_attention import HFAttentionAdapter
 from ess_train.adapters.hf_gated_deltanet import GatedDeltaNetAdapter
 from ess_train.adapters.hf_mamba import FalconMambaAdapter, MambaAdapter
@@ -67,6 +68,10 @@ ADAPTERS: dict[str, Callable[[nn.Module, bool], AdaptedLayer]] = {
         m, check
     ),
 }
+
+# flash-linear-attention 0.6 layers: their kernel calls recorded (fla is imported once such a module exists)
+for _fla_class in FLA_LAYERS:
+    ADAPTERS[_fla_class] = FLAAdapter
 
 _typed: dict[tuple[type, str], type] = {}
 
