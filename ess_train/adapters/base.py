@@ -11,7 +11,7 @@ own (:func:`check_exact`); above a dtype-aware tolerance it raises :class:`Exact
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ess_train.models.protocol import OperatorView, StateSize
 
 __all__ = [
+    "calling_layer",
     "AdaptedLayer",
     "CaptureError",
     "ExactnessError",
@@ -125,3 +126,31 @@ class AdaptedLayer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.class_name}, kind={self.kind!r})"
+
+
+@contextlib.contextmanager
+def calling_layer(
+    module: nn.Module, entry: Any, stack: list[Any], check_call: Callable[[tuple, dict[str, Any]], None]
+) -> Iterator[None]:
+    """While open, ``entry`` is on top of ``stack`` during each forward of ``module``, so that a recording
+    kernel wrapper (shared by every layer of a module) knows which layer calls it. ``check_call(args,
+    kwargs)`` runs first on each call and raises for calls that cannot be measured (padding, caches)."""
+
+    def pre(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        check_call(args, kwargs)
+        stack.append(entry)
+
+    def post(mod: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        if stack and stack[-1] is entry:
+            stack.pop()
+
+    handles = [
+        module.register_forward_pre_hook(pre, with_kwargs=True),
+        module.register_forward_hook(post, with_kwargs=True, always_call=True),
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        stack[:] = [e for e in stack if e is not entry]

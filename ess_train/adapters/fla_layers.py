@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ess_train.adapters.base import AdaptedLayer, CaptureError, check_exact
+from ess_train.adapters.base import AdaptedLayer, CaptureError, calling_layer, check_exact
 from ess_train.ess import DeltaRuleOperator, RecurrentOperator
 from ess_train.models.protocol import OperatorView, StateSize
 
@@ -38,19 +38,84 @@ __all__ = ["FLAAdapter", "FLA_LAYERS", "KERNEL_ARGS", "TESTED_FLA", "require_fla
 #: fla versions whose kernel signatures are in :data:`KERNEL_ARGS` (the adapters' tests ran on these)
 TESTED_FLA = ("0.6.0",)
 
-_GLA_FR = ("q", "k", "v", "gk", "gv", "scale", "initial_state", "output_final_state", "reverse",
-           "state_v_first", "cu_seqlens")
-_GLA_CH = ("q", "k", "v", "g", "scale", "initial_state", "output_final_state", "state_v_first",
-           "cu_seqlens", "cu_seqlens_cpu")
-_DR = ("q", "k", "v", "beta", "scale", "initial_state", "output_final_state", "use_qk_l2norm_in_kernel",
-       "cu_seqlens", "cu_seqlens_cpu")
-_GDR_CH = ("q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state",
-           "use_qk_l2norm_in_kernel", "use_beta_sigmoid_in_kernel", "allow_neg_eigval", "state_v_first",
-           "cu_seqlens", "cu_seqlens_cpu", "chunk_indices", "cp_context", "use_gate_in_kernel", "A_log",
-           "dt_bias")
-_GDR_FR = ("q", "k", "v", "g", "gk", "gv", "beta", "scale", "initial_state", "output_final_state",
-           "use_qk_l2norm_in_kernel", "use_gate_in_kernel", "A_log", "dt_bias", "use_beta_sigmoid_in_kernel",
-           "allow_neg_eigval", "state_v_first", "cu_seqlens")
+_GLA_FR = (
+    "q",
+    "k",
+    "v",
+    "gk",
+    "gv",
+    "scale",
+    "initial_state",
+    "output_final_state",
+    "reverse",
+    "state_v_first",
+    "cu_seqlens",
+)
+_GLA_CH = (
+    "q",
+    "k",
+    "v",
+    "g",
+    "scale",
+    "initial_state",
+    "output_final_state",
+    "state_v_first",
+    "cu_seqlens",
+    "cu_seqlens_cpu",
+)
+_DR = (
+    "q",
+    "k",
+    "v",
+    "beta",
+    "scale",
+    "initial_state",
+    "output_final_state",
+    "use_qk_l2norm_in_kernel",
+    "cu_seqlens",
+    "cu_seqlens_cpu",
+)
+_GDR_CH = (
+    "q",
+    "k",
+    "v",
+    "g",
+    "beta",
+    "scale",
+    "initial_state",
+    "output_final_state",
+    "use_qk_l2norm_in_kernel",
+    "use_beta_sigmoid_in_kernel",
+    "allow_neg_eigval",
+    "state_v_first",
+    "cu_seqlens",
+    "cu_seqlens_cpu",
+    "chunk_indices",
+    "cp_context",
+    "use_gate_in_kernel",
+    "A_log",
+    "dt_bias",
+)
+_GDR_FR = (
+    "q",
+    "k",
+    "v",
+    "g",
+    "gk",
+    "gv",
+    "beta",
+    "scale",
+    "initial_state",
+    "output_final_state",
+    "use_qk_l2norm_in_kernel",
+    "use_gate_in_kernel",
+    "A_log",
+    "dt_bias",
+    "use_beta_sigmoid_in_kernel",
+    "allow_neg_eigval",
+    "state_v_first",
+    "cu_seqlens",
+)
 
 #: fla version -> kernel global -> the kernel's arguments in positional order (anything else is refused)
 KERNEL_ARGS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -65,8 +130,16 @@ KERNEL_ARGS: dict[str, dict[str, tuple[str, ...]]] = {
     }
 }
 #: arguments that must be absent (``None``/``False``): the operator from a zero state over one row each
-MUST_BE_OFF = ("initial_state", "cu_seqlens", "cu_seqlens_cpu", "chunk_indices", "cp_context", "gv", "gk",
-               "reverse")
+MUST_BE_OFF = (
+    "initial_state",
+    "cu_seqlens",
+    "cu_seqlens_cpu",
+    "chunk_indices",
+    "cp_context",
+    "gv",
+    "gk",
+    "reverse",
+)
 #: exact layer class -> (kind, kernel globals of the layer's module)
 FLA_LAYERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "fla.layers.gla.GatedLinearAttention": ("gla", ("fused_recurrent_gla", "chunk_gla", "fused_chunk_gla")),
@@ -174,34 +247,21 @@ class FLAAdapter(AdaptedLayer):
 
     @contextlib.contextmanager
     def _capture(self, sink: MutableMapping[str, OperatorView], name: str) -> Iterator[None]:
-        entry = (self, sink, name)
+        cls = type(self.module).__name__
 
-        def pre(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        def refuse_padding(args: tuple, kwargs: dict[str, Any]) -> None:
             mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
             if isinstance(mask, Tensor) and not bool(mask.bool().all()):
                 raise CaptureError(
-                    f"layer {name!r} ({type(module).__name__}): ESS capture refuses padded batches "
+                    f"layer {name!r} ({cls}): ESS capture refuses padded batches "
                     "(attention_mask holds padding); measure unpadded rows of equal length"
                 )
-            _CALLER.append(entry)
 
-        def post(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-            if _CALLER and _CALLER[-1] is entry:
-                _CALLER.pop()
-
-        handles = [
-            self.module.register_forward_pre_hook(pre, with_kwargs=True),
-            self.module.register_forward_hook(post, with_kwargs=True, always_call=True),
-        ]
-        try:
-            with contextlib.ExitStack() as stack:
-                for kernel in self.kernels:
-                    stack.enter_context(_patched(type(self.module).__module__, kernel))
-                yield
-        finally:
-            for h in handles:
-                h.remove()
-            _CALLER[:] = [e for e in _CALLER if e is not entry]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(calling_layer(self.module, (self, sink, name), _CALLER, refuse_padding))
+            for kernel in self.kernels:
+                stack.enter_context(_patched(type(self.module).__module__, kernel))
+            yield
 
     def _bind(self, name: str, kernel: str, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         cls = type(self.module).__name__
@@ -225,8 +285,10 @@ class FLAAdapter(AdaptedLayer):
         c = q * (q.shape[-1] ** -0.5 if scale is None else float(scale))
         if self.kind == "gla":
             if k.shape[1] != v.shape[1]:
-                raise CaptureError(f"layer {name!r}: GLA kernel with {k.shape[1]} key and {v.shape[1]} "
-                                   "value heads is not supported")
+                raise CaptureError(
+                    f"layer {name!r}: GLA kernel with {k.shape[1]} key and {v.shape[1]} "
+                    "value heads is not supported"
+                )
             gk = _heads_first(call["gk"] if "gk" in call else call["g"])
             op: RecurrentOperator = RecurrentOperator(torch.exp(gk), k, c)
         else:

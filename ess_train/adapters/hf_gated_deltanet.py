@@ -18,9 +18,8 @@ from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import torch
-from torch import nn
 
-from ess_train.adapters.base import AdaptedLayer, CaptureError, check_exact
+from ess_train.adapters.base import AdaptedLayer, CaptureError, calling_layer, check_exact
 from ess_train.adapters.hf_mamba import refuse_ssm_call
 from ess_train.ess import RecurrentOperator
 from ess_train.models.protocol import OperatorView, StateSize
@@ -103,28 +102,14 @@ class GatedDeltaNetAdapter(AdaptedLayer):
 
     @contextlib.contextmanager
     def _capture(self, sink: MutableMapping[str, OperatorView], name: str) -> Iterator[None]:
-        entry = (self, sink, name)
+        def refuse(args: tuple, kwargs: dict[str, Any]) -> None:
+            refuse_ssm_call(name, self.module, args[0] if args else kwargs["hidden_states"], kwargs)
 
-        def pre(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            x = args[0] if args else kwargs["hidden_states"]
-            refuse_ssm_call(name, module, x, kwargs)
-            _CALLER.append(entry)
-
-        def post(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-            if _CALLER and _CALLER[-1] is entry:
-                _CALLER.pop()
-
-        handles = [
-            self.module.register_forward_pre_hook(pre, with_kwargs=True),
-            self.module.register_forward_hook(post, with_kwargs=True, always_call=True),
-        ]
-        try:
-            with _patched(type(self.module).__module__):
-                yield
-        finally:
-            for h in handles:
-                h.remove()
-            _CALLER[:] = [e for e in _CALLER if e is not entry]
+        with (
+            calling_layer(self.module, (self, sink, name), _CALLER, refuse),
+            _patched(type(self.module).__module__),
+        ):
+            yield
 
     def _view(self, name: str, args: tuple, kwargs: dict[str, Any], out: Any) -> OperatorView:
         cls = type(self.module).__name__

@@ -80,11 +80,11 @@ def _dip(ess: dict[int, float], eos: list[int]) -> float:
 
 
 @torch.no_grad()
-def eos_profiles(model: torch.nn.Module, inputs: torch.Tensor, eos: int) -> dict:
+def eos_profiles(model: torch.nn.Module, inputs: torch.Tensor, eos: int, tol_rtol: float = TOL_RTOL) -> dict:
     """Per layer: ESS profiles (positions 1..L-1), EOS-aligned mean profiles and the modulation scores.
 
     ``profile``: entropy-ESS (mean over rows and operators, the monitor's reduction). ``profile_tol``:
-    tolerance-ESS ``#{k: sigma_k(H_i) > TOL_RTOL * s_max}`` with ``s_max`` the operator's largest singular value
+    tolerance-ESS ``#{k: sigma_k(H_i) > tol_rtol * s_max}`` with ``s_max`` the operator's largest singular value
     over all positions of the row: unlike entropy-ESS (scale-invariant, so a state multiplied by a gate near 0
     keeps its effective rank), it drops when a gate shrinks what is carried. Scores per layer:
     ``modulation`` = ``(ESS[e] - ESS[e+1]) / ESS[e]`` (entropy), ``dip`` / ``dip_tol`` = ``1 - ESS[e] /
@@ -103,12 +103,12 @@ def eos_profiles(model: torch.nn.Module, inputs: torch.Tensor, eos: int) -> dict
     eos_inner = [e for e in eos_pos if e + max(OFFSETS) < L and e + min(OFFSETS) >= 1]
     sizes = model.state_sizes(L)
     mixers = {f"blocks.{i}.mixer": m for i, m in enumerate(model.mixer_names)}
-    out = {"eos_positions": eos_pos, "used_eos": eos_inner, "tol_rtol": TOL_RTOL, "layers": {}}
+    out = {"eos_positions": eos_pos, "used_eos": eos_inner, "tol_rtol": tol_rtol, "layers": {}}
     for name, view in model.ess_operators(inputs).items():
         sigma = hankel_singular_values(view.op, positions)  # [B, G..., P, K]
         sigma = sigma.reshape(sigma.shape[0], -1, *sigma.shape[-2:]).float()
         prof = entropy_ess_from_singular_values(sigma).mean(dim=(0, 1)).tolist()
-        prof_tol = tolerance_ess_from_singular_values(sigma, TOL_RTOL).float().mean(dim=(0, 1)).tolist()
+        prof_tol = tolerance_ess_from_singular_values(sigma, tol_rtol).float().mean(dim=(0, 1)).tolist()
         ess, ess_tol = dict(zip(positions, prof)), dict(zip(positions, prof_tol))
         aligned = [sum(ess[e + o] for e in eos_inner) / len(eos_inner) for o in OFFSETS]
         aligned_tol = [sum(ess_tol[e + o] for e in eos_inner) / len(eos_inner) for o in OFFSETS]
@@ -188,7 +188,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--hybrid", action="store_true", help="short conv + mixer (ESS modulation: the mixer layer)"
     )
+    p.add_argument(
+        "--tol-rtol",
+        default=str(TOL_RTOL),
+        help=f"tolerance-ESS threshold relative to s_max ({TOL_RTOL}, as committed; 'default': the engine's "
+        "float32 default_rtol, which the float32 Gramian path resolves)",
+    )
     args = p.parse_args(argv)
+    if args.tol_rtol == "default":
+        from ess_train.ess import default_rtol
+
+        tol_rtol = float(default_rtol(torch.float32))
+    else:
+        tol_rtol = float(args.tol_rtol)
     torch.set_num_threads(int(os.environ.get("ESS_THREADS", "1")))
     t0 = time.process_time(), time.time()
     seeds = [0] if args.smoke else args.seeds
@@ -205,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
 
         eos = delimited_vocab(dm.vocab_size)["eos"]
         inputs = next(iter(dm.val_dataloader()))["inputs"][: (4 if args.smoke else 32)]
-        res = eos_profiles(model, inputs, eos)
+        res = eos_profiles(model, inputs, eos, tol_rtol)
         profiles[run_id] = res
         layers = res["layers"]
         measured = {n: v for n, v in layers.items() if v["mixer"] != "short_conv"} or layers
