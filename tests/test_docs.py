@@ -9,8 +9,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted(
-    [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("*/README.md"), *ROOT.glob("*/*/README.md")]
+    path
+    for path in [
+        ROOT / "README.md",
+        *ROOT.glob("docs/*.md"),
+        *ROOT.glob("*/README.md"),
+        *ROOT.glob("*/*/README.md"),
+    ]
     + [ROOT / "experiments" / "RESULTS.md"]
+    # the repository's own docs, not those of tool caches or environments (.pytest_cache/, .venv/, .fla-env/)
+    if not any(part.startswith(".") for part in path.relative_to(ROOT).parts)
 )
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
