@@ -56,7 +56,15 @@ def test_delimiters_smoke(tmp_path, hybrid):
     run.main(["--smoke", "--out", str(tmp_path), *(["--hybrid"] if hybrid else [])])
     rows = read_rows(tmp_path / "delim_modulation.csv")
     assert {r["model"] for r in rows} == {"linear_attention", "gla", "attention"}
-    for key in ("dip_tol_mean", "acc_fresh", "acc_reused", "acc_absent", "stale_reused"):
+    for key in (
+        "dip_tol_mean",
+        "norm_ratio_eos",
+        "norm_ratio_other",
+        "acc_fresh",
+        "acc_reused",
+        "acc_absent",
+        "stale_reused",
+    ):
         assert all(r[key] != "" for r in rows), key
     if hybrid:  # the conv layer is measured but left out of the scores
         assert "[short_conv," in read_rows(tmp_path / "delim_runs.csv")[0]["overrides"]
@@ -64,3 +72,27 @@ def test_delimiters_smoke(tmp_path, hybrid):
     assert (tmp_path / "delim.png").stat().st_size > 0 and (
         tmp_path / "delim_profiles.png"
     ).stat().st_size > 0
+
+
+def test_norm_ratio_sees_a_gate_that_shrinks_the_state_at_the_delimiter():
+    """The threshold-free reset measure: a state multiplied by 0.01 at the EOS makes ||H_e|| / ||H_{e-1}||
+    fall about 100x there, while a constant gate leaves it where it is elsewhere."""
+    import torch
+
+    from ess_train.ess import RecurrentOperator, hankel_singular_values
+    from experiments.delimiters.run import _norm_ratios
+
+    L, N, eos = 32, 4, [10, 21]
+    g = torch.Generator().manual_seed(0)
+    b, c = (torch.randn(3, 2, L, N, generator=g, dtype=torch.float64) for _ in range(2))
+    a = torch.full((3, 2, L, N), 0.97, dtype=torch.float64)
+    positions = list(range(1, L))
+    for gate_at_eos, expect_drop in ((0.01, True), (0.97, False)):
+        a_e = a.clone()
+        a_e[..., eos, :] = gate_at_eos
+        sigma = hankel_singular_values(RecurrentOperator(a_e, b, c), positions)
+        at_eos, elsewhere = _norm_ratios(sigma, positions, eos)
+        if expect_drop:
+            assert at_eos < 0.05 * elsewhere, (at_eos, elsewhere)
+        else:
+            assert 0.5 * elsewhere < at_eos < 2 * elsewhere, (at_eos, elsewhere)

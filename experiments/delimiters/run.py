@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import time
 from pathlib import Path
@@ -80,6 +81,24 @@ def _dip(ess: dict[int, float], eos: list[int]) -> float:
 
 
 @torch.no_grad()
+def _norm_ratios(sigma: torch.Tensor, positions: list[int], eos: list[int]) -> tuple[float, float]:
+    """A threshold-free reset measure: ``||H_e||_F / ||H_{e-1}||_F`` at the EOS positions ``e`` against the
+    same step ratio at every other position (geometric means over rows, operators and positions).
+
+    ``||H_i||_F = sqrt(sum_k sigma_k^2)`` is how much of the past reaches the future through position ``i``;
+    a gate that wipes the state at the EOS makes it fall at ``e`` by orders of magnitude, a state that is
+    only rotated or slowly decayed leaves the ratio near the other positions'. No threshold is chosen."""
+    norm = sigma.double().square().sum(-1).sqrt()  # [B, G, P]
+    log = norm.clamp_min(1e-300).log()  # an exactly wiped block: a finite, very negative log
+    step = (log[..., 1:] - log[..., :-1]).mean(dim=(0, 1))  # log(||H_i|| / ||H_{i-1}||), i = positions[1:]
+    at = {i: j for j, i in enumerate(positions[1:])}
+    near = {e + o for e in eos for o in (0, 1)}
+    eos_steps = [float(step[at[e]]) for e in eos if e in at]
+    other = [float(step[j]) for i, j in at.items() if i not in near]
+    mean = lambda xs: math.exp(sum(xs) / len(xs)) if xs else math.nan  # noqa: E731
+    return mean(eos_steps), mean(other)
+
+
 def eos_profiles(model: torch.nn.Module, inputs: torch.Tensor, eos: int, tol_rtol: float = TOL_RTOL) -> dict:
     """Per layer: ESS profiles (positions 1..L-1), EOS-aligned mean profiles and the modulation scores.
 
@@ -113,6 +132,7 @@ def eos_profiles(model: torch.nn.Module, inputs: torch.Tensor, eos: int, tol_rto
         aligned = [sum(ess[e + o] for e in eos_inner) / len(eos_inner) for o in OFFSETS]
         aligned_tol = [sum(ess_tol[e + o] for e in eos_inner) / len(eos_inner) for o in OFFSETS]
         mods = [(ess[e] - ess[e + 1]) / ess[e] for e in eos_inner if ess[e] > 0]
+        ratio_eos, ratio_other = _norm_ratios(sigma, positions, eos_inner)
         out["layers"][name.removeprefix("blocks.")] = {
             "mixer": mixers.get(name, name),
             "profile": prof,
@@ -125,6 +145,8 @@ def eos_profiles(model: torch.nn.Module, inputs: torch.Tensor, eos: int, tol_rto
             "ess_before": aligned[OFFSETS.index(0)],
             "ess_after": aligned[OFFSETS.index(1)],
             "avg_ess": sum(prof) / len(prof),
+            "norm_ratio_eos": ratio_eos,
+            "norm_ratio_other": ratio_other,
             "tss_per_op": sizes[name].per_operator,
         }
     return out
@@ -230,6 +252,12 @@ def main(argv: list[str] | None = None) -> None:
                 "modulation_mean": sum(v["modulation"] for v in measured.values()) / len(measured),
                 "dip_mean": sum(v["dip"] for v in measured.values()) / len(measured),
                 "dip_tol_mean": sum(v["dip_tol"] for v in measured.values()) / len(measured),
+                "norm_ratio_eos": math.exp(
+                    sum(math.log(v["norm_ratio_eos"]) for v in measured.values()) / len(measured)
+                ),
+                "norm_ratio_other": math.exp(
+                    sum(math.log(v["norm_ratio_other"]) for v in measured.values()) / len(measured)
+                ),
                 **query_type_accuracy(model, dm, max_batches=1 if args.smoke else None),
                 **{f"modulation/{k}": v["modulation"] for k, v in layers.items()},
                 **{f"dip_tol/{k}": v["dip_tol"] for k, v in layers.items()},
@@ -241,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{run_id}: acc {mod_rows[-1]['val_acc']:.3f} modulation {mod_rows[-1]['modulation_mean']:.3f} "
             f"dip {mod_rows[-1]['dip_mean']:.3f} dip_tol {mod_rows[-1]['dip_tol_mean']:.3f} "
+            f"norm ratio at EOS {mod_rows[-1]['norm_ratio_eos']:.3g} (elsewhere {mod_rows[-1]['norm_ratio_other']:.3g}) "
             f"(fresh {mod_rows[-1]['acc_fresh']:.3f} reused {mod_rows[-1]['acc_reused']:.3f} "
             f"absent {mod_rows[-1]['acc_absent']:.3f} stale {mod_rows[-1]['stale_reused']:.3f})",
             flush=True,
