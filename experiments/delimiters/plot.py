@@ -44,6 +44,27 @@ def main(argv: list[str] | None = None) -> None:
             )
             + " |"
         )
+    if rows and "norm_ratio_eos" in rows[0]:
+        md += [
+            "",
+            "Per model over seeds (mean, [min, max]): the threshold-free reset measure ``norm_ratio_eos`` "
+            "(||H_e|| / ||H_e-1|| at the EOS; ``norm_ratio_other``: the same step elsewhere), the tolerance "
+            "dip, accuracy on reused keys and the share of stale answers.",
+            "",
+            "| model | seeds | norm ratio at EOS | norm ratio elsewhere | dip (tolerance) | acc reused | stale |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for m in sorted({r["model"] for r in rows}):
+            rs = [r for r in rows if r["model"] == m]
+
+            def cell(key: str, rs: list = rs) -> str:
+                v = [float(r[key]) for r in rs]
+                return f"{mean(v):.3g} [{min(v):.3g}, {max(v):.3g}]"
+
+            md.append(
+                f"| {m} | {len(rs)} | {cell('norm_ratio_eos')} | {cell('norm_ratio_other')} | "
+                f"{cell('dip_tol_mean')} | {cell('acc_reused')} | {cell('stale_reused')} |"
+            )
     md += [
         "",
         "modulation, dip: mean over the non-conv layers; ESS before→after: entropy-ESS at offsets 0 and +1; "
@@ -73,12 +94,23 @@ def main(argv: list[str] | None = None) -> None:
         ("dip_tol_mean", "val_acc", "dip (tolerance-ESS) vs accuracy"),
         ("dip_tol_mean", "acc_reused", "dip (tolerance-ESS) vs accuracy on reused keys"),
     ]
+    if rows and "norm_ratio_eos" in rows[0]:  # threshold-free: the norm ratio at the EOS
+        scatters[1] = (
+            "norm_ratio_eos",
+            "acc_reused",
+            "||H_e|| / ||H_e-1|| at the EOS vs accuracy on reused keys",
+        )
     for ki, (xk, yk, title) in enumerate(scatters):
         ax = axes[ki][-1]
         for mi, m in enumerate(models):
             rs = [r for r in rows if r["model"] == m]
             ax.scatter([float(r[xk]) for r in rs], [float(r[yk]) for r in rs], color=f"C{mi}", label=m, s=40)
-        ax.set_xlabel("dip = 1 - ESS[e] / max ESS[e-4..e-1] (non-conv layers)", fontsize=8)
+        if xk == "norm_ratio_eos":
+            ax.set_xscale("log")
+            ax.axvline(1.0, color="k", ls=":", lw=1)
+            ax.set_xlabel("norm ratio at the EOS (log; 1: nothing damped; non-conv layers)", fontsize=8)
+        else:
+            ax.set_xlabel("dip = 1 - ESS[e] / max ESS[e-4..e-1] (non-conv layers)", fontsize=8)
         ax.set_ylabel(yk.replace("_", " "))
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)

@@ -38,6 +38,8 @@ from experiments.distillation.distill import load_trained
 
 HERE = Path(__file__).resolve().parent
 MODELS = ["linear_attention", "gla", "attention"]
+# model name -> (mixer, extra overrides): softmax attention as the paper's, with positions (RoPE) and heads
+VARIANTS = {"attention_rope": ("attention", ["+model.mixer_kwargs.attention={num_heads:4,rotary:true}"])}
 OFFSETS = list(range(-4, 5))
 TOL_RTOL = 0.1  # tolerance-ESS threshold, relative to the operator's largest singular value
 
@@ -61,16 +63,18 @@ def points(
     ]
     if smoke:
         common += ["task.num_train=128", "task.num_test=64", "task.batch_size=16", "task.num_segments=2"]
-    return {
-        f"{m}_s{s}": [
-            *common,
-            f"model={m}",
-            *([f"model.mixer=[short_conv,{m}]"] if hybrid else []),
-            f"seed={s}",
-        ]
-        for m in models or MODELS
-        for s in seeds
-    }
+    out = {}
+    for m in models or MODELS:
+        mixer, extra = VARIANTS.get(m, (m, []))
+        for s in seeds:
+            out[f"{m}_s{s}"] = [
+                *common,
+                f"model={mixer}",
+                *([f"model.mixer=[short_conv,{mixer}]"] if hybrid else []),
+                *extra,
+                f"seed={s}",
+            ]
+    return out
 
 
 def _dip(ess: dict[int, float], eos: list[int]) -> float:
