@@ -21,6 +21,8 @@ from ess_train.models.protocol import OperatorView, StateSize
 
 __all__ = [
     "calling_layer",
+    "swapped_attribute",
+    "swapped_original",
     "AdaptedLayer",
     "CaptureError",
     "ExactnessError",
@@ -154,3 +156,34 @@ def calling_layer(
         for h in handles:
             h.remove()
         stack[:] = [e for e in stack if e is not entry]
+
+
+# (id(obj), attribute) -> [original value, open swaps, obj (kept alive, so that its id stays its own)]
+_SWAPS: dict[tuple[int, str], list[Any]] = {}
+
+
+@contextlib.contextmanager
+def swapped_attribute(obj: Any, attr: str, make: Callable[[Any], Any]) -> Iterator[None]:
+    """While open, ``obj.attr`` is ``make(original)``: a recording kernel wrapper in a module, the capture's
+    attention implementation in a config. Swaps of the same ``(obj, attr)`` (the captures of several layers
+    that share it, nested captures) share one, and the original comes back when the last one closes."""
+    key = (id(obj), attr)
+    entry = _SWAPS.get(key)
+    if entry is None:
+        original = getattr(obj, attr)
+        entry = _SWAPS[key] = [original, 0, obj]
+        setattr(obj, attr, make(original))
+    entry[1] += 1
+    try:
+        yield
+    finally:
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _SWAPS[key]
+            setattr(obj, attr, entry[0])
+
+
+def swapped_original(obj: Any, attr: str, default: Any = None) -> Any:
+    """The value ``obj.attr`` had before :func:`swapped_attribute` (``default`` when it is not swapped)."""
+    entry = _SWAPS.get((id(obj), attr))
+    return default if entry is None else entry[0]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ess_train.adapters.base import AdaptedLayer, CaptureError, calling_layer, check_exact
+from ess_train.adapters.base import AdaptedLayer, CaptureError, calling_layer, check_exact, swapped_attribute
 from ess_train.ess import DeltaRuleOperator, RecurrentOperator
 from ess_train.models.protocol import OperatorView, StateSize
 
@@ -185,7 +185,6 @@ def bind(kernel: str, args: tuple, kwargs: dict[str, Any], version: str) -> dict
 
 
 _CALLER: list[tuple[FLAAdapter, MutableMapping[str, OperatorView], str]] = []
-_PATCHED: dict[tuple[str, str], list[Any]] = {}  # (module, global) -> [original, open captures]
 
 
 def _wrapper(original: Any, kernel: str) -> Any:
@@ -202,25 +201,12 @@ def _wrapper(original: Any, kernel: str) -> Any:
     return recording
 
 
-@contextlib.contextmanager
-def _patched(module_name: str, kernel: str) -> Iterator[None]:
-    key = (module_name, kernel)
+def _patched(module_name: str, kernel: str) -> contextlib.AbstractContextManager:
+    """The module global ``kernel`` replaced by its recording wrapper while the capture is open."""
     mod = sys.modules[module_name]
-    entry = _PATCHED.get(key)
-    if entry is None:
-        original = getattr(mod, kernel, None)
-        if original is None:
-            raise CaptureError(f"{module_name} has no {kernel}: this fla version is not supported")
-        entry = _PATCHED[key] = [original, 0]
-        setattr(mod, kernel, _wrapper(original, kernel))
-    entry[1] += 1
-    try:
-        yield
-    finally:
-        entry[1] -= 1
-        if entry[1] == 0:
-            setattr(mod, kernel, entry[0])
-            del _PATCHED[key]
+    if getattr(mod, kernel, None) is None:
+        raise CaptureError(f"{module_name} has no {kernel}: this fla version is not supported")
+    return swapped_attribute(mod, kernel, lambda original: _wrapper(original, kernel))
 
 
 def _heads_first(x: Tensor) -> Tensor:

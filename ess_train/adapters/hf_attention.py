@@ -23,7 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ess_train.adapters.base import AdaptedLayer, CaptureError, check_exact
+from ess_train.adapters.base import (
+    AdaptedLayer,
+    CaptureError,
+    check_exact,
+    swapped_attribute,
+    swapped_original,
+)
 from ess_train.ess import DenseOperator
 from ess_train.models.protocol import OperatorView, StateSize
 
@@ -33,8 +39,6 @@ IMPLEMENTATION = "ess_capture"
 
 #: id(module) -> [(adapter, sink, name)] of the attention modules captured right now
 _ACTIVE: dict[int, list[tuple[HFAttentionAdapter, MutableMapping[str, OperatorView], str]]] = {}
-#: id(config) -> [config, saved implementation, open captures]
-_SWAPPED: dict[int, list[Any]] = {}
 _registered = False
 
 
@@ -99,30 +103,18 @@ def _attention(
     return out, probs
 
 
-@contextlib.contextmanager
-def _swapped(config: Any) -> Iterator[None]:
-    """``config`` names ``ess_capture`` while the block runs (reference-counted, restored on exit)."""
-    key = id(config)
-    entry = _SWAPPED.get(key)
-    attr = "_attn_implementation_internal" if "_attn_implementation_internal" in vars(config) else None
-    if entry is None:
-        saved = getattr(config, attr) if attr else config._attn_implementation
-        entry = _SWAPPED[key] = [config, saved, 0]
-        if attr:
-            setattr(config, attr, IMPLEMENTATION)  # this config only: sub-configs keep theirs
-        else:
-            config._attn_implementation = IMPLEMENTATION
-    entry[2] += 1
-    try:
-        yield
-    finally:
-        entry[2] -= 1
-        if entry[2] == 0:
-            del _SWAPPED[key]
-            if attr:
-                setattr(config, attr, entry[1])
-            else:
-                config._attn_implementation = entry[1]
+def _implementation_attr(config: Any) -> str:
+    """Where ``config`` keeps its attention implementation (this config's own: sub-configs keep theirs)."""
+    return (
+        "_attn_implementation_internal"
+        if "_attn_implementation_internal" in vars(config)
+        else "_attn_implementation"
+    )
+
+
+def _swapped(config: Any) -> contextlib.AbstractContextManager:
+    """``config`` names ``ess_capture`` while the block runs (shared by nested captures, restored on exit)."""
+    return swapped_attribute(config, _implementation_attr(config), lambda _: IMPLEMENTATION)
 
 
 class HFAttentionAdapter(AdaptedLayer):
@@ -228,7 +220,8 @@ class HFAttentionAdapter(AdaptedLayer):
         self._check_window(name, view.op.T)
         rebuilt = view.op.apply(view.u)
         err = check_exact(name, self.module, rebuilt, view.y, "attention output (P @ V)")
-        saved = _SWAPPED.get(id(self.config), [None, None])[1]
+        saved = swapped_original(self.config, "_attn_implementation_internal")
+        saved = swapped_original(self.config, "_attn_implementation", saved)  # (where _swapped put it)
         if saved == "sdpa" and not self.module.training:  # (training: dropout would differ between the two)
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

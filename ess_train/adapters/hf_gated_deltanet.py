@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ess_train.adapters.base import AdaptedLayer, CaptureError, calling_layer, check_exact
+from ess_train.adapters.base import AdaptedLayer, CaptureError, calling_layer, check_exact, swapped_attribute
 from ess_train.adapters.hf_mamba import refuse_ssm_call
 from ess_train.ess import RecurrentOperator
 from ess_train.models.protocol import OperatorView, StateSize
@@ -50,7 +50,6 @@ IGNORED = {
 }
 
 _CALLER: list[tuple[GatedDeltaNetAdapter, MutableMapping[str, OperatorView], str]] = []
-_PATCHED: dict[str, list[Any]] = {}  # modeling module name -> [original kernel, open captures]
 
 
 def _wrapper(original: Any) -> Any:
@@ -65,24 +64,12 @@ def _wrapper(original: Any) -> Any:
     return recording
 
 
-@contextlib.contextmanager
-def _patched(module_name: str) -> Iterator[None]:
+def _patched(module_name: str) -> contextlib.AbstractContextManager:
+    """The modeling module's torch kernel replaced by its recording wrapper while the capture is open."""
     mod = sys.modules[module_name]
-    entry = _PATCHED.get(module_name)
-    if entry is None:
-        original = getattr(mod, KERNEL, None)
-        if original is None:
-            raise CaptureError(f"{module_name} has no {KERNEL}: this transformers version is not supported")
-        entry = _PATCHED[module_name] = [original, 0]
-        setattr(mod, KERNEL, _wrapper(original))
-    entry[1] += 1
-    try:
-        yield
-    finally:
-        entry[1] -= 1
-        if entry[1] == 0:
-            setattr(mod, KERNEL, entry[0])
-            del _PATCHED[module_name]
+    if getattr(mod, KERNEL, None) is None:
+        raise CaptureError(f"{module_name} has no {KERNEL}: this transformers version is not supported")
+    return swapped_attribute(mod, KERNEL, _wrapper)
 
 
 class GatedDeltaNetAdapter(AdaptedLayer):
