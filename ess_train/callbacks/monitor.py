@@ -162,7 +162,6 @@ class ESSMonitor(Callback):
         self.ess_history = ess_measure.ESSHistory(max_profiles=max_profiles)
         #: what is measured per layer (chosen at the first measurement; checkpointed).
         self.plan: ess_budget.MeasurementPlan | None = None
-        self._shapes: dict[str, ess_budget.LayerShape] = {}
         self._seconds = {"measure": 0.0, "train": 0.0, "measurements": 0}
         self._batch_t0: float | None = None
         self._wrote_file = False
@@ -379,9 +378,9 @@ class ESSMonitor(Callback):
         views = ess_measure.probe_views(
             pl_module, inputs, self.layers, self.forward_fn, trainer.precision_plugin.forward_context()
         )
-        self._shapes.update({name: ess_budget.LayerShape.of(v.op) for name, v in views.items()})
         if self.plan is None:
-            self.plan = self._make_plan(trainer, pl_module, inputs)
+            shapes = {name: ess_budget.LayerShape.of(v.op) for name, v in views.items()}
+            self.plan = self._make_plan(trainer, pl_module, inputs, shapes)
         stats = {
             name: self._layer_stats(name, layer, views.get(name), step, kv)
             for name, layer in self.layers.items()
@@ -400,7 +399,11 @@ class ESSMonitor(Callback):
         return metrics
 
     def _make_plan(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        inputs: Tensor,
+        shapes: dict[str, ess_budget.LayerShape],
     ) -> ess_budget.MeasurementPlan:
         """Fit what is measured per layer into the budget (``ess_train.measure.budget``); said once."""
         limits = {"min_positions": self.min_positions, "max_positions": self.max_positions}
@@ -408,7 +411,7 @@ class ESSMonitor(Callback):
         plan = ess_budget.plan_for_training(
             pl_module,
             inputs,
-            self._shapes,
+            shapes,
             every_n_steps=self.every_n_steps,
             fraction=self.budget,
             positions=self.positions,
@@ -417,12 +420,12 @@ class ESSMonitor(Callback):
             **limits,
         )
         fraction = "" if self.budget is None else f" of a {self.budget:.0%} budget"
-        log.info(f"ESSMonitor measures{fraction}: {plan.describe(self._shapes)}")
+        log.info(f"ESSMonitor measures{fraction}: {plan.describe(shapes)}")
         if not plan.fits:
             self._warn_once(
                 "over-budget",
                 "ESSMonitor: even the smallest measurement is over its budget "
-                f"({plan.describe(self._shapes)}); measure less often (every_n_steps), or pass "
+                f"({plan.describe(shapes)}); measure less often (every_n_steps), or pass "
                 "positions=/budget= explicitly.",
             )
         return plan
