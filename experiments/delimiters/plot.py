@@ -71,6 +71,13 @@ def main(argv: list[str] | None = None) -> None:
         f"tolerance-ESS threshold: {next(iter(prof['runs'].values()))['tol_rtol']} x the operator's largest "
         "singular value.",
     ]
+    # panel titles name the layer's mixer(s) across the runs (layer 0 of a hybrid: the short convolution)
+    kinds_of = {
+        n: " / ".join(
+            sorted({run["layers"][n]["mixer"] for run in prof["runs"].values() if n in run["layers"]})
+        )
+        for n in layer_names
+    }
     # aligned profiles (entropy, tolerance), averaged over seeds, per model and layer
     models = sorted({r["model"] for r in rows})
     kinds = [("aligned", "entropy-ESS"), ("aligned_tol", "tolerance-ESS")]
@@ -85,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         for li, n in enumerate(layer_names):
             ax = axes[ki][li]
             ax.axvline(0, color="k", ls=":", lw=1)
-            ax.set_title(f"{n}: {label} around EOS", fontsize=9)
+            ax.set_title(f"{n} ({kinds_of[n]})\n{label} around the EOS, mean over seeds", fontsize=9)
+            ax.set_ylim(bottom=0)
             ax.set_xlabel("position - EOS index (offset 0: H_e, past = before the EOS)", fontsize=8)
             ax.set_ylabel(f"{label} per operator")
             ax.grid(alpha=0.3)
@@ -132,8 +140,12 @@ def main(argv: list[str] | None = None) -> None:
         for li, n in enumerate(layer_names):
             for e in next(iter(prof["runs"].values()))["eos_positions"]:
                 axes[ki][li].axvline(e, color="k", ls=":", lw=1)
-            axes[ki][li].set_title(f"{n}: {label} by position (dotted: EOS index)", fontsize=9)
+            axes[ki][li].set_title(
+                f"{n} ({kinds_of[n]})\n{label} by position, seed 0 (dotted: EOS)", fontsize=9
+            )
             axes[ki][li].set_xlabel("position i")
+            axes[ki][li].set_ylabel(f"{label} per operator")
+            axes[ki][li].set_ylim(bottom=0)
             axes[ki][li].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(res / "delim_profiles.png", dpi=100)
