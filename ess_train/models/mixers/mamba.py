@@ -10,7 +10,9 @@ diagonal with ``a = exp(dt A)``, ``b = dt B``, ``c = C``, built from the factors
 ``u`` = the conv output; ``D u`` and the gate belong to the readout. TSS ``d_inner * N``.
 
 Fast forward: :func:`~ess_train.models.ops.mamba_scan` (the chunked cumsum form with a custom backward,
-:mod:`ess_train.models.ops.scan`); the initializations shared with S4D are in :mod:`.ssm_init`.
+:mod:`ess_train.models.ops.scan`), or on CUDA the fused Triton kernel
+:func:`~ess_train.models.ops.triton_scan.triton_mamba_scan` (``scan_backend``); the initializations shared
+with S4D are in :mod:`.ssm_init`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ess_train.models.mixers.ssm_init import (
     parse_dt_range,
 )
 from ess_train.models.ops import mamba_scan
+from ess_train.models.ops.triton_scan import SCAN_BACKENDS, select_scan_backend, triton_mamba_scan
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
 __all__ = ["Mamba"]
@@ -55,6 +58,9 @@ class Mamba(ESSMixer):
         conv_bias: bias of the short conv.
         bias: biases of in_proj/out_proj.
         chunk_size: chunk of the scan (None: a power of two near ``sqrt(L)``).
+        scan_backend: the scan's forward, one of :data:`SCAN_BACKENDS`: ``"auto"`` (the fused Triton
+            kernel on CUDA where triton imports, else torch), ``"torch"`` (the chunked form), ``"triton"``
+            (CUDA, or CPU under ``TRITON_INTERPRET=1``). Same gradients either way.
 
     TSS ``d_inner * N``; per operator ``min(N, L // 2)``; multiplicity 1.
     ``dt_proj.bias`` is flagged ``_no_reinit`` (and ``A_log``, ``D`` ``_no_weight_decay``) as in mamba_ssm;
@@ -77,6 +83,7 @@ class Mamba(ESSMixer):
         conv_bias: bool = True,
         bias: bool = False,
         chunk_size: int | None = None,
+        scan_backend: str = "auto",
     ) -> None:
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
@@ -96,6 +103,7 @@ class Mamba(ESSMixer):
         self.dt_init_floor = check_positive_float("dt_init_floor", dt_init_floor)
         self.a_init = check_choice("a_init", a_init, A_INITS)
         self.chunk_size = None if chunk_size is None else check_positive_int("chunk_size", chunk_size)
+        self.scan_backend = check_choice("scan_backend", scan_backend, SCAN_BACKENDS)
         for name, flag in (("conv_bias", conv_bias), ("bias", bias)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be a bool, got {flag!r}")
@@ -164,7 +172,10 @@ class Mamba(ESSMixer):
     def operator(self, x: Tensor) -> OperatorView:
         f = self.features(x)
         u, dt, A, Bm, Cm = f["u"], f["dt"], f["A"], f["B"], f["C"]
-        y = mamba_scan(dt, A, Bm, Cm, u, self.chunk_size)  # [B, D, L]
+        scan = (
+            triton_mamba_scan if select_scan_backend(self.scan_backend, dt.device) == "triton" else mamba_scan
+        )
+        y = scan(dt, A, Bm, Cm, u, self.chunk_size)  # [B, D, L]
         return OperatorView(op=SelectiveSSMOperator(dt, A, Bm, Cm), u=u, y=y, extras={"z": f["z"]})
 
     def readout(self, view: OperatorView, x: Tensor) -> Tensor:
@@ -180,5 +191,6 @@ class Mamba(ESSMixer):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, d_conv={self.d_conv}, "
-            f"dt_rank={self.dt_rank}, dt=[{self.dt_min:g}, {self.dt_max:g}], a_init={self.a_init}"
+            f"dt_rank={self.dt_rank}, dt=[{self.dt_min:g}, {self.dt_max:g}], a_init={self.a_init}, "
+            f"scan_backend={self.scan_backend}"
         )

@@ -5,6 +5,8 @@
 - :mod:`.delta_rule`: the chunkwise delta rule, :func:`chunk_delta_rule` (plain autograd);
 - :mod:`.scan`: Mamba's scans with their custom autograd Functions, :func:`selective_scan`,
   :func:`mamba_scan`, and :func:`exp_nonpositive`;
+- :mod:`.triton_scan`: :func:`triton_mamba_scan`, ``mamba_scan``'s forward as one fused Triton kernel (CUDA;
+  ``triton`` imported on first use), and :func:`select_scan_backend` (the Mamba mixer's ``scan_backend``);
 - :mod:`.fft_conv`: :func:`fft_causal_conv` (S4D, Hyena).
 
 The layers that use them live in :mod:`ess_train.models.mixers`; token-by-token references in ``tests/``.
@@ -20,6 +22,7 @@ from ess_train.models.ops.linear_attention import (
     sub_chunk_for,
 )
 from ess_train.models.ops.scan import exp_nonpositive, mamba_scan, selective_scan
+from ess_train.models.ops.triton_scan import select_scan_backend, triton_available, triton_mamba_scan
 
 __all__ = [
     "chunk_linear_attention",
@@ -29,5 +32,8 @@ __all__ = [
     "selective_scan",
     "mamba_scan",
     "exp_nonpositive",
+    "triton_mamba_scan",
+    "select_scan_backend",
+    "triton_available",
     "fft_causal_conv",
 ]
