@@ -1,15 +1,28 @@
 """The Lightning side the ESS callbacks share: the step they log at, logging to every logger, one-line
-error reports and whether a strategy shards parameters. What a measurement computes lives in
-``ess_train.measure`` (no Lightning there)."""
+error reports, whether a strategy shards parameters and so how ESSMonitor measures across ranks. What a
+measurement computes lives in ``ess_train.measure`` (no Lightning there)."""
 
 from __future__ import annotations
 
-import traceback
 from typing import Any
 
 import lightning.pytorch as pl
 
-__all__ = ["log_to_loggers", "logger_step", "sharding_strategy", "short_traceback"]
+from ess_train.measure.distributed import describe_error
+
+__all__ = [
+    "DISTRIBUTED_MODES",
+    "check_distributed",
+    "log_to_loggers",
+    "logger_step",
+    "measure_mode",
+    "sharding_strategy",
+    "short_traceback",
+]
+
+#: how ESSMonitor measures in a multi-process run: ``"rank0"`` (rank 0 alone), ``"split"`` (the probe forward
+#: on every rank, the layers' ESS split across ranks), ``"auto"`` (split where parameters are sharded).
+DISTRIBUTED_MODES = ("auto", "rank0", "split")
 
 
 def logger_step(trainer: pl.Trainer) -> int:
@@ -36,9 +49,7 @@ def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, Any]) -> None:
 
 def short_traceback(exc: BaseException, limit: int = 3) -> str:
     """``Type: message`` plus the last ``limit`` frames, one line each."""
-    frames = traceback.extract_tb(exc.__traceback__)[-limit:]
-    where = " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}" for f in reversed(frames))
-    return f"{type(exc).__name__}: {exc} (at {where})" if where else f"{type(exc).__name__}: {exc}"
+    return describe_error(exc, limit)
 
 
 def sharding_strategy(trainer: pl.Trainer) -> str | None:
@@ -52,3 +63,18 @@ def sharding_strategy(trainer: pl.Trainer) -> str | None:
     if isinstance(strategy, DeepSpeedStrategy) and getattr(strategy, "zero_stage_3", False):
         return "DeepSpeedStrategy (ZeRO stage 3)"
     return None
+
+
+def check_distributed(distributed: str) -> str:
+    """``distributed`` when it is one of :data:`DISTRIBUTED_MODES`, else ``ValueError``."""
+    if distributed not in DISTRIBUTED_MODES:
+        raise ValueError(f"distributed must be one of {DISTRIBUTED_MODES}, got {distributed!r}")
+    return distributed
+
+
+def measure_mode(distributed: str, trainer: pl.Trainer) -> str:
+    """``"split"`` or ``"rank0"``: ``distributed`` itself unless ``"auto"``, which is ``"split"`` under a
+    :func:`sharding_strategy` (a forward needs every rank there), ``"rank0"`` otherwise (DDP, one device)."""
+    if check_distributed(distributed) != "auto":
+        return distributed
+    return "split" if sharding_strategy(trainer) is not None else "rank0"

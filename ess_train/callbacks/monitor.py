@@ -16,12 +16,20 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from ess_train import measure as ess_measure
-from ess_train.callbacks._common import log_to_loggers, sharding_strategy, short_traceback
+from ess_train.callbacks._common import (
+    check_distributed,
+    log_to_loggers,
+    measure_mode,
+    sharding_strategy,
+    short_traceback,
+)
 from ess_train.callbacks.media import log_heatmaps, log_profiles, render_heatmap, stream_record
 from ess_train.measure import ESSWarning, PositionSpec
 from ess_train.measure import budget as ess_budget
+from ess_train.measure.distributed import Failure, Ranks
 from ess_train.measure.history import MAX_PROFILES
 from ess_train.measure.layers import find_layers
+from ess_train.measure.probe import Probe
 from ess_train.models.protocol import OperatorView
 
 log = logging.getLogger(__name__)
@@ -45,12 +53,22 @@ class ESSMonitor(Callback):
     (``ess_train.measure.layer_ess``, whose docstring defines them; conventions in docs/DESIGN.md):
     ``avg_entropy``, ``max_entropy``, ``avg_tolerance``, ``utilization`` (not logged where undefined:
     ``per_operator == 0`` or ``L == 1``, warned once), ``total`` and ``per_kv``; plus ``ess/total`` (and
-    ``ess/per_kv``) summed over layers, and ``tss/<layer>``, ``tss/total`` once at fit start. Metrics go
-    straight to ``trainer.loggers`` (not ``self.log``: the cadence does not depend on
-    ``log_every_n_steps``) at Lightning's logging step (``_common.logger_step``, where ``train/loss`` and
-    ``val/acc`` of the same moment go; one less than the ``global_step`` the history counts), and into
-    ``trainer.callback_metrics``. Only global rank 0 computes and logs (the forward calls the bare
-    LightningModule, never the DDP wrapper).
+    ``ess/per_kv``) summed over layers, and ``tss/<layer>``, ``tss/total`` once at fit start (at the first
+    measurement under ``"split"``). Metrics go straight to ``trainer.loggers`` (not ``self.log``: the
+    cadence does not depend on ``log_every_n_steps``) at Lightning's logging step (``_common.logger_step``,
+    where ``train/loss`` and ``val/acc`` of the same moment go; one less than the ``global_step`` the history
+    counts), and into ``trainer.callback_metrics``.
+
+    Multi-process runs (``distributed``): under DDP (``"rank0"``, the default there) global rank 0 alone
+    measures and logs (the forward calls the bare LightningModule, never the DDP wrapper). Under strategies
+    that shard the parameters (FSDP, ModelParallel, DeepSpeed ZeRO-3: ``"split"``, the default there) the
+    probe forward runs on every rank, on rank 0's probe batch (each rank all-gathers the others' shards),
+    and the layers' ESS is split across ranks by the plan's cost estimate
+    (``ess_train.measure.distributed``); the results are exchanged, so every rank records the full
+    measurement (the same state, which Lightning checkpoints from rank 0) and rank 0 logs it, as one process
+    would have; ``measured_here`` counts the layers this process measured. A rank whose part fails still
+    joins the exchange with an error marker: every rank then skips that measurement (warned) or, with
+    ``strict``, raises. In that mode ``measure()`` is a collective: every rank must call it.
 
     What is measured is kept in ``ess_history`` (:class:`ess_train.measure.ESSHistory`, the checkpointed
     state, bounded: every per-step scalar, but at most ``max_profiles`` log-spaced ESS-by-position profiles
@@ -97,6 +115,9 @@ class ESSMonitor(Callback):
         max_operators: evaluate at most this many evenly spaced operators (heads/channels) per layer
             (``None``: all). A cost knob for layers with many channels (Mamba, S4D, Hyena): averages are
             then over the subset and ``total`` is scaled up to all operators.
+        distributed: ``"auto"`` (``"split"`` where parameters are sharded, else ``"rank0"``), ``"rank0"``
+            (rank 0 alone; the monitor stands aside under sharding, where that would hang) or ``"split"``
+            (every rank forwards, layers split across ranks; also under DDP, to share the ESS work).
     """
 
     def __init__(
@@ -122,8 +143,10 @@ class ESSMonitor(Callback):
         max_rows: int | None = None,
         max_profiles: int = MAX_PROFILES,
         history_file: str | None = "ess_history.jsonl",
+        distributed: str = "auto",
     ) -> None:
         super().__init__()
+        self.distributed = check_distributed(distributed)
         positions = ess_budget.check_limits(
             positions, budget, min_positions, max_positions, max_rows, max_operators, max_profiles
         )
@@ -165,11 +188,15 @@ class ESSMonitor(Callback):
         self._seconds = {"measure": 0.0, "train": 0.0, "measurements": 0}
         self._batch_t0: float | None = None
         self._wrote_file = False
-        self._probe: tuple[Tensor, Tensor | None] | None = None
+        self._probe: Probe | None = None
         if probe_batch is not None:
             self._probe = ess_measure.probe_from_batch(probe_batch, probe_size, input_key)
         self._warned: set[str] = set()
         self._disabled = False
+        self._split = False  # measure on every rank, layers split ("split" mode; resolved in setup)
+        self._probe_shared = False  # rank 0's probe broadcast to every rank (once per process)
+        #: per layer, how many measurements of it this process computed (under "split": its share only).
+        self.measured_here: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------- history (plain data)
     @property
@@ -221,19 +248,21 @@ class ESSMonitor(Callback):
                 f"(operator() and state_size()) matching include={self.include} exclude={self.exclude}; "
                 "the monitor stands aside.",
             )
+        self._split = measure_mode(self.distributed, trainer) == "split"
         sharded = sharding_strategy(trainer)
-        if sharded is not None and not self._disabled:
+        if sharded is not None and not self._split and not self._disabled:
             self._disabled = True
             self._warn_once(
                 "sharded",
-                f"ESSMonitor: the {sharded} strategy shards the parameters, and the monitor's probe forward "
-                "runs on rank 0 alone (it would wait forever for the other ranks' all-gathers); the "
-                "monitor stands aside. Measure a checkpoint or a DDP run instead (ESSRegularizer works "
-                "on each rank's own batch and is not affected).",
+                f"ESSMonitor: the {sharded} strategy shards the parameters, and with distributed='rank0' the "
+                "monitor's probe forward runs on rank 0 alone (it would wait forever for the other ranks' "
+                "all-gathers); the monitor stands aside. Pass distributed='auto' or 'split' to measure on "
+                "every rank.",
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._disabled and trainer.is_global_zero:
+        # (under "split" the TSS comes with the first measurement, once every rank has rank 0's probe)
+        if not self._disabled and trainer.is_global_zero and not self._split:
             self._guarded(trainer, lambda: self._log_tss(trainer))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -265,7 +294,9 @@ class ESSMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         """The history's state (``ess_train.measure.history``: ``version``, ``history``, ``scalars``,
         ``profiles``, ``totals``, ``tss``, ``flags``, ``layer_kinds``) plus ``probe``, ``warned`` and ``plan``
-        (what is measured per layer, ``MeasurementPlan.as_dict()``)."""
+        (what is measured per layer, ``MeasurementPlan.as_dict()``). The same on every rank under ``"split"``
+        (Lightning saves rank 0's), but for rank 0's warnings about its loggers; under ``"rank0"`` only rank
+        0's holds measurements."""
         probe = None
         if self._probe is not None:
             inputs, slice_id = self._probe
@@ -290,8 +321,9 @@ class ESSMonitor(Callback):
 
     # ------------------------------------------------------------------------------------------- public
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
-        """Measure and log now (rank 0; once per global step). Returns the logged metrics."""
-        if self._disabled or not trainer.is_global_zero:
+        """Measure and log now (once per global step; rank 0, or every rank together under ``"split"``).
+        Returns the logged metrics."""
+        if self._disabled or not (self._split or trainer.is_global_zero):
             return None
         step = trainer.global_step
         if self.ess_history.last_step == step:
@@ -343,13 +375,26 @@ class ESSMonitor(Callback):
         self._warned.add(key)
         rank_zero_warn(message, category=ESSWarning)
 
-    def _get_probe(self, trainer: pl.Trainer) -> tuple[Tensor, Tensor | None] | None:
-        if self._probe is None:
+    def _get_probe(self, trainer: pl.Trainer, ranks: Ranks | None = None) -> Probe | None:
+        """The probe batch; with active ``ranks`` (a collective) rank 0's, fetched there, on every rank."""
+        if ranks is not None and ranks.active and not (self._probe_shared and self._probe is not None):
+            probe = None
+            if ranks.rank == 0:
+                try:
+                    probe = self._probe or ess_measure.fetch_probe(trainer, self.probe_size, self.input_key)
+                except Exception:  # (fetch_probe skips failing sources itself) no probe: every rank skips
+                    probe = None
+                if probe is not None:  # (pickled: CPU tensors, whatever device rank 0's are on)
+                    probe = (probe[0].cpu(), None if probe[1] is None else probe[1].cpu())
+            self._probe, self._probe_shared = ranks.broadcast(probe), True
+        elif self._probe is None:
             self._probe = ess_measure.fetch_probe(trainer, self.probe_size, self.input_key)
         return self._probe
 
-    def _log_tss(self, trainer: pl.Trainer) -> None:
-        probe = None if self.tss else self._get_probe(trainer)  # (once: at fit start, or from a checkpoint)
+    def _log_tss(self, trainer: pl.Trainer, probe: Probe | None = None) -> None:
+        if self.tss:  # (once: at fit start, at the first measurement, or from a checkpoint)
+            return
+        probe = probe or self._get_probe(trainer)
         if probe is None:
             return
         seq_len = int(probe[0].shape[1])
@@ -357,12 +402,30 @@ class ESSMonitor(Callback):
             self.ess_history.set_tss(name, layer.state_size(seq_len), seq_len)
         metrics = {f"tss/{name}": float(size.total) for name, size in self.tss.items()}
         metrics["tss/total"] = float(sum(size.total for size in self.tss.values()))
-        log_to_loggers(trainer, metrics)
+        if trainer.is_global_zero:
+            log_to_loggers(trainer, metrics)
+
+    def _settle(self, step: int, ranks: Ranks, failures: list[Failure], error: BaseException | None) -> bool:
+        """After an exchange: raise (``strict``, or one process) or warn when a rank failed; ``True`` when
+        every rank skips this measurement (the same decision everywhere: every rank saw the same failures)."""
+        if error is not None and (self.strict or not ranks.active):
+            raise error  # (one process: ``_guarded`` reports it, as before)
+        if not failures:
+            return False
+        if self.strict:
+            raise RuntimeError(f"ESSMonitor failed at step {step} on {failures[0]}")
+        self._warn_once(
+            f"error:{failures[0]}",
+            f"ESSMonitor failed at step {step} on {'; '.join(map(str, failures))}; every rank skips this "
+            "measurement (training continues; pass strict=True to raise).",
+        )
+        return True
 
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> dict[str, float] | None:
-        probe = self._get_probe(trainer)
+        ranks = Ranks(self._split)  # (one process, collectives the identity, unless "split" on several)
+        probe = self._get_probe(trainer, ranks)
         if probe is None:
             self._warn_once(
                 "no-probe",
@@ -370,30 +433,52 @@ class ESSMonitor(Callback):
                 "data); skipping.",
             )
             return None
-        self._log_tss(trainer)
-        kv = ess_measure.kv_pairs_for(getattr(trainer, "datamodule", None), probe[1])
         t0 = time.perf_counter()
-        rows = None if self.plan is None else self.plan.rows  # (the rows the plan measures: less to capture)
-        inputs = probe[0][:rows].to(pl_module.device)
-        views = ess_measure.probe_views(
-            pl_module, inputs, self.layers, self.forward_fn, trainer.precision_plugin.forward_context()
-        )
-        if self.plan is None:
+        # 1. the probe forward (and the plan, at the first measurement) on every rank: a sharded model's
+        # all-gathers need them all; every rank then adopts rank 0's plan
+        views: dict[str, OperatorView] = {}
+        plan, shapes, kv, error = self.plan, {}, None, None
+        try:
+            self._log_tss(trainer, probe)
+            kv = ess_measure.kv_pairs_for(getattr(trainer, "datamodule", None), probe[1])
+            rows = None if plan is None else plan.rows  # (the rows the plan measures: less to capture)
+            inputs = probe[0][:rows].to(pl_module.device)
+            context = trainer.precision_plugin.forward_context()
+            views = ess_measure.probe_views(pl_module, inputs, self.layers, self.forward_fn, context)
             shapes = {name: ess_budget.LayerShape.of(v.op) for name, v in views.items()}
-            self.plan = self._make_plan(trainer, pl_module, inputs, shapes)
-        stats = {
-            name: self._layer_stats(name, layer, views.get(name), step, kv)
-            for name, layer in self.layers.items()
-        }
-        del views
+            if plan is None:
+                plan = self._make_plan(trainer, pl_module, inputs, shapes)
+        except Exception as exc:
+            error = exc
+        parts, failures = ranks.exchange(None if plan is None else plan.as_dict(), error)
+        if self._settle(step, ranks, failures, error):
+            return None
+        if self.plan is None:
+            self.plan = plan if ranks.rank == 0 else ess_budget.MeasurementPlan.from_dict(parts[0])
+            self._announce_plan(shapes)
+        # 2. each rank measures its share of the layers (by the plan's costs); the results are exchanged
+
+        def layer(name: str) -> tuple[ess_measure.LayerESS | None, list[tuple[str, str]]]:
+            got = self._layer_stats(name, self.layers[name], views.get(name), step, kv)
+            self.measured_here[name] = self.measured_here.get(name, 0) + 1
+            return got
+
+        costs = {name: choice.cost for name, choice in self.plan.layers.items()}
+        found, failures, error = ranks.split(list(self.layers), costs, layer)
+        views.clear()
+        if self._settle(step, ranks, failures, error):
+            return None
+        stats = {name: self._checked(name, *found[name], step) for name in self.layers}
+        # 3. every rank records (identical state); rank 0 logs
         metrics = {f"ess/{key}": value for key, value in self.ess_history.record(step, stats).items()}
-        log_to_loggers(trainer, metrics)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        if self.log_heatmap:
-            log_profiles(trainer, self.ess_history, step, self._warned)
-        self._wrote_file |= stream_record(
-            trainer, self.ess_history, step, self.history_file, self._wrote_file
-        )
+        if trainer.is_global_zero:
+            log_to_loggers(trainer, metrics)
+            if self.log_heatmap:
+                log_profiles(trainer, self.ess_history, step, self._warned)
+            self._wrote_file |= stream_record(
+                trainer, self.ess_history, step, self.history_file, self._wrote_file
+            )
         self._seconds["measure"] += time.perf_counter() - t0
         self._seconds["measurements"] += 1
         return metrics
@@ -405,10 +490,10 @@ class ESSMonitor(Callback):
         inputs: Tensor,
         shapes: dict[str, ess_budget.LayerShape],
     ) -> ess_budget.MeasurementPlan:
-        """Fit what is measured per layer into the budget (``ess_train.measure.budget``); said once."""
+        """Fit what is measured per layer into the budget (``ess_train.measure.budget``)."""
         limits = {"min_positions": self.min_positions, "max_positions": self.max_positions}
         limits.update(max_rows=self.max_rows, max_operators=self.max_operators)
-        plan = ess_budget.plan_for_training(
+        return ess_budget.plan_for_training(
             pl_module,
             inputs,
             shapes,
@@ -419,26 +504,28 @@ class ESSMonitor(Callback):
             forward_fn=self.forward_fn,
             **limits,
         )
+
+    def _announce_plan(self, shapes: dict[str, ess_budget.LayerShape]) -> None:
+        """Say once what the (agreed) plan measures, and warn when even that is over the budget."""
+        assert self.plan is not None
         fraction = "" if self.budget is None else f" of a {self.budget:.0%} budget"
-        log.info(f"ESSMonitor measures{fraction}: {plan.describe(shapes)}")
-        if not plan.fits:
+        log.info(f"ESSMonitor measures{fraction}: {self.plan.describe(shapes)}")
+        if not self.plan.fits:
             self._warn_once(
                 "over-budget",
                 "ESSMonitor: even the smallest measurement is over its budget "
-                f"({plan.describe(shapes)}); measure less often (every_n_steps), or pass "
+                f"({self.plan.describe(shapes)}); measure less often (every_n_steps), or pass "
                 "positions=/budget= explicitly.",
             )
-        return plan
 
     def _layer_stats(
         self, name: str, layer: nn.Module, view: OperatorView | None, step: int, kv: Any
-    ) -> ess_measure.LayerESS | None:
-        """One layer's ESS on the probe (``None``, warned once, when it is missing); checks thresholds."""
+    ) -> tuple[ess_measure.LayerESS | None, list[tuple[str, str]]]:
+        """One layer's ESS on the probe (``None`` when it is missing) and the warnings to give, as ``(key,
+        message)``: emitted by :meth:`_checked` after the exchange, on every rank (rank 0 shows them)."""
         if view is None:
-            self._warn_once(
-                f"not-called:{name}", f"ESSMonitor: layer {name!r} was not called by the forward."
-            )
-            return None
+            message = f"ESSMonitor: layer {name!r} was not called by the forward."
+            return None, [(f"not-called:{name}", message)]
         seq_len = view.op.seq_len
         size = layer.state_size(seq_len)
         choice = self.plan.layers.get(name) if self.plan is not None else None
@@ -457,13 +544,26 @@ class ESSMonitor(Callback):
                 max_operators=choice.operators,
             )
         except ValueError as exc:  # non-finite operator (check_finite)
-            self._warn_once(
-                f"nonfinite:{name}",
+            message = (
                 f"ESSMonitor: ESS of layer {name!r} is missing at step {step}: {exc}. Its metrics "
-                "are not logged while this lasts (history holds NaN).",
+                "are not logged while this lasts (history holds NaN)."
             )
-            return None
-        util = stats.utilization
+            return None, [(f"nonfinite:{name}", message)]
+        if math.isfinite(stats.utilization):
+            return stats, []
+        message = (
+            f"ESSMonitor: layer {name!r} has no state to fill at seq_len={seq_len} "
+            f"(per_operator={size.per_operator}): utilization is undefined and not logged."
+        )
+        return stats, [(f"undefined-utilization:{name}", message)]
+
+    def _checked(
+        self, name: str, stats: ess_measure.LayerESS | None, notes: list[tuple[str, str]], step: int
+    ) -> ess_measure.LayerESS | None:
+        """Give a layer's warnings and check its utilization against the thresholds (flags: state)."""
+        for key, message in notes:
+            self._warn_once(key, message)
+        util = math.nan if stats is None else stats.utilization
         if math.isfinite(util):
             thresholds = (self.collapse_threshold, self.saturation_threshold)
             for flag in self.ess_history.check_thresholds(name, util, *thresholds):
@@ -473,10 +573,4 @@ class ESSMonitor(Callback):
                     f"ESSMonitor: state {flag} in {name!r} at step {step}: utilization {util:.3g} {sign} "
                     f"{getattr(self, threshold)} ({meaning}).",
                 )
-        else:
-            self._warn_once(
-                f"undefined-utilization:{name}",
-                f"ESSMonitor: layer {name!r} has no state to fill at seq_len={seq_len} "
-                f"(per_operator={size.per_operator}): utilization is undefined and not logged.",
-            )
         return stats
