@@ -15,12 +15,16 @@ extrapolated to all heads and layers (marked ``extrapolated``). Timings: best of
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
+import os
+import sys
 
 import torch
 
-import ess_train
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ess_train  # noqa: E402
+from benchmarks.timing import best_of  # noqa: E402
 from ess_train.measure.layers import find_layers
 from ess_train.models.protocol import capture_operators
 
@@ -44,13 +48,7 @@ def tiny(family: str, max_len: int) -> torch.nn.Module:
     return tf.AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def best(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+best = best_of  # best of ``repeats`` (benchmarks/timing.py)
 
 
 def row(family: str, L: int, positions: object, repeats: int) -> dict[str, object]:

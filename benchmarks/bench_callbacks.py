@@ -8,27 +8,44 @@ spent in the monitor's measurements amortized over the run; ``ratio`` compares i
 
     python benchmarks/bench_callbacks.py            # GLA, d_model 64, 2 layers, L 128, batch 32, 200 steps
     python benchmarks/bench_callbacks.py --quick    # 60 steps, monitor every 20
+    python benchmarks/bench_callbacks.py --device cuda --gpu-model   # issue 16's model on a GPU
+
+``--gpu-model``: the issue's target model, d_model 512, 4 layers, L 1024, batch 16, bf16 autocast
+(``bf16-mixed``; options given explicitly still win). The last table holds the targets: ESSMonitor every 50
+steps at most 5% of the training time, ESSRegularizer every step at most 1.3x the step time (PASS/MISS).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
+import sys
 import time
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from ess_train.callbacks import ESSMonitor, ESSRegularizer
-from ess_train.measure import ess_penalty
-from ess_train.models import SequenceModel, capture_operators, find_ess_layers
-from ess_train.tasks import MQARDataModule
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.timing import Target, add_device_argument, describe, resolve_device, target_table  # noqa: E402
+from ess_train.callbacks import ESSMonitor, ESSRegularizer  # noqa: E402
+from ess_train.measure import ess_penalty  # noqa: E402
+from ess_train.models import SequenceModel, capture_operators, find_ess_layers  # noqa: E402
+from ess_train.tasks import MQARDataModule  # noqa: E402
 
 try:
     from ess_train.lit import SequenceLM
 except ImportError:  # pragma: no cover - the lead's module not there yet
     SequenceLM = None  # type: ignore[assignment]
+
+
+MONITOR_TARGET = 5.0  # issue 16: ESSMonitor every 50 steps, % of the training time
+REGULARIZER_TARGET = 1.3  # issue 16: ESSRegularizer every step, step-time ratio
+GPU_MODEL = {"d_model": 512, "layers": 4, "seq_len": 1024, "batch": 16, "precision": "bf16-mixed"}
 
 
 class StepTimer(pl.Callback):
@@ -119,8 +136,14 @@ def interleaved_penalty_cost(args: argparse.Namespace, dm: MQARDataModule, iters
     """Median forward+backward time without / with the regularizer's penalty, alternating A/B each
     iteration on one model and batch (robust to slowly varying load on a shared machine)."""
     pl.seed_everything(0, verbose=False)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.accelerator != "cpu" else "cpu")
+    on_gpu = args.accelerator in ("cuda", "gpu") or (args.accelerator == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if on_gpu else "cpu")
     lm = build(args).to(device)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if args.precision.startswith("bf16")
+        else contextlib.nullcontext()
+    )
     reg = ESSRegularizer(weight=1e-2, min_utilization=0.5)
     layers = find_ess_layers(lm)
     dm.setup("fit")
@@ -131,7 +154,7 @@ def interleaved_penalty_cost(args: argparse.Namespace, dm: MQARDataModule, iters
         with_penalty = bool(i % 2)
         lm.zero_grad(set_to_none=True)
         t0 = StepTimer._now()
-        with capture_operators(layers) as views:
+        with capture_operators(layers) as views, autocast:
             logits = lm(inputs)
         loss = torch.nn.functional.cross_entropy(
             logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100
@@ -155,7 +178,7 @@ def interleaved_penalty_cost(args: argparse.Namespace, dm: MQARDataModule, iters
     return statistics.median(times[False]), statistics.median(times[True])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="60 steps, monitor every 20, 1 repeat")
     p.add_argument("--mixer", default="gla")
@@ -168,7 +191,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--monitor-every", type=int, default=50)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--gpu-model", action="store_true", help="d_model 512, 4 layers, L 1024, batch 16, bf16")
+    add_device_argument(p)
+    p.add_argument("--accelerator", default=None, help="Lightning's accelerator (default: from --device)")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--monitor-positions", default="all", help="'all' or a count of positions")
     p.add_argument(
@@ -180,7 +205,13 @@ def main() -> None:
         default=["mamba", "decayed_linear_attention", "attention"],
         help="mixers for a second A/B table of the penalty's cost (none: skip)",
     )
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    args.accelerator = args.accelerator or device.type
+    if args.gpu_model:  # the issue's model; options given explicitly still win
+        for key, value in GPU_MODEL.items():
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
     if args.quick:  # smaller defaults; options given explicitly still win
         for key, value in (
             ("steps", 60),
@@ -223,14 +254,10 @@ def main() -> None:
                     extra[name] = f"{n} measurements, {1000 * cb.bench_seconds / max(n, 1):.0f} ms each"
                 if isinstance(cb, ESSRegularizer):
                     extra[name] = f"{cb.num_calls} penalties"
-    device = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"CPU ({torch.get_num_threads()} threads)"
-    )
     print(
         f"\n{args.mixer}, d_model {args.d_model}, {args.layers} layers, L {args.seq_len}, "
-        f"batch {args.batch}, {args.steps} steps, {args.precision}, {device}, best of {args.repeats}"
+        f"batch {args.batch}, {args.steps} steps, {args.precision}, device {device.type}: "
+        f"{describe(device)}, best of {args.repeats}"
     )
     base = best["no callback"]
     print(f"{'config':<28} {'wall s':>8} {'ms/step':>8} {'ratio':>6} {'wall ratio':>10}  note")
@@ -242,12 +269,42 @@ def main() -> None:
             f"{wall_ratio:>10.3f}  {extra.get(name, '')}"
         )
     print("ms/step: median step + monitor time amortized over the run; ratio: of ms/step; wall ratio: noisy")
+    monitor_name, reg_name = configs[1][0], configs[2][0]
+    targets = [
+        Target(
+            f"{monitor_name}: overhead over training time",
+            100 * (best[monitor_name]["per_step"] / base["per_step"] - 1),
+            MONITOR_TARGET,
+            at_least=False,
+            unit="%",
+        ),
+        Target(
+            f"{reg_name}: step-time ratio",
+            best[reg_name]["per_step"] / base["per_step"],
+            REGULARIZER_TARGET,
+            at_least=False,
+        ),
+    ]
     if args.ab_iters:
         plain, penalized = interleaved_penalty_cost(args, dm, args.ab_iters)
         print(
             f"forward+backward, interleaved A/B x{args.ab_iters} (median): {1000 * plain:.1f} ms plain, "
             f"{1000 * penalized:.1f} ms with the ESS penalty: ratio {penalized / plain:.3f}"
         )
+        targets.append(
+            Target(
+                "ESS penalty, forward+backward A/B ratio",
+                penalized / plain,
+                REGULARIZER_TARGET,
+                at_least=False,
+            )
+        )
+    where = (
+        f"{args.mixer}, d_model {args.d_model}, {args.layers} layers, L {args.seq_len}, batch {args.batch}"
+    )
+    print()
+    print(target_table(targets, f"targets (issue 16), {where}, {args.precision}, device {device.type}:"))
+    if args.ab_iters:
         others = [m for m in args.ab_mixers if m != args.mixer]
         if others:
             print(

@@ -11,8 +11,10 @@ Per mixer (``d_model``, ``L``, ``batch``; defaults 128, 256, 32):
   its recurrence run token by token) and ``core`` (the recurrence alone, on the same precomputed inputs:
   the chunked kernel vs a token-by-token loop of the same recurrence), so one sees where the time goes.
 
-Usage: ``python benchmarks/bench_mixers.py [--quick] [--mixers mamba gla ...] [--threads N]``.
-Prints two markdown tables (times are medians of ``--reps`` runs after one warm-up).
+Usage: ``python benchmarks/bench_mixers.py [--quick] [--mixers mamba gla ...] [--threads N] [--device cuda]``.
+Prints two markdown tables (times are medians of ``--reps`` runs after one warm-up; on CUDA each timed run
+is synchronized at both ends), then the issue's target: Mamba's whole-layer forward against its token loop
+(>= 5x), PASS or MISS.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,18 +37,24 @@ from ess_train.models.protocol import OperatorView
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.timing import (  # noqa: E402
+    Target,
+    add_device_argument,
+    describe,
+    median_of,
+    now,
+    resolve_device,
+    target_table,
+)
 from tests.reference_ops import mamba_scan_reference as mamba_recurrence_reference  # noqa: E402
+
+MAMBA_TARGET = 5.0  # issue 16: the zoo's Mamba forward against its token-by-token loop
+DEVICE = torch.device("cpu")  # set by main (--device)
 
 
 def timeit(fn: Callable[[], Any], reps: int) -> float:
-    """Median seconds of ``fn()`` over ``reps`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``fn()`` over ``reps`` runs after one warm-up (synchronized on CUDA)."""
+    return median_of(fn, reps, DEVICE)
 
 
 def fwd_bwd(
@@ -143,15 +150,15 @@ def core_fwd_bwd(fn: Callable[..., Tensor], ins: list[Tensor]) -> None:
 def bench_mixer(name: str, args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {"mixer": name}
     torch.manual_seed(0)
-    m = build_mixer(name, d_model=args.d_model)
-    x = torch.randn(args.batch, args.seq_len, args.d_model)
+    m = build_mixer(name, d_model=args.d_model).to(DEVICE)
+    x = torch.randn(args.batch, args.seq_len, args.d_model).to(DEVICE)
     row["fwd_bwd"] = timeit(lambda: fwd_bwd(m, x), args.reps)
     size = m.state_size(args.seq_len)
     row["tss"] = size.total
     row["per_op"] = size.per_operator
 
-    model = SequenceModel(64, args.d_model, 2, mixer=name)
-    ids = torch.randint(0, 64, (args.batch, args.seq_len))
+    model = SequenceModel(64, args.d_model, 2, mixer=name).to(DEVICE)
+    ids = torch.randint(0, 64, (args.batch, args.seq_len)).to(DEVICE)
     with torch.no_grad():
         row["extract"] = timeit(lambda: model.ess_operators(ids), args.reps)
         views = model.ess_operators(ids[: args.ess_batch])
@@ -159,9 +166,9 @@ def bench_mixer(name: str, args: argparse.Namespace) -> dict[str, Any]:
         row["op"] = f"{type(op0).__name__} {tuple(op0.batch_shape)[1:]}"
         L = args.seq_len
         positions = torch.linspace(1, L - 1, min(args.ess_positions, L - 1)).round().long().unique()
-        t0 = time.perf_counter()
+        t0 = now(DEVICE)
         ess_vals = [entropy_ess(v.op, positions) for v in views.values()]
-        row["ess"] = time.perf_counter() - t0
+        row["ess"] = now(DEVICE) - t0
         row["avg_ess"] = statistics.mean(float(e.mean()) for e in ess_vals)
 
     row["vs_ref"] = bench_vs_reference(name, args)
@@ -175,8 +182,8 @@ def bench_vs_reference(name: str, args: argparse.Namespace) -> list[dict[str, An
     if ref is None:
         return []
     torch.manual_seed(0)
-    m = build_mixer(name, d_model=args.d_model)
-    xr = torch.randn(args.ref_batch, args.ref_len, args.d_model)
+    m = build_mixer(name, d_model=args.d_model).to(DEVICE)
+    xr = torch.randn(args.ref_batch, args.ref_len, args.d_model).to(DEVICE)
     ref_reps = max(1, args.reps // 2)
     rows = []
     r: dict[str, Any] = {"mixer": name, "what": "layer (whole forward)"}
@@ -252,7 +259,23 @@ def ref_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def targets(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[Target]:
+    """Mamba's whole-layer forward against its token loop (forward+backward: in the table above)."""
+    out = []
+    for row in rows:
+        for r in row.get("vs_ref", []):
+            if r["mixer"] == "mamba" and r["what"].startswith("layer"):
+                where = f"L={args.ref_len}, batch {args.ref_batch}, d_model {args.d_model}"
+                out.append(
+                    Target(
+                        f"Mamba forward vs token loop, {where}", r["ref_fwd"] / r["fast_fwd"], MAMBA_TARGET
+                    )
+                )
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
+    global DEVICE
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes: runs in seconds")
     p.add_argument("--mixers", nargs="*", default=None, help="registry names (default: all)")
@@ -265,7 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ref-batch", type=int, default=8)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    add_device_argument(p)
     args = p.parse_args(argv)
+    DEVICE = resolve_device(args.device)
     if args.quick:
         args.d_model, args.seq_len, args.batch = 32, 64, 4
         args.ess_positions, args.ref_len, args.ref_batch, args.reps = 8, 256, 2, 1
@@ -282,8 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"d_model={args.d_model} L={args.seq_len} batch={args.batch}; entropy-ESS on {args.ess_batch} "
         f"sequence(s) x {args.ess_positions} positions; fast vs reference at L={args.ref_len} "
-        f"batch={args.ref_batch}; {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
-        f"device cpu"
+        f"batch={args.ref_batch}; {torch.get_num_threads()} thread(s), device {DEVICE.type}: "
+        f"{describe(DEVICE)}"
     )
     print(table(rows, args))
     print()
@@ -292,6 +317,10 @@ def main(argv: list[str] | None = None) -> None:
         "(layer: the whole mixer forward; core: the recurrence alone on the same inputs)"
     )
     print(ref_table(rows))
+    found = targets(rows, args)
+    if found:
+        print()
+        print(target_table(found, f"target (issue 16: >= {MAMBA_TARGET:.0f}x), device {DEVICE.type}:"))
 
 
 if __name__ == "__main__":

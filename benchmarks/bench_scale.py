@@ -26,11 +26,16 @@ from __future__ import annotations
 
 import argparse
 import io
-import time
+import os
+import sys
 from typing import Any
 
 import torch
 
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.timing import best_of  # noqa: E402
 from ess_train.callbacks import ESSMonitor
 from ess_train.measure import budget as B
 from ess_train.measure import layer_ess, probe_views, resolve_positions
@@ -48,13 +53,7 @@ def _model(mixer: str, n_layers: int, seq_len: int, d_model: int, device: str | 
         )
 
 
-def _best(fn: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+_best = best_of  # best of ``repeats`` (benchmarks/timing.py)
 
 
 def step_flops(mixer: str, n_layers: int, seq_len: int, d_model: int, rows: int) -> tuple[float, float]:

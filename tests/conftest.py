@@ -1,8 +1,48 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the ``--device`` option.
+
+``pytest --device cuda -m device`` runs, on a CUDA device, the tests that build their tensors and modules on
+the ``device`` fixture (those, and only those, carry the ``device`` marker: it is added to every test that
+asks for the fixture). ``--device cuda`` without CUDA is a usage error, not a silent CPU run.
+"""
 
 from __future__ import annotations
 
 import pytest
+import torch
+
+DEVICES = ("cpu", "cuda")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="device of the tests marked 'device' (those using the device fixture); default cpu",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "device: builds its tensors/modules on the --device option's device (the device fixture)"
+    )
+    if config.getoption("--device", default="cpu") == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(
+            f"--device cuda: CUDA is not available (torch {torch.__version__}, "
+            f"torch.version.cuda={torch.version.cuda}); run without --device or on a CUDA machine"
+        )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The ``--device`` option's device (``cpu`` by default)."""
+    return torch.device(request.config.getoption("--device"))
 
 
 @pytest.fixture(params=["scan", "segments"])

@@ -24,10 +24,10 @@ def ess_warnings(record: list[warnings.WarningMessage], text: str = "") -> list[
     return [str(w.message) for w in record if issubclass(w.category, ESSWarning) and text in str(w.message)]
 
 
-def test_metrics_logged_to_csv_and_callback_metrics(tmp_path):
+def test_metrics_logged_to_csv_and_callback_metrics(tmp_path, device):
     pl.seed_everything(0)
     monitor = ESSMonitor(every_n_steps=3)
-    trainer = make_trainer(tmp_path, [monitor], max_steps=6, val_check_interval=4)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=6, val_check_interval=4, accelerator=device.type)
     trainer.fit(ToyLM(), ToyDataModule(num_kv_pairs=3))
 
     rows = read_metrics_csv(trainer)
@@ -108,9 +108,9 @@ def test_positions_probe_batch_and_train_fallback(tmp_path):
     assert monitor2.totals["steps"] == [0, 2] and monitor2._probe[0].shape == (8, 12)
 
 
-def test_operator_subset_scales_total():
+def test_operator_subset_scales_total(device):
     monitor = ESSMonitor(every_n_steps=2, max_operators=3)
-    make_trainer(None, [monitor], max_steps=2).fit(ToyLM(), ToyDataModule())
+    make_trainer(None, [monitor], max_steps=2, accelerator=device.type).fit(ToyLM(), ToyDataModule())
     hist = monitor.history["layers.0"]
     assert hist["total"][-1] == pytest.approx(8 * hist["avg_entropy"][-1], rel=AGG)  # 8 channels
 
@@ -311,22 +311,49 @@ def test_wandb_media(tmp_path, monkeypatch):
     assert {row[1] for row in chart.table.data} == {"entropy-ESS", "tolerance-ESS"}
 
 
-def test_stands_aside_under_parameter_sharding():
-    """FSDP (GPU-only in Lightning, so checked on the strategy object): a rank-0-only probe forward would
-    hang on the other ranks' all-gathers, so the monitor warns once and stands aside; DDP is fine."""
+def test_distributed_mode_under_parameter_sharding():
+    """FSDP (GPU-only in Lightning, so checked on the strategy object; a 2-process FSDP2 run on CPU is in
+    tests/test_callbacks_sharded.py): ``distributed="auto"`` splits the measurement across ranks there (the
+    probe forward on every rank, since each all-gathers the others' shards) and keeps rank 0 alone under DDP;
+    ``"rank0"`` under sharding would hang, so the monitor warns once and stands aside."""
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-    from ess_train.callbacks._common import sharding_strategy
+    from ess_train.callbacks._common import measure_mode, sharding_strategy
 
-    assert sharding_strategy(SimpleNamespace(strategy=DDPStrategy())) is None
-    assert sharding_strategy(SimpleNamespace(strategy=FSDPStrategy())) == "FSDPStrategy"
-    monitor = ESSMonitor()
+    fsdp, ddp = SimpleNamespace(strategy=FSDPStrategy()), SimpleNamespace(strategy=DDPStrategy())
+    assert sharding_strategy(ddp) is None
+    assert sharding_strategy(fsdp) == "FSDPStrategy"
+    assert measure_mode("auto", fsdp) == "split" and measure_mode("auto", ddp) == "rank0"
+    assert measure_mode("split", ddp) == "split" and measure_mode("rank0", fsdp) == "rank0"
+    for strategy, distributed, split in [(fsdp, "auto", True), (ddp, "auto", False), (ddp, "split", True)]:
+        monitor = ESSMonitor(distributed=distributed)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            monitor.setup(strategy, ToyLM(), "fit")
+        assert not monitor._disabled and monitor._split is split and not ess_warnings(record)
+    monitor = ESSMonitor(distributed="rank0")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        monitor.setup(SimpleNamespace(strategy=FSDPStrategy()), ToyLM(), "fit")
+        monitor.setup(fsdp, ToyLM(), "fit")
     assert monitor._disabled and len(ess_warnings(record, "shards the parameters")) == 1
-    monitor = ESSMonitor()
-    monitor.setup(SimpleNamespace(strategy=DDPStrategy()), ToyLM(), "fit")
-    assert not monitor._disabled
+    with pytest.raises(ValueError, match="distributed must be one of"):
+        ESSMonitor(distributed="fsdp")
+
+
+def test_split_mode_in_one_process_measures_as_rank0():
+    """``distributed="split"`` without a process group: one rank measures every layer, the same numbers."""
+    histories = []
+    for distributed in ("rank0", "split"):
+        pl.seed_everything(0)
+        monitor = ESSMonitor(every_n_steps=2, distributed=distributed, strict=True)
+        make_trainer(None, [monitor], max_steps=2, limit_val_batches=0).fit(ToyLM(), ToyDataModule())
+        histories.append(monitor.state_dict())
+        if distributed == "split":
+            assert monitor.measured_here == {"layers.0": 2, "layers.1": 2}
+            assert sorted(monitor.tss) == ["layers.0", "layers.1"]  # (with the first measurement)
+    assert histories[0]["totals"] == histories[1]["totals"] and histories[0]["totals"]["steps"] == [0, 2]
+    for name in ("layers.0", "layers.1"):
+        a, b = histories[0]["scalars"][name], histories[1]["scalars"][name]  # (per_kv: NaN, no kv pairs)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

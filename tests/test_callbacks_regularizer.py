@@ -22,7 +22,7 @@ class GradRecorder(pl.Callback):
         self.grads: list[dict[str, torch.Tensor]] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters()})
+        self.grads.append({n: p.grad.detach().cpu().clone() for n, p in pl_module.named_parameters()})
 
 
 def manual_floor_penalty(model: ToyLM, inputs: torch.Tensor, target: float) -> torch.Tensor:
@@ -40,7 +40,8 @@ def manual_floor_penalty(model: ToyLM, inputs: torch.Tensor, target: float) -> t
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_gradients_equal_manual_penalty(accumulate):
+def test_gradients_equal_manual_penalty(accumulate, device):
+    """The callback's gradients (trained on ``device``) against a manual penalty on the CPU."""
     pl.seed_everything(0)
     model = ToyLM()
     reference = copy.deepcopy(model)
@@ -51,7 +52,12 @@ def test_gradients_equal_manual_penalty(accumulate):
     )
     rec = GradRecorder()
     trainer = make_trainer(
-        None, [reg, rec], max_steps=1, accumulate_grad_batches=accumulate, limit_val_batches=0
+        None,
+        [reg, rec],
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+        limit_val_batches=0,
+        accelerator=device.type,
     )
     trainer.fit(model, dm)
     assert len(rec.grads) == 1
@@ -116,9 +122,11 @@ def test_every_n_steps_and_dict_loss():
     assert reg.num_calls == 2 and reg.step == 2  # steps 0 and 2
 
 
-def test_bf16_autocast():
+def test_bf16_autocast(device):
     reg = ESSRegularizer(weight=0.1, target=0.9)
-    trainer = make_trainer(None, [reg], max_steps=2, limit_val_batches=0, precision="bf16-mixed")
+    trainer = make_trainer(
+        None, [reg], max_steps=2, limit_val_batches=0, precision="bf16-mixed", accelerator=device.type
+    )
     trainer.fit(ToyLM(), ToyDataModule())
     assert reg.last_penalty is not None and 0 < reg.last_penalty < 1
     assert torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -84,6 +84,11 @@ def mamba_like(B: int, L: int, N: int, *, seed: int) -> RecurrentOperator:
     return RecurrentOperator(a, b, c)
 
 
+def on(op: RecurrentOperator, device: torch.device) -> RecurrentOperator:
+    """``op`` with its tensors on ``device`` (operators are drawn on the CPU: the same values everywhere)."""
+    return RecurrentOperator(op.a.to(device), op.b.to(device), op.c.to(device))
+
+
 def min_i_L(L: int, cap: int) -> torch.Tensor:
     i = torch.arange(L)
     return torch.minimum(torch.minimum(i, L - i), torch.tensor(cap))
@@ -107,9 +112,9 @@ def dense_dsigma(s: torch.Tensor, L: int, k: int = 1, dtype=F64) -> torch.Tensor
 # dense path against the reference
 
 
-def test_dense_matches_python_loop_reference():
+def test_dense_matches_python_loop_reference(device):
     g = torch.Generator().manual_seed(0)
-    T = torch.tril(torch.randn(2, 21, 21, generator=g, dtype=F64))
+    T = torch.tril(torch.randn(2, 21, 21, generator=g, dtype=F64)).to(device)
     s = hankel_singular_values(DenseOperator(T))
     assert s.shape == (2, 21, 10)
     e = entropy_ess(DenseOperator(T))
@@ -244,17 +249,17 @@ def _assert_gramian_matches_dense(op: RecurrentOperator):
 
 
 @pytest.mark.parametrize("L,N", [(40, 4), (33, 7), (48, 12)])
-def test_gramian_matches_dense_diagonal(L, N, gramian_path):
-    _assert_gramian_matches_dense(random_diagonal(2, L, N, seed=L + N))
+def test_gramian_matches_dense_diagonal(L, N, gramian_path, device):
+    _assert_gramian_matches_dense(on(random_diagonal(2, L, N, seed=L + N), device))
 
 
 @pytest.mark.parametrize("L,N", [(40, 4), (31, 6)])
-def test_gramian_matches_dense_full(L, N):
-    _assert_gramian_matches_dense(random_full(2, L, N, seed=L * N))
+def test_gramian_matches_dense_full(L, N, device):
+    _assert_gramian_matches_dense(on(random_full(2, L, N, seed=L * N), device))
 
 
-def test_gramian_matches_dense_mamba_like_with_zero_decays(gramian_path):
-    op = mamba_like(2, 40, 6, seed=3)
+def test_gramian_matches_dense_mamba_like_with_zero_decays(gramian_path, device):
+    op = on(mamba_like(2, 40, 6, seed=3), device)
     sg = hankel_singular_values(op)
     sd = hankel_singular_values(op, method="dense")
     delta = gram_delta(op) + 2 * sd.amax(-1, keepdim=True) * dense_dsigma(sd, op.seq_len)
@@ -265,8 +270,8 @@ def test_gramian_matches_dense_mamba_like_with_zero_decays(gramian_path):
     assert tolerance_ess(op)[..., 40 // 3 + 1].tolist() == [1, 1]
 
 
-def test_float32_gramian_close_to_float64(gramian_path):
-    op = random_diagonal(2, 48, 8, seed=11)
+def test_float32_gramian_close_to_float64(gramian_path, device):
+    op = on(random_diagonal(2, 48, 8, seed=11), device)
     op32 = RecurrentOperator(op.a.float(), op.b.float(), op.c.float())
     e64 = entropy_ess(op, method="dense")
     e32 = entropy_ess(op32)
@@ -302,9 +307,9 @@ def test_scale_invariance(alpha, gramian_path):
     assert bool(((tolerance_ess(T * alpha) - tolerance_ess(T)).abs() <= near_threshold(s, thr, 2 * ds)).all())
 
 
-def test_positions_subset_order_duplicates():
+def test_positions_subset_order_duplicates(device):
     # a few positions take the segment path, all of them the scan: the same values up to round-off
-    op = random_diagonal(3, 20, 4, seed=1)
+    op = on(random_diagonal(3, 20, 4, seed=1), device)
     full = hankel_singular_values(op)
     pos = [7, 0, 19, 7, 3]
     delta = gram_delta(op, 2)
@@ -326,9 +331,9 @@ def test_positions_subset_order_duplicates():
 
 
 @pytest.mark.parametrize("make", [random_diagonal, random_full])
-def test_chunking_does_not_change_results(make, gramian_path):
+def test_chunking_does_not_change_results(make, gramian_path, device):
     # chunks re-associate the scans' products and sums: equal up to two runs' round-off
-    op = make(3, 37, 5, seed=2)
+    op = on(make(3, 37, 5, seed=2), device)
     ref = hankel_singular_values(op)
     delta = gram_delta(op, 2)
     e_ref, e_bound = entropy_ess(op), entropy_ess_error(ref, sigma_error_from_eig(ref, delta))
@@ -462,10 +467,10 @@ def _signed_with_zeros(B: int, L: int, N: int, *, seed: int) -> RecurrentOperato
 @pytest.mark.parametrize(
     "positions", [[0], [45], [1, 2, 3], [0, 44, 45], list(range(0, 46, 9)), [3, 17, 18, 30, 31, 40]]
 )
-def test_segment_path_matches_scan(monkeypatch, make, positions):
+def test_segment_path_matches_scan(monkeypatch, make, positions, device):
     import ess_train.ess.gramian as gramian
 
-    op = make(2, 46, 5, seed=len(positions))
+    op = on(make(2, 46, 5, seed=len(positions)), device)
     monkeypatch.setattr(gramian, "use_segments", lambda n_pos, L: False)
     ref = hankel_singular_values(op)[:, positions]
     monkeypatch.setattr(gramian, "use_segments", lambda n_pos, L: True)

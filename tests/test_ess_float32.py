@@ -41,8 +41,10 @@ ENTROPY_TARGET = 5e-5  # issue 14: relative error of float32 entropy-ESS against
 AGREEMENT_TARGET = 0.99  # issue 14: tolerance-ESS at rtol=1e-5, fraction of positions equal to float64
 
 
-def make_case(case: str, B: int = 2, L: int = 96, N: int = 12, seed: int = 0) -> RecurrentOperator:
-    """A float32 operator of issue 14's table (random ``b``, ``c``)."""
+def make_case(
+    case: str, B: int = 2, L: int = 96, N: int = 12, seed: int = 0, device: torch.device | None = None
+) -> RecurrentOperator:
+    """A float32 operator of issue 14's table (random ``b``, ``c``; drawn on the CPU, moved to ``device``)."""
     g = torch.Generator().manual_seed(seed)
     b = torch.randn(B, L, N, generator=g)
     c = torch.randn(B, L, N, generator=g)
@@ -58,7 +60,7 @@ def make_case(case: str, B: int = 2, L: int = 96, N: int = 12, seed: int = 0) ->
     else:
         k = torch.nn.functional.normalize(torch.randn(B, L, N, generator=g), dim=-1)
         a = torch.eye(N) - torch.rand(B, L, 1, 1, generator=g) * k.unsqueeze(-1) * k.unsqueeze(-2)
-    return RecurrentOperator(a, b, c)
+    return RecurrentOperator(a.to(device), b.to(device), c.to(device))
 
 
 def as_f64(op: RecurrentOperator) -> RecurrentOperator:
@@ -81,8 +83,8 @@ def rel_error(e: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_gramian_float32_all_positions(case, gramian_path):
-    op = make_case(case)
+def test_gramian_float32_all_positions(case, gramian_path, device):
+    op = make_case(case, device=device)
     s64, ds = reference(op)
     s32 = hankel_singular_values(op)
     assert s32.dtype == F32
@@ -102,8 +104,8 @@ def test_gramian_float32_all_positions(case, gramian_path):
 
 
 @pytest.mark.parametrize("case", ["U(0.79,0.99)", "U(0,1)", "mamba", "U(0.99,1)"])
-def test_segment_path_float32_few_positions(case):
-    op = make_case(case, L=128)
+def test_segment_path_float32_few_positions(case, device):
+    op = make_case(case, L=128, device=device)
     pos = torch.linspace(1, 127, 16).round().long()
     s64, ds = reference(op)
     s32 = hankel_singular_values(op, pos)  # 16 of 128 positions: the segment path
@@ -121,9 +123,9 @@ def _softmax_attention(B: int, L: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("positions", [None, [1, 5, 17, 40, 63]])
-def test_dense_float32_softmax_attention(positions):
+def test_dense_float32_softmax_attention(positions, device):
     L = 64
-    T = _softmax_attention(3, L, seed=1)
+    T = _softmax_attention(3, L, seed=1).to(device)
     s64 = hankel_singular_values(T.double(), positions)
     s32 = hankel_singular_values(T, positions)
     assert s32.dtype == F32
@@ -159,11 +161,11 @@ def test_dense_float32_rank_deficient_is_exact_and_differentiable():
     assert bool(torch.isfinite(X.grad).all())
 
 
-def test_gram_svdvals_gradcheck():
+def test_gram_svdvals_gradcheck(device):
     """The Gram route's backward (eigenvectors of the Gram matrix), in float64 inputs for gradcheck."""
     g = torch.Generator().manual_seed(4)
     for shape in ((2, 6, 4), (2, 3, 5)):
-        H = torch.randn(*shape, generator=g, dtype=F64).requires_grad_()
+        H = torch.randn(*shape, generator=g, dtype=F64).to(device).requires_grad_()
         assert gradcheck(gram_svdvals, (H,))
 
 

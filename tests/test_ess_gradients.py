@@ -31,47 +31,48 @@ def _ess_error(op, method: str, k: int = 1) -> torch.Tensor:
     return entropy_ess_error(s, ds, dtype)
 
 
-def _params(*shapes, seed: int, dtype=F64):
+def _params(*shapes, seed: int, dtype=F64, device=None):
+    """Random tensors drawn on the CPU (the same values on every device), then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*shape, generator=g, dtype=dtype) for shape in shapes]
+    return [torch.randn(*shape, generator=g, dtype=dtype).to(device) for shape in shapes]
 
 
-def test_gradcheck_dense_path():
-    (X,) = _params((2, 7, 7), seed=0)
+def test_gradcheck_dense_path(device):
+    (X,) = _params((2, 7, 7), seed=0, device=device)
     X.requires_grad_()
     assert gradcheck(lambda X: entropy_ess(DenseOperator(torch.tril(X))), (X,))
 
 
-def test_gradcheck_gramian_diagonal(gramian_path):
-    a, b, c = _params((2, 6, 3), (2, 6, 3), (2, 6, 3), seed=1)
+def test_gradcheck_gramian_diagonal(gramian_path, device):
+    a, b, c = _params((2, 6, 3), (2, 6, 3), (2, 6, 3), seed=1, device=device)
     a = (torch.sigmoid(a) * 0.9 + 0.05).requires_grad_()
     assert gradcheck(
         lambda a, b, c: entropy_ess(RecurrentOperator(a, b, c)), (a, b.requires_grad_(), c.requires_grad_())
     )
 
 
-def test_gradcheck_gramian_full():
-    A, b, c = _params((2, 5, 3, 3), (2, 5, 3), (2, 5, 3), seed=2)
+def test_gradcheck_gramian_full(device):
+    A, b, c = _params((2, 5, 3, 3), (2, 5, 3), (2, 5, 3), seed=2, device=device)
     args = ((A * 0.5).requires_grad_(), b.requires_grad_(), c.requires_grad_())
     assert gradcheck(lambda a, b, c: entropy_ess(RecurrentOperator(a, b, c)), args)
 
 
-def test_gradcheck_gramian_position_chunks(gramian_path):
-    a, b, c = _params((1, 7, 3), (1, 7, 3), (1, 7, 3), seed=3)
+def test_gradcheck_gramian_position_chunks(gramian_path, device):
+    a, b, c = _params((1, 7, 3), (1, 7, 3), (1, 7, 3), seed=3, device=device)
     a = (torch.sigmoid(a) * 0.9).requires_grad_()
     fn = lambda a, b, c: entropy_ess(RecurrentOperator(a, b, c), chunk_elements=100)  # noqa: E731
     assert gradcheck(fn, (a, b.requires_grad_(), c.requires_grad_()))
 
 
 @pytest.mark.parametrize("diagonal", [True, False])
-def test_gramian_and_dense_gradients_agree(diagonal, gramian_path):
+def test_gramian_and_dense_gradients_agree(diagonal, gramian_path, device):
     L, N = 16, 4
-    a, b, c = _params((2, L, N) if diagonal else (2, L, N, N), (2, L, N), (2, L, N), seed=4)
+    a, b, c = _params((2, L, N) if diagonal else (2, L, N, N), (2, L, N), (2, L, N), seed=4, device=device)
     a = torch.sigmoid(a) if diagonal else a / N**0.5
     grads = {}
     for method in ("gramian", "dense"):
         leaves = [x.clone().requires_grad_() for x in (a, b, c)]
-        w = torch.linspace(0.5, 1.5, L, dtype=F64)  # weight positions differently
+        w = torch.linspace(0.5, 1.5, L, dtype=F64, device=device)  # weight positions differently
         (entropy_ess(RecurrentOperator(*leaves), method=method) * w).sum().backward()
         grads[method] = [x.grad for x in leaves]
     # first-order error propagation: ESS_i depends on theta through sigma_ik, each off by a relative
@@ -115,17 +116,17 @@ DTYPES = [torch.float64, torch.float32]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", ["gramian", "dense"])
-def test_zero_recurrent_operator_has_finite_gradients(dtype, method, gramian_path):
-    z = torch.zeros(2, 8, 3, dtype=dtype)
+def test_zero_recurrent_operator_has_finite_gradients(dtype, method, gramian_path, device):
+    z = torch.zeros(2, 8, 3, dtype=dtype, device=device)
     ess = _finite_grads(RecurrentOperator, (z, z, z), method)
     assert bool((ess == 0).all())
-    full = torch.zeros(2, 8, 3, 3, dtype=dtype)
+    full = torch.zeros(2, 8, 3, 3, dtype=dtype, device=device)
     assert bool((_finite_grads(RecurrentOperator, (full, z, z), method) == 0).all())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_zero_dense_operator_has_finite_gradients(dtype):
-    ess = _finite_grads(DenseOperator, (torch.zeros(2, 9, 9, dtype=dtype),))
+def test_zero_dense_operator_has_finite_gradients(dtype, device):
+    ess = _finite_grads(DenseOperator, (torch.zeros(2, 9, 9, dtype=dtype, device=device),))
     assert bool((ess == 0).all())
 
 
@@ -173,8 +174,8 @@ def test_rank_deficient_operators_have_finite_gradients(dtype, gramian_path):
     _finite_grads(DenseOperator, (T,))
 
 
-def test_half_precision_gradients_flow(gramian_path):
-    a, b, c = _params((1, 10, 3), (1, 10, 3), (1, 10, 3), seed=9, dtype=torch.float32)
+def test_half_precision_gradients_flow(gramian_path, device):
+    a, b, c = _params((1, 10, 3), (1, 10, 3), (1, 10, 3), seed=9, dtype=torch.float32, device=device)
     leaves = [
         torch.sigmoid(a).bfloat16().requires_grad_(),
         b.bfloat16().requires_grad_(),

@@ -114,20 +114,29 @@ NAMES = list(CONFIGS)
 RECURRENT = [n for n in NAMES if not CONFIGS[n].dense]
 
 
-def make(name: str, chunk: int = 4, dtype: torch.dtype = torch.float32, seed: int = 0) -> ESSMixer:
-    """A mixer with perturbed parameters (operators away from their init's near-uniform ones)."""
+def make(
+    name: str,
+    chunk: int = 4,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    device: torch.device | None = None,
+) -> ESSMixer:
+    """A mixer with perturbed parameters (operators away from their init's near-uniform ones), built on the
+    CPU (the same parameters on every device) and moved to ``device``."""
     torch.manual_seed(seed)
     cfg = CONFIGS[name]
     m = cfg.build(chunk)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(cfg.perturb * torch.randn_like(p))
-    return m.to(dtype)
+    return m.to(device=device, dtype=dtype)
 
 
-def inputs(B: int, L: int, dtype: torch.dtype = torch.float32, seed: int = 1) -> torch.Tensor:
+def inputs(
+    B: int, L: int, dtype: torch.dtype = torch.float32, seed: int = 1, device: torch.device | None = None
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, L, D, generator=g).to(dtype)
+    return torch.randn(B, L, D, generator=g).to(device=device, dtype=dtype)
 
 
 def groups(name: str, m: ESSMixer) -> int:
@@ -158,10 +167,10 @@ def test_every_registered_mixer_is_covered(mixer: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_view_shapes_and_apply_matches_fast_forward(name: str) -> None:
-    m = make(name)
+def test_view_shapes_and_apply_matches_fast_forward(name: str, device: torch.device) -> None:
+    m = make(name, device=device)
     L = 13 if not CONFIGS[name].heads else 11
-    x = inputs(2, L)
+    x = inputs(2, L, device=device)
     view = m.operator(x)
     G = groups(name, m)
     assert isinstance(view, OperatorView)
@@ -181,9 +190,9 @@ def test_view_shapes_and_apply_matches_fast_forward(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_dense_is_causal_and_realizes_y(name: str) -> None:
-    m = make(name)
-    view = m.operator(inputs(2, 9))
+def test_dense_is_causal_and_realizes_y(name: str, device: torch.device) -> None:
+    m = make(name, device=device)
+    view = m.operator(inputs(2, 9, device=device))
     T = view.op.dense()
     G = view.u.shape[1]
     assert T.shape == (2, G, 9, 9)
@@ -193,18 +202,18 @@ def test_dense_is_causal_and_realizes_y(name: str) -> None:
     if CONFIGS[name].softmax:
         assert_within(T.sum(-1), 1.0, tol(F32, n=9), "softmax rows sum to 1")
     if name == "swa":
-        t, s = torch.meshgrid(torch.arange(9), torch.arange(9), indexing="ij")
+        t, s = torch.meshgrid(torch.arange(9, device=device), torch.arange(9, device=device), indexing="ij")
         assert (T[..., t - s >= 3] == 0).all() and (T[..., (t - s < 3) & (s <= t)] > 0).all()
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_jacobian_outputs_never_depend_on_future_inputs(name: str) -> None:
-    m = make(name, chunk=2, dtype=torch.float64)
+def test_jacobian_outputs_never_depend_on_future_inputs(name: str, device: torch.device) -> None:
+    m = make(name, chunk=2, dtype=torch.float64, device=device)
     L = 6 if CONFIGS[name].heads else 7
-    x = inputs(1, L, torch.float64)
+    x = inputs(1, L, torch.float64, device=device)
     J = torch.autograd.functional.jacobian(lambda z: m(z), x)[0, :, :, 0]  # [L, D, L, D]
     block = J.abs().amax(dim=(1, 3))  # [t, s]
-    t, s = torch.meshgrid(torch.arange(L), torch.arange(L), indexing="ij")
+    t, s = torch.meshgrid(torch.arange(L, device=device), torch.arange(L, device=device), indexing="ij")
     # FFT convolutions (S4D, Hyena) leak round-off into the future (~ eps log(n) of the largest entry,
     # padded length n = 2L), nothing more
     assert (block[s > t] <= (tol(F64, block.max(), n=2 * L) if CONFIGS[name].fft else 0)).all()
@@ -234,10 +243,10 @@ _FAST_VS_REFERENCE = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name,L,chunk", _FAST_VS_REFERENCE)
 def test_fast_forward_matches_token_by_token_reference(
-    name: str, L: int, chunk: int, dtype: torch.dtype
+    name: str, L: int, chunk: int, dtype: torch.dtype, device: torch.device
 ) -> None:
-    m = make(name, chunk=chunk, dtype=dtype)
-    x = inputs(2, L, dtype)
+    m = make(name, chunk=chunk, dtype=dtype, device=device)
+    x = inputs(2, L, dtype, device=device)
     if not CONFIGS[name].heads:
         with torch.no_grad():
             fast, ref = m(x), reference_forward(m, x)
@@ -253,9 +262,9 @@ def test_fast_forward_matches_token_by_token_reference(
 
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
-def test_gradients_flow_through_forward_and_operator(name: str) -> None:
-    m = make(name)
-    x = inputs(2, 7).requires_grad_(True)
+def test_gradients_flow_through_forward_and_operator(name: str, device: torch.device) -> None:
+    m = make(name, device=device)
+    x = inputs(2, 7, device=device).requires_grad_(True)
     view = m.operator(x)
     loss = m.readout(view, x).square().mean() + view.op.dense().square().mean()
     loss.backward()
@@ -265,9 +274,9 @@ def test_gradients_flow_through_forward_and_operator(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_bfloat16_smoke(name: str) -> None:
-    m = make(name, dtype=torch.bfloat16)
-    out = m(inputs(1, 9, torch.bfloat16))
+def test_bfloat16_smoke(name: str, device: torch.device) -> None:
+    m = make(name, dtype=torch.bfloat16, device=device)
+    out = m(inputs(1, 9, torch.bfloat16, device=device))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
@@ -285,10 +294,10 @@ def test_reset_parameters_is_in_init_and_deterministic(name: str) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", RECURRENT)
-def test_recurrent_and_dense_ess_agree(name: str) -> None:
+def test_recurrent_and_dense_ess_agree(name: str, device: torch.device) -> None:
     entropy_ess = ess.entropy_ess
-    m = make(name, dtype=torch.float64)
-    op = m.operator(inputs(1, 10, torch.float64)).op
+    m = make(name, dtype=torch.float64, device=device)
+    op = m.operator(inputs(1, 10, torch.float64, device=device)).op
     rec = entropy_ess(op)
     dense = entropy_ess(op, method="dense")
     # the Gramian path squares singular values: tiny ones (S4D's fast-decaying spectrum) are resolved

@@ -15,10 +15,10 @@ F32, F64 = torch.float32, torch.float64
 
 
 @pytest.mark.parametrize("L", [1, 7, 33])
-def test_fft_causal_conv_matches_reference_outputs_and_gradients(L: int) -> None:
+def test_fft_causal_conv_matches_reference_outputs_and_gradients(L: int, device: torch.device) -> None:
     g = torch.Generator().manual_seed(0)
-    u = torch.randn(2, 3, L, generator=g, dtype=F64).requires_grad_(True)
-    k = torch.randn(3, L, generator=g, dtype=F64).requires_grad_(True)  # broadcast over the batch
+    u = torch.randn(2, 3, L, generator=g, dtype=F64).to(device).requires_grad_(True)
+    k = torch.randn(3, L, generator=g, dtype=F64).to(device).requires_grad_(True)  # broadcast over the batch
     y, ref = fft_causal_conv(u, k), causal_conv_reference(u, k)
     assert y.shape == ref.shape and y.dtype == F64
     # FFT: normwise error ~ eps log(n) ||k|| ||u||; bounded by that of the sum of |terms|, n = 2 L
@@ -28,8 +28,8 @@ def test_fft_causal_conv_matches_reference_outputs_and_gradients(L: int) -> None
     assert_grads_match(grads(y, (u, k), gy), grads(ref, (u, k), gy), 2 * 2 * L, "FFT conv")
 
 
-def test_fft_causal_conv_runs_half_precision_in_float32() -> None:
-    u, k = torch.randn(2, 16).bfloat16(), torch.randn(16).bfloat16()
+def test_fft_causal_conv_runs_half_precision_in_float32(device: torch.device) -> None:
+    u, k = torch.randn(2, 16).bfloat16().to(device), torch.randn(16).bfloat16().to(device)
     y = fft_causal_conv(u, k)
     assert y.dtype == F32
     ref = causal_conv_reference(u.double(), k.double())

@@ -16,11 +16,13 @@ from tests.test_ops_scan import assert_grads_match, grads
 F32, F64 = torch.float32, torch.float64
 
 
-def qkv(shape: tuple[int, ...], dv: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def qkv(
+    shape: tuple[int, ...], dv: int, seed: int = 0, device: torch.device | None = None
+) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(*shape, generator=g, dtype=F64) for _ in range(2))
     v = torch.randn(*shape[:-1], dv, generator=g, dtype=F64)
-    return q, k, v
+    return q.to(device), k.to(device), v.to(device)
 
 
 def check_grads(fast: torch.Tensor, ref: torch.Tensor, ins: tuple, n: int, what: str) -> None:
@@ -32,14 +34,14 @@ def check_grads(fast: torch.Tensor, ref: torch.Tensor, ins: tuple, n: int, what:
 @pytest.mark.parametrize("chunk,sub", [(64, 16), (8, 4), (4, 2), (1, 1)])
 @pytest.mark.parametrize("gated", [False, True])
 def test_chunk_linear_attention_matches_reference_outputs_and_gradients(
-    chunk: int, sub: int, gated: bool
+    chunk: int, sub: int, gated: bool, device: torch.device
 ) -> None:
-    q, k, v = qkv((2, 3, 21, 4), 3)
+    q, k, v = qkv((2, 3, 21, 4), 3, device=device)
     g = (
         F.logsigmoid(torch.randn(2, 3, 21, 4, dtype=F64) + 2)
         if gated
         else torch.zeros(2, 3, 21, 4, dtype=F64)
-    )
+    ).to(device)
     ins = tuple(t.requires_grad_(True) for t in ((q, k, v, g) if gated else (q, k, v)))
     y = chunk_linear_attention(*ins, chunk_size=chunk, sub_chunk_size=sub)
     ref = gated_reference(q, k, v, g, 1.0)
@@ -48,9 +50,11 @@ def test_chunk_linear_attention_matches_reference_outputs_and_gradients(
 
 
 @pytest.mark.parametrize("chunk", [64, 5, 1])
-def test_chunk_decayed_linear_attention_matches_reference_outputs_and_gradients(chunk: int) -> None:
-    q, k, v = qkv((2, 3, 21, 4), 3)
-    log_decay = torch.log(torch.tensor([0.5, 0.9, 0.999], dtype=F64))
+def test_chunk_decayed_linear_attention_matches_reference_outputs_and_gradients(
+    chunk: int, device: torch.device
+) -> None:
+    q, k, v = qkv((2, 3, 21, 4), 3, device=device)
+    log_decay = torch.log(torch.tensor([0.5, 0.9, 0.999], dtype=F64, device=device))
     ins = tuple(t.requires_grad_(True) for t in (q, k, v, log_decay))
     y = chunk_decayed_linear_attention(*ins, chunk_size=chunk)
     ref = gated_reference(q, k, v, log_decay[None, :, None, None].expand(q.shape), 1.0)
@@ -59,10 +63,10 @@ def test_chunk_decayed_linear_attention_matches_reference_outputs_and_gradients(
 
 
 @pytest.mark.parametrize("chunk", [64, 5, 1])
-def test_chunk_delta_rule_matches_reference_outputs_and_gradients(chunk: int) -> None:
-    q, k, v = qkv((2, 3, 13, 4), 3)
+def test_chunk_delta_rule_matches_reference_outputs_and_gradients(chunk: int, device: torch.device) -> None:
+    q, k, v = qkv((2, 3, 13, 4), 3, device=device)
     k = F.normalize(k, dim=-1)
-    beta = torch.rand(2, 3, 13, dtype=F64)
+    beta = torch.rand(2, 3, 13, dtype=F64).to(device)
     ins = tuple(t.requires_grad_(True) for t in (q, k, v, beta))
     y = chunk_delta_rule(*ins, chunk_size=chunk)
     ref = delta_rule_reference(*ins)
@@ -72,11 +76,13 @@ def test_chunk_delta_rule_matches_reference_outputs_and_gradients(chunk: int) ->
 
 
 # ----------------------------------------------------------------------------------------------------
-def test_gated_kernel_survives_extreme_gates() -> None:
+def test_gated_kernel_survives_extreme_gates(device: torch.device) -> None:
     """Log-gates down to -60 per step: cumulative decays far below float32 range, still exact."""
     torch.manual_seed(0)
-    q, k, v = torch.randn(1, 2, 37, 4), torch.randn(1, 2, 37, 4), torch.randn(1, 2, 37, 3)
-    g = -60.0 * torch.rand(1, 2, 37, 4)
+    q, k, v = (
+        t.to(device) for t in (torch.randn(1, 2, 37, 4), torch.randn(1, 2, 37, 4), torch.randn(1, 2, 37, 3))
+    )
+    g = (-60.0 * torch.rand(1, 2, 37, 4)).to(device)
     g[..., ::5, :] = 0.0  # some steps keep the state: cross-step products stay O(1)
     g.requires_grad_(True)
     y = chunk_linear_attention(q, k, v, g, chunk_size=32, sub_chunk_size=8)
@@ -105,12 +111,12 @@ def test_chunk_kernels_pad_and_match_across_chunk_sizes() -> None:
         assert_seq_close(o, outs[0], F64, 13 + 4, "delta rule, chunk sizes")
 
 
-def test_gated_kernel_factored_path_shrinks_chunks_for_strong_gates() -> None:
+def test_gated_kernel_factored_path_shrinks_chunks_for_strong_gates(device: torch.device) -> None:
     """Gates down to -3 per step: the factored (matmul) intra-chunk path needs chunks of 16 (span <= 30), the
     kernel halves the chunk and stays exact: agrees with the reference to round-off."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 64, 4, dtype=torch.float64) for _ in range(3))
-    g = -3.0 * torch.rand(1, 2, 64, 4, dtype=torch.float64)
+    q, k, v = (torch.randn(1, 2, 64, 4, dtype=torch.float64).to(device) for _ in range(3))
+    g = (-3.0 * torch.rand(1, 2, 64, 4, dtype=torch.float64)).to(device)
     ref = gated_reference(q, k, v, g, 1.0)
     y64 = chunk_linear_attention(q, k, v, g, chunk_size=64, sub_chunk_size=16)
     assert_seq_close(y64, ref, F64, 64 + 4, "factored, float64")
@@ -119,12 +125,12 @@ def test_gated_kernel_factored_path_shrinks_chunks_for_strong_gates() -> None:
     assert_seq_close(y32.double(), ref, F32, 64 + 4, "factored, float32")
 
 
-def test_gated_kernel_pairwise_path_for_gates_too_strong_to_factor() -> None:
+def test_gated_kernel_pairwise_path_for_gates_too_strong_to_factor(device: torch.device) -> None:
     """Gates down to -40 per step: no chunk length keeps the factored exponents bounded, the kernel takes
     the pairwise path at the original chunking (with a padded, non-multiple length) and stays exact."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 70, 4, dtype=torch.float64) for _ in range(3))
-    g = -40.0 * torch.rand(2, 3, 70, 4, dtype=torch.float64)
+    q, k, v = (torch.randn(2, 3, 70, 4, dtype=torch.float64).to(device) for _ in range(3))
+    g = (-40.0 * torch.rand(2, 3, 70, 4, dtype=torch.float64)).to(device)
     ref = gated_reference(q, k, v, g, 1.0)
     for dtype in (torch.float64, torch.float32):
         y = chunk_linear_attention(*(x.to(dtype) for x in (q, k, v, g)), chunk_size=64, sub_chunk_size=16)

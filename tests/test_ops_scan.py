@@ -28,11 +28,11 @@ def assert_grads_match(fast: tuple, ref: tuple, n: int, what: str) -> None:
 
 # ---------------------------------------------------------------------------------- selective_scan
 @pytest.mark.parametrize("chunk", [None, 1, 3, 8, 64])
-def test_selective_scan_matches_reference_and_gradcheck(chunk: int | None) -> None:
+def test_selective_scan_matches_reference_and_gradcheck(chunk: int | None, device: torch.device) -> None:
     g = torch.Generator().manual_seed(0)
-    la = -torch.rand(2, 3, 21, 4, generator=g, dtype=torch.float64) * 2
-    x = torch.randn(2, 3, 21, 4, generator=g, dtype=torch.float64)
-    c = torch.randn(2, 1, 21, 4, generator=g, dtype=torch.float64)  # broadcast over dim 1
+    la = (-torch.rand(2, 3, 21, 4, generator=g, dtype=torch.float64) * 2).to(device)
+    x = torch.randn(2, 3, 21, 4, generator=g, dtype=torch.float64).to(device)
+    c = torch.randn(2, 1, 21, 4, generator=g, dtype=torch.float64).to(device)  # broadcast over dim 1
     ref = selective_scan_reference(la, x)
     # a scan of 21 steps, each term's size given by the same scan of |x| (then 4 more terms with c)
     size = selective_scan_reference(la, x.abs())
@@ -46,13 +46,13 @@ def test_selective_scan_matches_reference_and_gradcheck(chunk: int | None) -> No
 
 
 @pytest.mark.parametrize("chunk", [None, 1, 4, 64])
-def test_selective_scan_gradients_match_reference(chunk: int | None) -> None:
+def test_selective_scan_gradients_match_reference(chunk: int | None, device: torch.device) -> None:
     """The adjoint backward against autograd through the token-by-token loop (with and without ``c``)."""
     g = torch.Generator().manual_seed(2)
-    la = (-torch.rand(2, 3, 37, 4, generator=g, dtype=F64) * 2).requires_grad_(True)
-    x = torch.randn(2, 3, 37, 4, generator=g, dtype=F64).requires_grad_(True)
-    c = torch.randn(2, 1, 37, 4, generator=g, dtype=F64).requires_grad_(True)
-    gh = torch.randn(2, 3, 37, 4, generator=g, dtype=F64)
+    la = (-torch.rand(2, 3, 37, 4, generator=g, dtype=F64) * 2).to(device).requires_grad_(True)
+    x = torch.randn(2, 3, 37, 4, generator=g, dtype=F64).to(device).requires_grad_(True)
+    c = torch.randn(2, 1, 37, 4, generator=g, dtype=F64).to(device).requires_grad_(True)
+    gh = torch.randn(2, 3, 37, 4, generator=g, dtype=F64).to(device)
     ref = selective_scan_reference(la, x)
     assert_grads_match(grads(selective_scan(la, x, chunk), (la, x), gh), grads(ref, (la, x), gh), 37 * 4, "h")
     gy = gh[..., 0]
@@ -61,13 +61,13 @@ def test_selective_scan_gradients_match_reference(chunk: int | None) -> None:
     assert_grads_match(fast, grads(y_ref, (la, x, c), gy), 2 * 37 * 4, "y = c . h")
 
 
-def test_selective_scan_survives_extreme_decays() -> None:
+def test_selective_scan_survives_extreme_decays(device: torch.device) -> None:
     g = torch.Generator().manual_seed(1)
-    la = -torch.rand(1, 2, 64, 3, generator=g) * 5
+    la = (-torch.rand(1, 2, 64, 3, generator=g) * 5).to(device)
     la[..., 10:20, 0] = -1e4  # a total reset
     la[..., 30:, 1] = -200.0  # exp(cumsum) far below float32's range
     la[..., 2] = 0.0  # no decay at all
-    x = torch.randn(1, 2, 64, 3, generator=g)
+    x = torch.randn(1, 2, 64, 3, generator=g).to(device)
     fast = selective_scan(la.requires_grad_(True), x, 8)
     ref = selective_scan_reference(la.double(), x.double())
     assert torch.isfinite(fast).all()
@@ -96,14 +96,17 @@ def test_exp_nonpositive_flushes_only_below_the_normal_range() -> None:
 
 
 # ---------------------------------------------------------------------------------- mamba_scan
-def mamba_inputs(b: int, D: int, L: int, N: int, dt_scale: float = 0.3, seed: int = 0) -> tuple:
-    """``dt [b, D, L] >= 0``, ``A [D, N] < 0``, ``B, C [b, L, N]``, ``u [b, D, L]`` (float64, leaves)."""
+def mamba_inputs(
+    b: int, D: int, L: int, N: int, dt_scale: float = 0.3, seed: int = 0, device: torch.device | None = None
+) -> tuple:
+    """``dt [b, D, L] >= 0``, ``A [D, N] < 0``, ``B, C [b, L, N]``, ``u [b, D, L]`` (float64, leaves on
+    ``device``; drawn on the CPU, so the same values on every device)."""
     g = torch.Generator().manual_seed(seed)
     dt = torch.rand(b, D, L, generator=g, dtype=F64) * dt_scale
     A = -(torch.rand(D, N, generator=g, dtype=F64) + 0.5)
     Bm, Cm = (torch.randn(b, L, N, generator=g, dtype=F64) for _ in range(2))
     u = torch.randn(b, D, L, generator=g, dtype=F64)
-    return tuple(t.requires_grad_(True) for t in (dt, A, Bm, Cm, u))
+    return tuple(t.to(device).requires_grad_(True) for t in (dt, A, Bm, Cm, u))
 
 
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,11 +123,11 @@ MAMBA_CASES = [(64, 0.3), (4, 0.3), (None, 30.0), (None, 1e4)]
 @pytest.mark.parametrize("blocked", [False, True])
 @pytest.mark.parametrize("chunk,dt_scale", MAMBA_CASES)
 def test_mamba_scan_matches_reference_outputs_and_gradients(
-    chunk: int | None, dt_scale: float, blocked: bool, monkeypatch: pytest.MonkeyPatch
+    chunk: int | None, dt_scale: float, blocked: bool, monkeypatch: pytest.MonkeyPatch, device: torch.device
 ) -> None:
     if blocked:
         small_blocks(monkeypatch)
-    ins = mamba_inputs(2, 3, 21, 4, dt_scale)
+    ins = mamba_inputs(2, 3, 21, 4, dt_scale, device=device)
     y, ref = mamba_scan(*ins, chunk), mamba_scan_reference(*ins)
     # per channel: a scan of 21 steps contracted with C over 4 states
     dt, A, Bm, Cm, u = (t.detach() for t in ins)
@@ -137,19 +140,19 @@ def test_mamba_scan_matches_reference_outputs_and_gradients(
 @pytest.mark.parametrize("blocked", [False, True])
 @pytest.mark.parametrize("chunk,dt_scale", MAMBA_CASES)
 def test_mamba_scan_gradcheck(
-    chunk: int | None, dt_scale: float, blocked: bool, monkeypatch: pytest.MonkeyPatch
+    chunk: int | None, dt_scale: float, blocked: bool, monkeypatch: pytest.MonkeyPatch, device: torch.device
 ) -> None:
     """float64 gradcheck of the custom backward (``_MambaScan``; the fallback's ``_SelectiveScan``) in all of
     ``dt, A, B, C, u``, on every path; ``blocked``: several (batch, channel) blocks accumulate ``A``, ``B``,
     ``C``'s gradients."""
     if blocked:
         small_blocks(monkeypatch)
-    ins = mamba_inputs(2, 2, 9, 3, dt_scale, seed=1)
+    ins = mamba_inputs(2, 2, 9, 3, dt_scale, seed=1, device=device)
     assert torch.autograd.gradcheck(lambda *t: mamba_scan(*t, chunk), ins)
 
 
-def test_mamba_scan_float32_matches_float64_reference() -> None:
-    ins = mamba_inputs(2, 3, 70, 4)
+def test_mamba_scan_float32_matches_float64_reference(device: torch.device) -> None:
+    ins = mamba_inputs(2, 3, 70, 4, device=device)
     y = mamba_scan(*(t.detach().float() for t in ins), 16)
     assert y.dtype == F32
     dt, A, Bm, Cm, u = (t.detach() for t in ins)
