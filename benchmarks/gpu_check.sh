@@ -46,6 +46,7 @@ DEVICE_TESTS=(
     tests/test_ess_engine.py tests/test_ess_float32.py tests/test_ess_gradients.py
     tests/test_ops_scan.py tests/test_ops_linear_attention.py tests/test_ops_fft_conv.py
     tests/test_mixer_contract.py tests/test_callbacks_monitor.py tests/test_callbacks_regularizer.py
+    tests/test_ops_triton_scan.py
 )
 if [ -n "${TEST_FILES:-}" ]; then
     read -r -a DEVICE_TESTS <<<"$TEST_FILES"

@@ -10,48 +10,28 @@ triton.
 
 from __future__ import annotations
 
-import os
-import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from ess_train.models.mixers.mamba import Mamba
 from ess_train.models.ops.triton_scan import select_scan_backend
+from tests.fla_env import FLA_ENV, INSTALL, ROOT, env_with_fla_env, run_pytest_passes
 
-ROOT = Path(__file__).resolve().parent.parent
-FLA_ENV = ROOT / ".fla-env"
 CASES = "tests/triton_scan_cases.py"
 N_CASES = 13  # the tests in CASES, all of which must pass
-INSTALL = "pip install --target .fla-env --no-deps triton==3.9.0 (README's fla install has it)"
 
 
 def env_with_triton(**extra: str) -> dict[str, str]:
-    """This environment with ``.fla-env`` first on ``PYTHONPATH`` (and the repository, for ``tests``)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(FLA_ENV), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    return {**env, **extra}
+    """This environment with ``.fla-env`` (where triton is) first on ``PYTHONPATH``."""
+    return env_with_fla_env(**extra)
 
 
 def run_cases(env: dict[str, str]) -> None:
     """``pytest CASES`` in a subprocess (no conftest: it would import fla); every case must pass."""
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", CASES],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    tail = done.stdout[-3000:] + done.stderr[-2000:]
-    assert done.returncode == 0, tail
-    summary = done.stdout.strip().splitlines()[-1]
-    passed = re.search(r"(\d+) passed", summary)
-    assert passed and int(passed.group(1)) >= N_CASES, summary
-    assert not re.search(r"skipped|failed|error", summary), summary
+    run_pytest_passes(["--noconftest", CASES], env, N_CASES)
 
 
 def test_triton_scan_cases_pass_under_the_interpreter() -> None:
