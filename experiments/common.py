@@ -14,13 +14,22 @@ import json
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["run_point", "run_grid", "flatten_summary", "read_rows", "ROOT"]
+__all__ = [
+    "run_point",
+    "run_grid",
+    "run_tasks",
+    "write_rows",
+    "flatten_summary",
+    "read_rows",
+    "gather_curves",
+    "ROOT",
+]
 
 
 def flatten_summary(summary: dict[str, Any]) -> dict[str, Any]:
@@ -88,7 +97,10 @@ def read_rows(csv_path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _write_rows(csv_path: Path, rows: list[dict[str, Any]]) -> None:
+def write_rows(csv_path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` (union of their keys as columns) to ``csv_path`` atomically."""
+    csv_path = Path(csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
     keys: list[str] = []
     for row in rows:
         keys.extend(k for k in row if k not in keys)
@@ -100,35 +112,35 @@ def _write_rows(csv_path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(csv_path)
 
 
-def run_grid(
-    points: dict[str, list[str]],
+def run_tasks(
+    worker: Callable[[Any], dict[str, Any]],
+    tasks: dict[str, Any],
     csv_path: str | Path,
-    out_dir: str | Path,
     workers: int = 2,
 ) -> list[dict[str, Any]]:
-    """Run every ``run_id -> overrides`` point not yet in ``csv_path``; append rows as they finish.
+    """Run ``worker(args)`` for every ``run_id -> args`` not yet in ``csv_path``; append rows as they finish.
 
-    Returns all rows (old and new). Failed points are recorded with an ``error`` column and retried on the
-    next call.
+    ``worker`` (a module-level function: it is pickled to spawned processes) returns one row with ``run_id``,
+    or a row with an ``error`` column, which is retried on the next call. Returns all rows (old and new).
     """
     csv_path = Path(csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     rows = [r for r in read_rows(csv_path) if not r.get("error")]
     done = {r["run_id"] for r in rows}
-    todo = [(rid, list(ov), str(out_dir)) for rid, ov in points.items() if rid not in done]
+    todo = [args for rid, args in tasks.items() if rid not in done]
     print(f"{len(done)} runs done, {len(todo)} to run ({workers} workers) -> {csv_path}", flush=True)
     if not todo:
         return rows
     start = time.time()
     if workers <= 1:
-        results = map(_worker, todo)
+        results = map(worker, todo)
     else:
         pool = mp.get_context("spawn").Pool(workers, maxtasksperchild=4)
-        results = pool.imap_unordered(_worker, todo)
+        results = pool.imap_unordered(worker, todo)
     try:
         for i, row in enumerate(results, 1):
             rows.append(row)
-            _write_rows(csv_path, rows)
+            write_rows(csv_path, rows)
             status = f"error {row['error'][:80]}" if "error" in row else f"acc {float(row['val_acc']):.3f}"
             print(f"[{i}/{len(todo)} {time.time() - start:6.0f}s] {row['run_id']}: {status}", flush=True)
     finally:
@@ -138,6 +150,68 @@ def run_grid(
     return rows
 
 
+def run_grid(
+    points: dict[str, list[str]],
+    csv_path: str | Path,
+    out_dir: str | Path,
+    workers: int = 2,
+) -> list[dict[str, Any]]:
+    """Train every ``run_id -> overrides`` point not yet in ``csv_path`` (:func:`run_tasks` of the app)."""
+    tasks = {rid: (rid, list(ov), str(out_dir)) for rid, ov in points.items()}
+    return run_tasks(_worker, tasks, csv_path, workers)
+
+
 def dump_json(obj: Any, path: str | Path) -> None:
     """Write ``obj`` as indented JSON."""
     Path(path).write_text(json.dumps(obj, indent=2, default=str))
+
+
+CURVE_KEYS = ("val/acc", "train/loss", "ess/total", "ess/per_kv", "ess/reg_loss")
+CURVE_SUFFIXES = ("/utilization", "/avg_entropy", "/avg_tolerance", "/per_kv")
+
+
+def gather_curves(runs_dir: Path, run_ids: list[str], out_csv: Path) -> Path:
+    """Long-format curves ``run_id, step, metric, value`` from every run's CSV-logger ``metrics.csv``."""
+    out_rows = []
+    for run_id in run_ids:
+        files = sorted((runs_dir / run_id).glob("csv/version_*/metrics.csv"))
+        if not files:
+            continue
+        with files[-1].open(newline="") as fh:
+            for rec in csv.DictReader(fh):
+                for key, value in rec.items():
+                    if value in ("", None) or key in ("step", "epoch"):
+                        continue
+                    if key in CURVE_KEYS or (key.startswith("ess/") and key.endswith(CURVE_SUFFIXES)):
+                        out_rows.append(
+                            {
+                                "run_id": run_id,
+                                "step": int(float(rec["step"])),
+                                "metric": key,
+                                "value": float(value),
+                            }
+                        )
+    with out_csv.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["run_id", "step", "metric", "value"])
+        writer.writeheader()
+        writer.writerows(out_rows)
+    return out_csv
+
+
+def run_study(points: dict[str, list[str]], out: str | Path, stem: str, workers: int) -> Path:
+    """:func:`run_grid` of ``points`` into ``<out>/<stem>.csv``, then the finished runs' curves into
+    ``<out>/<stem>_curves.csv`` (:func:`gather_curves`); returns the CSV's path."""
+    out = Path(out)
+    csv_path = out / f"{stem}.csv"
+    run_grid(points, csv_path, out, workers=workers)
+    done = [r["run_id"] for r in read_rows(csv_path) if not r.get("error")]
+    gather_curves(out / "runs", done, out / f"{stem}_curves.csv")
+    return csv_path
+
+
+def write_outputs(results: str | Path, md: str, summary: dict[str, Any]) -> None:
+    """A study's ``table.md`` and ``summary.json`` (the numbers RESULTS.md quotes) in ``results``; prints
+    the table."""
+    Path(results, "table.md").write_text(md)
+    dump_json(summary, Path(results, "summary.json"))
+    print(md)

@@ -18,11 +18,10 @@ regularizer loss) are gathered from each run's ``metrics.csv`` into ``results/co
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 from pathlib import Path
 
-from experiments.common import read_rows, run_grid
+from experiments.common import gather_curves, read_rows, run_grid
 
 HERE = Path(__file__).resolve().parent
 MIXERS = ["gla", "decayed_linear_attention"]
@@ -63,7 +62,6 @@ SMOKE = [
     "task.num_test=32",
     "task.batch_size=16",
 ]
-CURVE_KEYS = ("val/acc", "ess/total", "ess/per_kv", "ess/reg_loss")
 
 
 def points(
@@ -103,36 +101,6 @@ def points(
         ]
         for mixer, cond, seed in grid
     }
-
-
-def gather_curves(runs_dir: Path, run_ids: list[str], out_csv: Path) -> Path:
-    """Long-format curves ``run_id, step, metric, value`` from every run's CSV-logger ``metrics.csv``."""
-    out_rows = []
-    for run_id in run_ids:
-        files = sorted((runs_dir / run_id).glob("csv/version_*/metrics.csv"))
-        if not files:
-            continue
-        with files[-1].open(newline="") as fh:
-            for rec in csv.DictReader(fh):
-                for key, value in rec.items():
-                    if value in ("", None) or key in ("step", "epoch"):
-                        continue
-                    if key in CURVE_KEYS or (
-                        key.startswith("ess/") and key.endswith(("/utilization", "/avg_entropy", "/per_kv"))
-                    ):
-                        out_rows.append(
-                            {
-                                "run_id": run_id,
-                                "step": int(float(rec["step"])),
-                                "metric": key,
-                                "value": float(value),
-                            }
-                        )
-    with out_csv.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["run_id", "step", "metric", "value"])
-        writer.writeheader()
-        writer.writerows(out_rows)
-    return out_csv
 
 
 def main(argv: list[str] | None = None) -> Path:

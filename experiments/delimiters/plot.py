@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.common import read_rows  # noqa: E402
+from experiments.common import dump_json, read_rows  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,7 +44,13 @@ def main(argv: list[str] | None = None) -> None:
             )
             + " |"
         )
+    summary: dict = {}
     if rows and "norm_ratio_eos" in rows[0]:
+        keys = ("norm_ratio_eos", "norm_ratio_other", "dip_tol_mean", "acc_reused", "stale_reused", "val_acc")
+        summary = {
+            m: {k: [float(r[k]) for r in rows if r["model"] == m] for k in keys}
+            for m in {r["model"] for r in rows}
+        }
         md += [
             "",
             "Per model over seeds (mean, [min, max]): the threshold-free reset measure ``norm_ratio_eos`` "
@@ -151,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     fig.savefig(res / "delim_profiles.png", dpi=100)
     plt.close(fig)
     (res / "table.md").write_text("\n".join(md) + "\n")
+    if summary:
+        dump_json(summary, res / "summary.json")
     print("\n".join(md))
 
 

@@ -117,11 +117,13 @@ def distill(
 def evaluate(
     student: nn.Module, teacher: nn.Module | None, datamodule: Any, max_batches: int | None = None
 ) -> dict[str, float]:
-    """Answer accuracy of the student (and the teacher), KL(teacher || student) and CE on the validation set."""
+    """Answer accuracy of the student (and the teacher), KL(teacher || student) and CE on the validation set;
+    with a teacher also ``agreement`` (top-1 of student = top-1 of teacher) and ``teacher_entropy`` (mean
+    entropy of the teacher's answer distribution, the scale KL is read against)."""
     student.eval()
     correct = total = 0
     t_correct = 0
-    kl_sum = ce_sum = 0.0
+    kl_sum = ce_sum = agree = t_entropy = 0.0
     for i, batch in enumerate(datamodule.val_dataloader()):
         if max_batches is not None and i >= max_batches:
             break
@@ -137,6 +139,10 @@ def evaluate(
         if teacher is not None:
             t_logits = teacher(x)
             t_correct += float(answer_accuracy(t_logits, y)["accuracy"]) * n
+            t_ls = t_logits[mask].float()
+            agree += float((ls.argmax(-1) == t_ls.argmax(-1)).sum())
+            t_logp = F.log_softmax(t_ls, -1)
+            t_entropy += float(-(t_logp.exp() * t_logp).sum())
             kl_sum += float(
                 F.kl_div(
                     F.log_softmax(ls, -1),
@@ -147,7 +153,10 @@ def evaluate(
             )
     out = {"acc": correct / max(total, 1), "ce": ce_sum / max(total, 1)}
     if teacher is not None:
-        out.update(kl=kl_sum / max(total, 1), teacher_acc=t_correct / max(total, 1))
+        m = max(total, 1)
+        out.update(
+            kl=kl_sum / m, teacher_acc=t_correct / m, agreement=agree / m, teacher_entropy=t_entropy / m
+        )
     return out
 
 

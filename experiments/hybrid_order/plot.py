@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from experiments.common import read_rows  # noqa: E402
+from experiments.common import dump_json, read_rows  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CHANCE = 1 / 64  # MQAR with the app's vocabulary (128): answers drawn from the 64 value tokens
@@ -65,10 +65,19 @@ def main(argv: list[str] | None = None) -> None:
     predictors = {"ESS per kv": [float(r["ess_per_kv"]) for r in rows]}
     for m in mixers:
         predictors[f"{m} utilization"] = [_by_mixer(r, "utilization")[m] for r in rows]
+    summary: dict = {"orders": {}, "rho": {}}
     for name, xs in predictors.items():
         rho, pval = spearmanr(xs, acc) if len(set(xs)) > 1 and len(set(acc)) > 1 else (float("nan"),) * 2
         md.append(f"- {name}: rho = {rho:.2f} (p = {pval:.2g})")
+        summary["rho"][name] = (float(rho), float(pval), len(xs))
+    for order in orders:
+        rs = [r for r in rows if r["run_id"].rsplit("_s", 1)[0] == order]
+        summary["orders"][order] = {
+            "acc": [float(r["val_acc"]) for r in rs],
+            "ess_per_kv": [float(r["ess_per_kv"]) for r in rs],
+        }
     (args.results / "table.md").write_text("\n".join(md) + "\n")
+    dump_json(summary, args.results / "summary.json")
     print("\n".join(md))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
