@@ -107,13 +107,14 @@ def tables(results: Path, suffix: str = "") -> tuple[str, dict]:
                 for sd in sorted({r["seed"] for r in rs})
                 for by in [[r for r in rs if r["seed"] == sd]]
             ]
+        fams = [f for f in NAMES if summary.get(f"init_slope_per_seed/{f}")]
         md += [
             "",
             "log-log slope of total ESS on TSS at initialization (all seeds; range over seeds): "
             + ", ".join(
                 f"{NAMES[f]} {summary[f'init_slope/{f}']:.2f} "
                 f"({min(summary[f'init_slope_per_seed/{f}']):.2f}-{max(summary[f'init_slope_per_seed/{f}']):.2f})"
-                for f in NAMES
+                for f in fams
             ),
             "",
         ]
