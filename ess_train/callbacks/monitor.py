@@ -445,12 +445,14 @@ class ESSMonitor(Callback):
             inputs = probe[0][:rows].to(pl_module.device)
             context = trainer.precision_plugin.forward_context()
             views = ess_measure.probe_views(pl_module, inputs, self.layers, self.forward_fn, context)
-            shapes = {name: ess_budget.LayerShape.of(v.op) for name, v in views.items()}
-            if plan is None:
+            if plan is None:  # (layer shapes only where the plan is made)
+                shapes = {name: ess_budget.LayerShape.of(v.op) for name, v in views.items()}
                 plan = self._make_plan(trainer, pl_module, inputs, shapes)
         except Exception as exc:
             error = exc
-        parts, failures = ranks.exchange(None if plan is None else plan.as_dict(), error)
+        # (the plan travels only until every rank has agreed on it; failures travel every time)
+        agreed = self.plan is not None or plan is None
+        parts, failures = ranks.exchange(None if agreed else plan.as_dict(), error)
         if self._settle(step, ranks, failures, error):
             return None
         if self.plan is None:

@@ -32,7 +32,7 @@ import os
 from pathlib import Path
 
 from experiments.common import run_study, write_rows
-from experiments.matched_tss.run import COMMON, SMOKE, STEPS
+from experiments.matched_tss.run import hybrid_overrides
 
 HERE = Path(__file__).resolve().parent
 STATE_SIZES = [4, 8, 32]
@@ -44,20 +44,6 @@ NORMALIZERS = [1, 4, 16, 64, 256]
 DOSE_SEEDS = [0]
 DT_RANGES = [(0.0001, 0.01), (0.001, 0.1), (0.01, 1.0)]
 A_INITS = ["s4d_real"]
-
-
-def _run(family: str, kwargs: str, task: list[str], seed: int, smoke: bool) -> list[str]:
-    return [
-        "model=hybrid_conv_gla",
-        f"model.mixer=[short_conv,{family}]",
-        f"+model.mixer_kwargs.{family}={kwargs}",
-        *task,
-        f"seed={seed}",
-        f"trainer.max_steps={STEPS}",
-        "checkpoint=none",
-        *COMMON,
-        *(SMOKE if smoke else []),
-    ]
 
 
 def layer_kwargs(family: str, n: int) -> dict:
@@ -122,7 +108,7 @@ def bound_points(smoke: bool = False) -> dict[str, list[str]]:
     for n, seed in grid:
         for family in ("mamba", "gla"):
             kw = "{" + ",".join(f"{k}:{v:g}" for k, v in layer_kwargs(family, n).items()) + "}"
-            out[f"{family}_N{n}_s{seed}"] = _run(family, kw, BOUND_TASK, seed, smoke)
+            out[f"{family}_N{n}_s{seed}"] = hybrid_overrides(family, kw, BOUND_TASK, seed, smoke=smoke)
     return out
 
 
@@ -131,10 +117,12 @@ def dose_points(smoke: bool = False) -> dict[str, list[str]]:
     task = ["task.num_kv_pairs=8"]
     out = {}
     for g, seed in [(1, 0)] if smoke else itertools.product(NORMALIZERS, DOSE_SEEDS):
-        out[f"gla_g{g}_s{seed}"] = _run("gla", f"{{gate_logit_normalizer:{g}}}", task, seed, smoke)
+        out[f"gla_g{g}_s{seed}"] = hybrid_overrides(
+            "gla", f"{{gate_logit_normalizer:{g}}}", task, seed, smoke=smoke
+        )
     for (lo, hi), a_init in [(DT_RANGES[0], "constant")] if smoke else itertools.product(DT_RANGES, A_INITS):
         kw = f"{{d_state:8,expand:1,dt_min:{lo:g},dt_max:{hi:g},a_init:{a_init}}}"
-        out[f"mamba_dt{lo:g}-{hi:g}_{a_init}_s0"] = _run("mamba", kw, task, 0, smoke)
+        out[f"mamba_dt{lo:g}-{hi:g}_{a_init}_s0"] = hybrid_overrides("mamba", kw, task, 0, smoke=smoke)
     return out
 
 

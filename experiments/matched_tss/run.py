@@ -54,6 +54,30 @@ def family_kwargs(family: str, tss: int) -> str:
     return f"{{num_heads:4,expand_k:{d_k * 4 / 64:g},expand_v:1.0}}"
 
 
+def hybrid_overrides(
+    family: str,
+    kwargs: str,
+    task: list[str],
+    seed: int,
+    steps: int = STEPS,
+    smoke: bool = False,
+    keep_checkpoint: bool = False,
+) -> list[str]:
+    """The overrides of one study run: a short convolution then ``family`` (``mixer_kwargs`` ``kwargs``), the
+    ``task`` overrides, the studies' training and monitor settings (``COMMON``)."""
+    return [
+        "model=hybrid_conv_gla",
+        f"model.mixer=[short_conv,{family}]",
+        f"+model.mixer_kwargs.{family}={kwargs}",
+        *task,
+        f"seed={seed}",
+        f"trainer.max_steps={steps}",
+        *([] if keep_checkpoint else ["checkpoint=none"]),
+        *COMMON,
+        *(SMOKE if smoke else []),
+    ]
+
+
 def points(smoke: bool = False, seeds: list[int] | None = None, steps: int = STEPS) -> dict[str, list[str]]:
     """``run_id -> overrides``, seed-major (an interrupted study holds whole seeds): family x TSS x kv, then
     attention x kv; one GLA run and one attention run of a few steps when smoke."""
@@ -64,30 +88,20 @@ def points(smoke: bool = False, seeds: list[int] | None = None, steps: int = STE
         grid = [("gla", 2048)] if smoke else list(itertools.product(FAMILIES, KEY_DIMS))
         for kv in kvs:
             for family, tss in grid:
-                out[f"{family}_tss{tss}_kv{kv}_s{seed}"] = [
-                    "model=hybrid_conv_gla",
-                    f"model.mixer=[short_conv,{family}]",
-                    f"+model.mixer_kwargs.{family}={family_kwargs(family, tss)}",
-                    f"task.num_kv_pairs={kv}",
-                    f"seed={seed}",
-                    f"trainer.max_steps={steps}",
-                    # the largest-state GLA runs keep their last checkpoint: study 5's teachers
-                    *([] if (family, tss) == TEACHERS else ["checkpoint=none"]),
-                    *COMMON,
-                    *(SMOKE if smoke else []),
-                ]
+                # the largest-state GLA runs keep their last checkpoint: study 5's teachers
+                out[f"{family}_tss{tss}_kv{kv}_s{seed}"] = hybrid_overrides(
+                    family,
+                    family_kwargs(family, tss),
+                    [f"task.num_kv_pairs={kv}"],
+                    seed,
+                    steps,
+                    smoke,
+                    keep_checkpoint=(family, tss) == TEACHERS,
+                )
         for kv in kvs:
-            out[f"attention_kv{kv}_s{seed}"] = [
-                "model=hybrid_conv_gla",
-                "model.mixer=[short_conv,attention]",
-                "+model.mixer_kwargs.attention={num_heads:4,rotary:true}",
-                f"task.num_kv_pairs={kv}",
-                f"seed={seed}",
-                f"trainer.max_steps={steps}",
-                "checkpoint=none",
-                *COMMON,
-                *(SMOKE if smoke else []),
-            ]
+            out[f"attention_kv{kv}_s{seed}"] = hybrid_overrides(
+                "attention", "{num_heads:4,rotary:true}", [f"task.num_kv_pairs={kv}"], seed, steps, smoke
+            )
     return out
 
 
