@@ -144,6 +144,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.axvline(t_ess, color=f"C{seed}", ls=":", lw=1)
                 ax.set_ylabel(label)
                 ax.set_xscale("log", base=2)
+                ax.set_xticks([r["d_k"] for r in rs], [str(r["d_k"]) for r in rs])
                 ax.set_title(f"conv + GLA teacher (kv {kv}) -> conv + GLA students", fontsize=9)
                 ax.legend(fontsize=7)
         axes[0][j].axhline(1.0, color="grey", ls=":", lw=1)

@@ -22,7 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 from experiments.common import read_rows, write_outputs  # noqa: E402
 from experiments.stats import cluster_bootstrap, partial_spearman, spearman  # noqa: E402
@@ -194,6 +194,7 @@ def plot_scatter(rows: list[dict], path: Path) -> None:
                 )
             ax.axhline(CHANCE, color="grey", ls=":", lw=1)
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(f"{label} (recurrence layer)")
