@@ -1,7 +1,7 @@
 """ESSMonitor at scale: time per measurement and checkpointed state against depth, length and mixer kind.
 
 For each mixer (recurrent GLA, dense softmax attention), depth (4-32 layers) and sequence length (256-4096),
-at the monitor's defaults (``positions="auto"``: fitted to 5% of training by ``ess_train.measure.budget``)
+at the monitor's defaults (``positions="auto"``: fitted to 5% of training by ``ess_train.measure.cost``)
 and at all positions:
 
 - **time per measurement**: the probe forward (on the rows the plan measures) plus, per layer, ``layer_ess``
@@ -37,8 +37,9 @@ if __package__ in (None, ""):
 
 from benchmarks.timing import best_of  # noqa: E402
 from ess_train.callbacks import ESSMonitor
-from ess_train.measure import budget as B
+from ess_train.measure import cost as B
 from ess_train.measure import layer_ess, probe_views, resolve_positions
+from ess_train.measure.planning import forward_flops
 from ess_train.measure.stats import LayerESS
 from ess_train.models import SequenceModel, find_ess_layers
 from ess_train.models.protocol import OperatorView
@@ -59,7 +60,7 @@ _best = best_of  # best of ``repeats`` (benchmarks/timing.py)
 def step_flops(mixer: str, n_layers: int, seq_len: int, d_model: int, rows: int) -> tuple[float, float]:
     """(training-step FLOPs, probe-forward FLOPs) of the full-depth model, counted on the meta device."""
     model = _model(mixer, n_layers, seq_len, d_model, "meta")
-    fwd = B.forward_flops(model, torch.zeros(rows, seq_len, dtype=torch.long, device="meta"))
+    fwd = forward_flops(model, torch.zeros(rows, seq_len, dtype=torch.long, device="meta"))
     return 3 * fwd, fwd
 
 

@@ -43,7 +43,8 @@ COMMON = textwrap.dedent(
     from lightning.pytorch.loggers import CSVLogger
     from ess_train import measure as M
     from ess_train.callbacks import ESSMonitor
-    from ess_train.measure import budget as B
+    from ess_train.measure import cost as B
+from ess_train.measure.stats import view_rows
     from tests.toy_modules import ToyDataModule, ToyLM
 
     def reference(module, monitor, dm):
@@ -55,7 +56,7 @@ COMMON = textwrap.dedent(
         out = {}
         for name, view in views.items():
             choice, L = monitor.plan.layers[name], view.op.seq_len
-            stats = M.layer_ess(B.view_rows(view, choice.rows), layers[name].state_size(L),
+            stats = M.layer_ess(view_rows(view, choice.rows), layers[name].state_size(L),
                                 choice.resolve(L), kv_pairs=kv, max_operators=choice.operators)
             out[name] = stats.metrics()
         return out

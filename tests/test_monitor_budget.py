@@ -1,4 +1,4 @@
-"""ESSMonitor's cost budget (ess_train.measure.budget) and its bounded state, checked in counts and bytes."""
+"""ESSMonitor's cost budget (ess_train.measure.cost) and its bounded state, checked in counts and bytes."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from ess_train.callbacks import ESSMonitor
-from ess_train.measure import budget as B
+from ess_train.measure import cost as B
 from ess_train.measure import resolve_positions
+from ess_train.measure.planning import forward_flops
 from ess_train.measure.records import read_records
 from ess_train.models import SequenceModel
 from tests.test_measure_history import stats
@@ -27,7 +28,7 @@ def _step_flops(mixer: str, n_layers: int, seq_len: int, rows: int = 8, d_model:
             vocab_size=64, d_model=d_model, n_layers=n_layers, mixer=mixer, max_seq_len=seq_len
         )
         inputs = torch.zeros(rows, seq_len, dtype=torch.long)
-    return 3 * B.forward_flops(model, inputs)
+    return 3 * forward_flops(model, inputs)
 
 
 # ------------------------------------------------------------------------------------------------ cost model

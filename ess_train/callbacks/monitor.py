@@ -25,11 +25,13 @@ from ess_train.callbacks._common import (
 )
 from ess_train.callbacks.media import log_heatmaps, log_profiles, render_heatmap, stream_record
 from ess_train.measure import ESSWarning, PositionSpec
-from ess_train.measure import budget as ess_budget
+from ess_train.measure.cost import LayerChoice, LayerShape, MeasurementPlan, check_limits, plan_of_positions
 from ess_train.measure.distributed import Failure, Ranks
 from ess_train.measure.history import MAX_PROFILES
 from ess_train.measure.layers import find_layers
+from ess_train.measure.planning import plan_for_training
 from ess_train.measure.probe import Probe
+from ess_train.measure.stats import view_rows
 from ess_train.models.protocol import OperatorView
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,7 @@ class ESSMonitor(Callback):
     Cost: with ``positions="auto"`` (default) the first measurement fits, per layer, how many positions
     (evenly spaced, at most ``max_positions``), probe rows and operators are measured into ``budget`` (a
     fraction of the training between two measurements), by a deterministic cost model
-    (``ess_train.measure.budget``: SVD work from the operators' shapes against the training step's counted
+    (``ess_train.measure.cost``: SVD work from the operators' shapes against the training step's counted
     FLOPs): a dense (softmax attention) layer gets far fewer positions than a recurrent one. What it chose
     is logged once, kept in the state (a resumed run measures the same) and in ``summary()["measurement"]``
     with the measured time fraction.
@@ -147,7 +149,7 @@ class ESSMonitor(Callback):
     ) -> None:
         super().__init__()
         self.distributed = check_distributed(distributed)
-        positions = ess_budget.check_limits(
+        positions = check_limits(
             positions, budget, min_positions, max_positions, max_rows, max_operators, max_profiles
         )
         if every_n_steps < 1:
@@ -184,7 +186,7 @@ class ESSMonitor(Callback):
         #: everything measured (checkpointed); ``history`` etc. below read it.
         self.ess_history = ess_measure.ESSHistory(max_profiles=max_profiles)
         #: what is measured per layer (chosen at the first measurement; checkpointed).
-        self.plan: ess_budget.MeasurementPlan | None = None
+        self.plan: MeasurementPlan | None = None
         self._seconds = {"measure": 0.0, "train": 0.0, "measurements": 0}
         self._batch_t0: float | None = None
         self._wrote_file = False
@@ -313,11 +315,11 @@ class ESSMonitor(Callback):
         if probe is not None:
             self._probe = (probe["inputs"], probe.get("slice_id"))
         if state_dict.get("plan") is not None:
-            self.plan = ess_budget.MeasurementPlan.from_dict(state_dict["plan"])
+            self.plan = MeasurementPlan.from_dict(state_dict["plan"])
         elif self.positions == "auto" and any(h.positions for h in self.history.values()):
             # a checkpoint of a version without plans: keep measuring the positions it has
             positions = {name: hist.positions for name, hist in self.history.items()}
-            self.plan = ess_budget.plan_of_positions(positions, self.max_operators)
+            self.plan = plan_of_positions(positions, self.max_operators)
 
     # ------------------------------------------------------------------------------------------- public
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
@@ -446,7 +448,7 @@ class ESSMonitor(Callback):
             context = trainer.precision_plugin.forward_context()
             views = ess_measure.probe_views(pl_module, inputs, self.layers, self.forward_fn, context)
             if plan is None:  # (layer shapes only where the plan is made)
-                shapes = {name: ess_budget.LayerShape.of(v.op) for name, v in views.items()}
+                shapes = {name: LayerShape.of(v.op) for name, v in views.items()}
                 plan = self._make_plan(trainer, pl_module, inputs, shapes)
         except Exception as exc:
             error = exc
@@ -456,7 +458,7 @@ class ESSMonitor(Callback):
         if self._settle(step, ranks, failures, error):
             return None
         if self.plan is None:
-            self.plan = plan if ranks.rank == 0 else ess_budget.MeasurementPlan.from_dict(parts[0])
+            self.plan = plan if ranks.rank == 0 else MeasurementPlan.from_dict(parts[0])
             self._announce_plan(shapes)
         # 2. each rank measures its share of the layers (by the plan's costs); the results are exchanged
 
@@ -490,12 +492,12 @@ class ESSMonitor(Callback):
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         inputs: Tensor,
-        shapes: dict[str, ess_budget.LayerShape],
-    ) -> ess_budget.MeasurementPlan:
-        """Fit what is measured per layer into the budget (``ess_train.measure.budget``)."""
+        shapes: dict[str, LayerShape],
+    ) -> MeasurementPlan:
+        """Fit what is measured per layer into the budget (``ess_train.measure.planning``)."""
         limits = {"min_positions": self.min_positions, "max_positions": self.max_positions}
         limits.update(max_rows=self.max_rows, max_operators=self.max_operators)
-        return ess_budget.plan_for_training(
+        return plan_for_training(
             pl_module,
             inputs,
             shapes,
@@ -507,7 +509,7 @@ class ESSMonitor(Callback):
             **limits,
         )
 
-    def _announce_plan(self, shapes: dict[str, ess_budget.LayerShape]) -> None:
+    def _announce_plan(self, shapes: dict[str, LayerShape]) -> None:
         """Say once what the (agreed) plan measures, and warn when even that is over the budget."""
         assert self.plan is not None
         fraction = "" if self.budget is None else f" of a {self.budget:.0%} budget"
@@ -533,8 +535,8 @@ class ESSMonitor(Callback):
         choice = self.plan.layers.get(name) if self.plan is not None else None
         if choice is None:  # a layer not called when the plan was made: the user's, or the fewest positions
             spec = self.min_positions if self.positions == "auto" else self.positions
-            choice = ess_budget.LayerChoice(spec, self.max_rows, self.max_operators, 0.0)
-        view = ess_budget.view_rows(view, choice.rows)
+            choice = LayerChoice(spec, self.max_rows, self.max_operators, 0.0)
+        view = view_rows(view, choice.rows)
         try:
             stats = ess_measure.layer_ess(
                 view,

@@ -13,7 +13,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from ess_train.checks import UNSET, renamed_keyword
-from ess_train.measure import ESSWarning, Mode, PositionSpec, ess_penalty
+from ess_train.measure import ESSWarning, Mode, PositionSpec, ess_penalty, resolve_positions
+from ess_train.measure.cost import BUDGET_FLOOR_FLOPS, LayerShape, layer_cost
 from ess_train.measure.layers import find_layers
 from ess_train.measure.penalty import DEFAULT_MIN_UTILIZATION, DEFAULT_PENALTY_POSITIONS, penalty_targets
 from ess_train.models.protocol import capture_operators
@@ -42,7 +43,7 @@ class ESSRegularizer(Callback):
     ``ess/reg_weight`` through ``pl_module.log`` on the steps Lightning writes (``log_every_n_steps``).
     Manual optimization is not supported (the callback warns and stands aside). A penalty that is not
     finite (NaN/inf) is never added: that step keeps the user's loss, with a warning (once). When, by the
-    cost model of ``ess_train.measure.budget``, the penalty on dense layers (softmax attention) costs more
+    cost model of ``ess_train.measure.cost``, the penalty on dense layers (softmax attention) costs more
     than a training step (from L of about 512 at these defaults), it says so once: its defaults hold for
     recurrent layers, not there (README, "Monitoring cost at scale").
 
@@ -191,24 +192,22 @@ class ESSRegularizer(Callback):
             rank_zero_warn(message, category=ESSWarning)
 
     def _check_cost(self, views: Mapping[str, Any], pl_module: nn.Module) -> None:
-        """Warn once when the penalty's SVD work (forward + backward, ``ess_train.measure.budget``'s cost
+        """Warn once when the penalty's SVD work (forward + backward, ``ess_train.measure.cost``'s cost
         model) exceeds a training step's (``6 * parameters * tokens``, a lower bound) when dense layers
         (softmax attention) take part: at long L the defaults do not hold for them (README, "Monitoring cost
         at scale"). Recurrent layers' defaults do (~0.1 training steps per step); tiny costs are not said."""
-        from ess_train.measure import budget, resolve_positions
-
-        shapes = {name: budget.LayerShape.of(v.op) for name, v in views.items()}
+        shapes = {name: LayerShape.of(v.op) for name, v in views.items()}
         if not shapes:
             return
         cost = 0.0
         for shape in shapes.values():
             pos = resolve_positions(self.positions, shape.seq_len)
-            cost += 3 * budget.layer_cost(shape, pos, self.batch_rows, self.max_operators)
+            cost += 3 * layer_cost(shape, pos, self.batch_rows, self.max_operators)
         first = next(iter(shapes.values()))
         tokens = first.rows * first.seq_len
         step = 6.0 * sum(p.numel() for p in pl_module.parameters()) * tokens
         dense = sorted(name for name, shape in shapes.items() if shape.kind == "dense")
-        if dense and cost > max(step, budget.BUDGET_FLOOR_FLOPS):
+        if dense and cost > max(step, BUDGET_FLOOR_FLOPS):
             self._warn_once(
                 "cost",
                 f"ESSRegularizer: its penalty costs about {cost / step:.2g} training steps per regularized "

@@ -54,7 +54,7 @@ def probe_from_batch(batch: Any, probe_size: int, input_key: str = "inputs") -> 
 
 
 # ------------------------------------------------------------------------------------------------ loaders
-def _first_loader(loaders: Any) -> Any:
+def first_loader(loaders: Any) -> Any:
     if loaders is None:
         return None
     flat = getattr(loaders, "flattened", None)  # CombinedLoader
@@ -111,7 +111,7 @@ def fetch_probe(source: Any, probe_size: int, input_key: str = "inputs") -> Prob
         ]
     for get in sources:
         try:
-            loader = _first_loader(get())
+            loader = first_loader(get())
         except Exception:  # not implemented / not set up: try the next source
             continue
         if loader is None:

@@ -32,6 +32,7 @@ from ess_train.models.protocol import OperatorView, StateSize
 
 __all__ = [
     "compute_copy",
+    "view_rows",
     "no_autocast",
     "layer_utilization",
     "entropy_profile",
@@ -69,6 +70,13 @@ def compute_copy(
         stride = G // operators
         index = (offset + stride * torch.arange(operators, device=op.device)) % G
     return op.subset(rows if cut_rows else None, index)
+
+
+def view_rows(view: OperatorView, rows: int | None) -> OperatorView:
+    """``view`` on its first ``rows`` rows only (itself when that cuts nothing)."""
+    if rows is None or rows >= view.op.batch_shape[0]:
+        return view
+    return OperatorView(compute_copy(view.op, rows=rows), view.u[:rows], view.y[:rows], dict(view.extras))
 
 
 # ------------------------------------------------------------------------------------------------- ESS

@@ -17,7 +17,7 @@ measured with ``benchmarks/bench_scale.py --calibrate``), plus the probe forward
 :func:`plan_measurement` fits per-layer choices (:class:`LayerChoice`) into a budget by water-filling: the
 cheapest layers (recurrent ones, typically) take all they need, the rest share what is left, each cutting
 positions (evenly spaced, at least ``min_positions``), then probe rows, then operators, then positions again.
-No Lightning here (``ess_train.measure``).
+Pure counting: no forward passes, no data (those are :mod:`~ess_train.measure.planning`'s).
 """
 
 from __future__ import annotations
@@ -32,17 +32,14 @@ from ess_train.measure.positions import resolve_positions
 __all__ = [
     "UNIT_FLOPS",
     "BUDGET_FLOOR_FLOPS",
+    "FORWARD_FACTOR",
     "LayerShape",
     "LayerChoice",
     "MeasurementPlan",
     "layer_cost",
     "plan_measurement",
     "training_budget",
-    "forward_flops",
-    "train_batch_rows",
-    "plan_for_training",
     "plan_of_positions",
-    "view_rows",
     "check_limits",
 ]
 
@@ -354,77 +351,6 @@ def plan_measurement(
     return plan
 
 
-def forward_flops(module: Any, inputs: Any, forward_fn: Any = None) -> float:
-    """FLOPs of one ``no_grad`` eval-mode forward of ``module`` on ``inputs`` (``torch.utils.flop_counter``:
-    matmuls, convolutions, attention; deterministic). Falls back to ``2 * parameters * tokens``."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ess_train.measure.probe import eval_mode
-
-    try:
-        with torch.no_grad(), eval_mode(module), FlopCounterMode(display=False) as counter:
-            forward_fn(module, inputs) if forward_fn is not None else module(inputs)
-        flops = float(counter.get_total_flops())
-    except Exception:  # an op the counter cannot trace: a parameter count is the next best thing
-        flops = 0.0
-    if flops <= 0:
-        flops = 2.0 * sum(p.numel() for p in module.parameters()) * float(inputs.numel())
-    return flops
-
-
-def train_batch_rows(source: Any) -> int | None:
-    """Rows of a training batch: ``batch_size`` of the trainer's (or a datamodule's) training loader, else
-    of the datamodule; ``None`` when unknown."""
-    loader = getattr(source, "train_dataloader", None)
-    try:
-        loader = loader() if callable(loader) else loader
-    except Exception:
-        loader = None
-    flat = getattr(loader, "flattened", None)
-    if flat:
-        loader = flat[0]
-    elif isinstance(loader, (list, tuple)) and loader:
-        loader = loader[0]
-    for candidate in (loader, getattr(source, "datamodule", None)):
-        size = getattr(candidate, "batch_size", None)
-        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-            return size
-    return None
-
-
-def plan_for_training(
-    module: Any,
-    inputs: Any,
-    shapes: Mapping[str, LayerShape],
-    *,
-    every_n_steps: int,
-    fraction: float | None,
-    positions: Any = "auto",
-    trainer: Any = None,
-    forward_fn: Any = None,
-    **limits: Any,
-) -> MeasurementPlan:
-    """:func:`plan_measurement` against ``fraction`` of the training between two measurements: a training
-    step is 3 counted forwards (forward + backward) of ``module`` at the training batch's rows
-    (:func:`train_batch_rows` of ``trainer``, else the probe's), times its gradient accumulation; the probe
-    forward costs :data:`FORWARD_FACTOR` forwards of ``inputs`` (of the rows the plan measures: refitted once
-    when it measures fewer rows than the probe has). ``limits``: ``min_positions``,
-    ``max_positions``, ``max_rows``, ``max_operators``. Only counts: the same shapes give the same plan."""
-    step_flops = forward = 0.0
-    budget = None
-    if positions == "auto" and fraction is not None:
-        fwd = forward_flops(module, inputs, forward_fn)
-        probe_rows = max(int(inputs.shape[0]), 1)
-        train_rows = train_batch_rows(trainer) or probe_rows
-        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-        step_flops = 3.0 * fwd * train_rows / probe_rows * accumulate
-        budget = training_budget(step_flops, every_n_steps, fraction)
-        forward = FORWARD_FACTOR * fwd
-    fit = {"step_flops": step_flops, "positions": positions, "device_type": inputs.device.type, **limits}
-    return plan_measurement(shapes, budget, forward=forward, probe_rows=int(inputs.shape[0]), **fit)
-
-
 def plan_of_positions(
     positions: Mapping[str, list[int]], max_operators: int | None = None
 ) -> MeasurementPlan:
@@ -434,16 +360,6 @@ def plan_of_positions(
         name: LayerChoice(list(pos), None, max_operators, 0.0) for name, pos in positions.items() if pos
     }
     return MeasurementPlan(layers=layers, mode="given")
-
-
-def view_rows(view: Any, rows: int | None) -> Any:
-    """``view`` (an ``OperatorView``) on its first ``rows`` rows only (itself when that cuts nothing)."""
-    from ess_train.measure.stats import compute_copy
-    from ess_train.models.protocol import OperatorView
-
-    if rows is None or rows >= view.op.batch_shape[0]:
-        return view
-    return OperatorView(compute_copy(view.op, rows=rows), view.u[:rows], view.y[:rows], dict(view.extras))
 
 
 def check_limits(
