@@ -1,9 +1,10 @@
 """ESS with the Hugging Face ``Trainer``: a monitoring ``TrainerCallback``, the penalty in ``compute_loss``.
 
 :class:`ESSTrainerCallback` measures every adapted (or protocol) layer on a fixed probe batch every
-``every_n_steps`` optimizer steps, in one ``no_grad`` eval-mode forward (``ess_train.measure.probe_views``,
-the monitor's), and writes ``ess/<layer>/<key>`` (``avg_entropy``, ``max_entropy``, ``avg_tolerance``,
-``utilization``, ``total``) and ``ess/total`` into ``state.log_history`` and ``self.history``.
+``every_n_steps`` optimizer steps, in one ``no_grad`` eval-mode forward (the monitor's measurement loop,
+``ess_train.measure.loop.measure_model``), and writes ``ess/<layer>/<key>`` (``avg_entropy``,
+``max_entropy``, ``avg_tolerance``, ``utilization``, ``total``) and ``ess/total`` into
+``state.log_history`` and ``self.history``.
 
 HF callbacks cannot change the loss, so the regularizer's penalty goes into ``compute_loss``
 (:func:`loss_with_ess_penalty`)::
@@ -27,10 +28,8 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from ess_train.measure.layers import find_layers
+from ess_train.measure.loop import MeasurementSettings, measure_model
 from ess_train.measure.penalty import ess_penalty
-from ess_train.measure.positions import resolve_positions
-from ess_train.measure.probe import probe_views
-from ess_train.measure.stats import layer_ess
 from ess_train.models.protocol import capture_operators
 
 __all__ = ["ESSTrainerCallback", "loss_with_ess_penalty"]
@@ -140,24 +139,20 @@ class ESSTrainerCallback(TrainerCallback):
     def measure(self, model: nn.Module) -> dict[str, float]:
         """``ess/<layer>/<key>`` and ``ess/total`` of ``model`` on the probe now."""
         device = next(model.parameters()).device
-        probe = self.probe.to(device)
-        views = probe_views(
-            model, probe, self.layers, forward_fn=lambda m, x: m(input_ids=x, use_cache=False)
+        settings = MeasurementSettings(positions=self.positions, max_operators=self.max_operators)
+        done = measure_model(
+            model,
+            self.probe.to(device),
+            self.layers,
+            settings,
+            forward_fn=lambda m, x: m(input_ids=x, use_cache=False),
         )
         out: dict[str, float] = {}
         total = 0.0
-        for name, layer in self.layers.items():
-            view = views.get(name)
-            if view is None:
+        for name, result in done.results.items():
+            if result.stats is None:
                 continue
-            L = view.op.seq_len
-            stats = layer_ess(
-                view,
-                layer.state_size(L),
-                resolve_positions(self.positions, L),
-                max_operators=self.max_operators,
-            )
-            out.update({f"ess/{name}/{k}": v for k, v in stats.metrics().items()})
-            total += stats.total
+            out.update({f"ess/{name}/{k}": v for k, v in result.stats.metrics().items()})
+            total += result.stats.total
         out["ess/total"] = total
         return out

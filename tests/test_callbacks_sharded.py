@@ -44,7 +44,7 @@ COMMON = textwrap.dedent(
     from ess_train import measure as M
     from ess_train.callbacks import ESSMonitor
     from ess_train.measure import cost as B
-from ess_train.measure.stats import view_rows
+    from ess_train.measure.stats import view_rows
     from tests.toy_modules import ToyDataModule, ToyLM
 
     def reference(module, monitor, dm):
@@ -80,13 +80,14 @@ DDP_SCRIPT = COMMON + textwrap.dedent(
         pl.seed_everything(0)
         calls = []
         if os.environ.get("LOCAL_RANK", "0") == "1":  # rank 1's second layer measurement (step 2) raises
-            real = M.layer_ess
+            import ess_train.measure.loop as LOOP  # (the one measurement loop calls layer_ess)
+            real = LOOP.layer_ess
             def flaky(*args, **kwargs):
                 calls.append(1)
                 if len(calls) == 2:
                     raise RuntimeError("injected failure")
                 return real(*args, **kwargs)
-            M.layer_ess = flaky
+            LOOP.layer_ess = flaky
         monitor = ESSMonitor(every_n_steps=2, distributed="split", strict=sys.argv[2:] == ["strict"])
         trainer = pl.Trainer(
             accelerator="cpu", devices=2,

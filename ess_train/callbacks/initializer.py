@@ -19,16 +19,9 @@ from torch import Tensor, nn
 
 from ess_train.callbacks._common import log_to_loggers
 from ess_train.checks import UNSET, check_keywords, renamed_keyword
-from ess_train.measure import (
-    ESSWarning,
-    PositionSpec,
-    fetch_probe,
-    layer_ess,
-    probe_from_batch,
-    probe_views,
-    resolve_positions,
-)
+from ess_train.measure import ESSWarning, LayerESS, PositionSpec, fetch_probe, probe_from_batch
 from ess_train.measure.layers import find_layers
+from ess_train.measure.loop import MeasurementSettings, measure_model
 
 __all__ = ["ESSInitializer"]
 
@@ -44,7 +37,7 @@ class ESSInitializer(Callback):
     search space (first entry: all defaults), or the defaults plus a seeded random subset when the grid
     has more than ``max_trials`` settings. Each candidate is applied to the layer's original parameters
     (``apply_init`` runs under a seed derived from ``seed``, the layer name and the setting), scored by a
-    ``no_grad`` eval-mode forward on the probe (``ess_train.measure.probe_views``), and the best one is
+    ``no_grad`` eval-mode forward on the probe (``ess_train.measure.loop.measure_model``), and the best one is
     kept: highest ``metric``, or closest to ``metric_target`` when given (ties: the earlier candidate).
     Layers that come later see the earlier choices.
 
@@ -211,19 +204,20 @@ class ESSInitializer(Callback):
 
     def _measure(
         self, pl_module: nn.Module, name: str, layer: nn.Module, inputs: Tensor, trainer: Any
-    ) -> Any:
+    ) -> LayerESS | None:
+        """Layer ``name``'s ESS on the probe (``ess_train.measure.loop``), or ``None`` when its operator is
+        non-finite."""
         context = trainer.precision_plugin.forward_context() if trainer is not None else None
-        view = probe_views(pl_module, inputs, {name: layer}, self.forward_fn, context)[name]
-        size = layer.state_size(view.op.seq_len)
-        positions = resolve_positions(self.positions, view.op.seq_len)
-        return layer_ess(view, size, positions, tolerance=False, max_operators=self.max_operators)
-
-    def _try_measure(self, *args: Any) -> Any:
-        """``_measure``, or ``None`` when the operator is non-finite (the engine's ``ValueError``)."""
-        try:
-            return self._measure(*args)
-        except ValueError:
-            return None
+        settings = MeasurementSettings(
+            positions=self.positions, max_operators=self.max_operators, tolerance=False
+        )
+        done = measure_model(
+            pl_module, inputs, {name: layer}, settings, forward_fn=self.forward_fn, context=context
+        )
+        result = done.results[name]
+        if result.size is None:  # not called by the forward
+            raise RuntimeError(f"ESSInitializer: {result.notes[0][1]}")
+        return result.stats
 
     def _score(self, stats: Any) -> float:
         value = {"utilization": stats.utilization, "ess": stats.avg_entropy, "total": stats.total}[
@@ -246,7 +240,7 @@ class ESSInitializer(Callback):
             k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
             for k, v in layer.state_dict().items()
         }
-        before = self._try_measure(pl_module, name, layer, inputs, trainer)
+        before = self._measure(pl_module, name, layer, inputs, trainer)
         if self.metric == "utilization" and before is not None and not math.isfinite(before.utilization):
             rank_zero_warn(
                 f"ESSInitializer: layer {name!r} has no state to fill (per_operator == 0 at this "
@@ -258,7 +252,7 @@ class ESSInitializer(Callback):
         trials = []
         for i, setting in enumerate(candidates):
             self._apply(layer, name, setting, original, inputs.device)
-            stats = self._try_measure(pl_module, name, layer, inputs, trainer)
+            stats = self._measure(pl_module, name, layer, inputs, trainer)
             score = -math.inf if stats is None else self._score(stats)
             trials.append(
                 {
@@ -276,7 +270,7 @@ class ESSInitializer(Callback):
         if trainer is not None and trainer.world_size > 1:  # rank 0's choice wins (probes could differ)
             chosen = trainer.strategy.broadcast(chosen, src=0)
         self._apply(layer, name, chosen or candidates[0], original, inputs.device)
-        after = self._try_measure(pl_module, name, layer, inputs, trainer)
+        after = self._measure(pl_module, name, layer, inputs, trainer)
         return {
             "setting": chosen,
             "ess_before": math.nan if before is None else before.avg_entropy,

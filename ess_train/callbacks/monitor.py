@@ -25,14 +25,12 @@ from ess_train.callbacks._common import (
 )
 from ess_train.callbacks.media import log_heatmaps, log_profiles, render_heatmap, stream_record
 from ess_train.measure import ESSWarning, PositionSpec
-from ess_train.measure.cost import LayerChoice, LayerShape, MeasurementPlan, check_limits, plan_of_positions
-from ess_train.measure.distributed import Failure, Ranks
+from ess_train.measure.cost import LayerShape, MeasurementPlan, check_limits, plan_of_positions
+from ess_train.measure.distributed import Ranks
 from ess_train.measure.history import MAX_PROFILES
 from ess_train.measure.layers import find_layers
-from ess_train.measure.planning import plan_for_training
+from ess_train.measure.loop import LayerResult, Measurement, MeasurementSettings, measure_model
 from ess_train.measure.probe import Probe
-from ess_train.measure.stats import view_rows
-from ess_train.models.protocol import OperatorView
 
 log = logging.getLogger(__name__)
 
@@ -407,21 +405,33 @@ class ESSMonitor(Callback):
         if trainer.is_global_zero:
             log_to_loggers(trainer, metrics)
 
-    def _settle(self, step: int, ranks: Ranks, failures: list[Failure], error: BaseException | None) -> bool:
-        """After an exchange: raise (``strict``, or one process) or warn when a rank failed; ``True`` when
-        every rank skips this measurement (the same decision everywhere: every rank saw the same failures)."""
-        if error is not None and (self.strict or not ranks.active):
-            raise error  # (one process: ``_guarded`` reports it, as before)
-        if not failures:
-            return False
+    def _settle(self, step: int, done: Measurement) -> None:
+        """A rank failed (every rank saw the same failures and skips): raise with ``strict``, else warn."""
+        failures = done.failures
         if self.strict:
+            if done.error is not None:
+                raise done.error
             raise RuntimeError(f"ESSMonitor failed at step {step} on {failures[0]}")
         self._warn_once(
             f"error:{failures[0]}",
             f"ESSMonitor failed at step {step} on {'; '.join(map(str, failures))}; every rank skips this "
             "measurement (training continues; pass strict=True to raise).",
         )
-        return True
+
+    @property
+    def settings(self) -> MeasurementSettings:
+        """What a measurement computes (``ess_train.measure.loop``), from the monitor's arguments."""
+        return MeasurementSettings(
+            positions=self.positions,
+            budget=self.budget,
+            every_n_steps=self.every_n_steps,
+            min_positions=self.min_positions,
+            max_positions=self.max_positions,
+            max_rows=self.max_rows,
+            max_operators=self.max_operators,
+            rtol=self.tolerance_rtol,
+            atol=self.tolerance_atol,
+        )
 
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
@@ -436,44 +446,35 @@ class ESSMonitor(Callback):
             )
             return None
         t0 = time.perf_counter()
-        # 1. the probe forward (and the plan, at the first measurement) on every rank: a sharded model's
-        # all-gathers need them all; every rank then adopts rank 0's plan
-        views: dict[str, OperatorView] = {}
-        plan, shapes, kv, error = self.plan, {}, None, None
-        try:
+        kv, error = None, None
+        try:  # (an error here still joins the ranks' exchange, inside measure_model)
             self._log_tss(trainer, probe)
             kv = ess_measure.kv_pairs_for(getattr(trainer, "datamodule", None), probe[1])
-            rows = None if plan is None else plan.rows  # (the rows the plan measures: less to capture)
-            inputs = probe[0][:rows].to(pl_module.device)
-            context = trainer.precision_plugin.forward_context()
-            views = ess_measure.probe_views(pl_module, inputs, self.layers, self.forward_fn, context)
-            if plan is None:  # (layer shapes only where the plan is made)
-                shapes = {name: LayerShape.of(v.op) for name, v in views.items()}
-                plan = self._make_plan(trainer, pl_module, inputs, shapes)
         except Exception as exc:
             error = exc
-        # (the plan travels only until every rank has agreed on it; failures travel every time)
-        agreed = self.plan is not None or plan is None
-        parts, failures = ranks.exchange(None if agreed else plan.as_dict(), error)
-        if self._settle(step, ranks, failures, error):
-            return None
-        if self.plan is None:
-            self.plan = plan if ranks.rank == 0 else MeasurementPlan.from_dict(parts[0])
-            self._announce_plan(shapes)
-        # 2. each rank measures its share of the layers (by the plan's costs); the results are exchanged
-
-        def layer(name: str) -> tuple[ess_measure.LayerESS | None, list[tuple[str, str]]]:
-            got = self._layer_stats(name, self.layers[name], views.get(name), step, kv)
+        done = measure_model(
+            pl_module,
+            probe[0].to(pl_module.device),
+            self.layers,
+            self.settings,
+            plan=self.plan,
+            forward_fn=self.forward_fn,
+            context=trainer.precision_plugin.forward_context(),
+            kv_pairs=kv,
+            ranks=ranks,
+            trainer=trainer,
+            error=error,
+        )
+        for name in done.computed:  # (this process's share, also where another rank's part failed)
             self.measured_here[name] = self.measured_here.get(name, 0) + 1
-            return got
-
-        costs = {name: choice.cost for name, choice in self.plan.layers.items()}
-        found, failures, error = ranks.split(list(self.layers), costs, layer)
-        views.clear()
-        if self._settle(step, ranks, failures, error):
+        if done.new_plan:  # (agreed by every rank, also where a rank's share failed afterwards)
+            self.plan = done.plan
+            self._announce_plan(done.shapes)
+        if done.failures:
+            self._settle(step, done)
             return None
-        stats = {name: self._checked(name, *found[name], step) for name in self.layers}
-        # 3. every rank records (identical state); rank 0 logs
+        stats = {name: self._checked(name, result, step) for name, result in done.results.items()}
+        # every rank records (identical state); rank 0 logs
         metrics = {f"ess/{key}": value for key, value in self.ess_history.record(step, stats).items()}
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         if trainer.is_global_zero:
@@ -486,28 +487,6 @@ class ESSMonitor(Callback):
         self._seconds["measure"] += time.perf_counter() - t0
         self._seconds["measurements"] += 1
         return metrics
-
-    def _make_plan(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        inputs: Tensor,
-        shapes: dict[str, LayerShape],
-    ) -> MeasurementPlan:
-        """Fit what is measured per layer into the budget (``ess_train.measure.planning``)."""
-        limits = {"min_positions": self.min_positions, "max_positions": self.max_positions}
-        limits.update(max_rows=self.max_rows, max_operators=self.max_operators)
-        return plan_for_training(
-            pl_module,
-            inputs,
-            shapes,
-            every_n_steps=self.every_n_steps,
-            fraction=self.budget,
-            positions=self.positions,
-            trainer=trainer,
-            forward_fn=self.forward_fn,
-            **limits,
-        )
 
     def _announce_plan(self, shapes: dict[str, LayerShape]) -> None:
         """Say once what the (agreed) plan measures, and warn when even that is over the budget."""
@@ -522,51 +501,11 @@ class ESSMonitor(Callback):
                 "positions=/budget= explicitly.",
             )
 
-    def _layer_stats(
-        self, name: str, layer: nn.Module, view: OperatorView | None, step: int, kv: Any
-    ) -> tuple[ess_measure.LayerESS | None, list[tuple[str, str]]]:
-        """One layer's ESS on the probe (``None`` when it is missing) and the warnings to give, as ``(key,
-        message)``: emitted by :meth:`_checked` after the exchange, on every rank (rank 0 shows them)."""
-        if view is None:
-            message = f"ESSMonitor: layer {name!r} was not called by the forward."
-            return None, [(f"not-called:{name}", message)]
-        seq_len = view.op.seq_len
-        size = layer.state_size(seq_len)
-        choice = self.plan.layers.get(name) if self.plan is not None else None
-        if choice is None:  # a layer not called when the plan was made: the user's, or the fewest positions
-            spec = self.min_positions if self.positions == "auto" else self.positions
-            choice = LayerChoice(spec, self.max_rows, self.max_operators, 0.0)
-        view = view_rows(view, choice.rows)
-        try:
-            stats = ess_measure.layer_ess(
-                view,
-                size,
-                choice.resolve(seq_len),
-                rtol=self.tolerance_rtol,
-                atol=self.tolerance_atol,
-                kv_pairs=kv,
-                max_operators=choice.operators,
-            )
-        except ValueError as exc:  # non-finite operator (check_finite)
-            message = (
-                f"ESSMonitor: ESS of layer {name!r} is missing at step {step}: {exc}. Its metrics "
-                "are not logged while this lasts (history holds NaN)."
-            )
-            return None, [(f"nonfinite:{name}", message)]
-        if math.isfinite(stats.utilization):
-            return stats, []
-        message = (
-            f"ESSMonitor: layer {name!r} has no state to fill at seq_len={seq_len} "
-            f"(per_operator={size.per_operator}): utilization is undefined and not logged."
-        )
-        return stats, [(f"undefined-utilization:{name}", message)]
-
-    def _checked(
-        self, name: str, stats: ess_measure.LayerESS | None, notes: list[tuple[str, str]], step: int
-    ) -> ess_measure.LayerESS | None:
+    def _checked(self, name: str, result: LayerResult, step: int) -> ess_measure.LayerESS | None:
         """Give a layer's warnings and check its utilization against the thresholds (flags: state)."""
-        for key, message in notes:
-            self._warn_once(key, message)
+        for key, message in result.notes:
+            self._warn_once(key, f"ESSMonitor: {message} (first at step {step})")
+        stats = result.stats
         util = math.nan if stats is None else stats.utilization
         if math.isfinite(util):
             thresholds = (self.collapse_threshold, self.saturation_threshold)
