@@ -15,8 +15,8 @@ from ess_train.ess import (
     entropy_ess,
     hankel_singular_values,
     max_ess,
-    state_utilization,
     tolerance_ess,
+    tss_fraction,
 )
 from tests.tolerances import (
     assert_within,
@@ -375,12 +375,12 @@ def test_aggregates():
     ess = torch.tensor([[0.0, 1.0, 2.0, 1.0], [0.0, 3.0, 3.0, 2.0]])
     torch.testing.assert_close(average_ess(ess), torch.tensor([1.0, 2.0]))
     torch.testing.assert_close(max_ess(ess), torch.tensor([2.0, 3.0]))
-    torch.testing.assert_close(state_utilization(max_ess(ess), 4), torch.tensor([0.5, 0.75]))
+    torch.testing.assert_close(tss_fraction(max_ess(ess), 4), torch.tensor([0.5, 0.75]))
     counts = torch.tensor([0, 1, 2, 3])
     assert average_ess(counts).item() == 1.5 and average_ess(counts).is_floating_point()
-    assert state_utilization(counts, torch.tensor(3)).dtype.is_floating_point
+    assert tss_fraction(counts, torch.tensor(3)).dtype.is_floating_point
     with pytest.raises(ValueError, match="tss"):
-        state_utilization(ess, 0)
+        tss_fraction(ess, 0)
 
 
 # ----------------------------------------------------------------------------------------------

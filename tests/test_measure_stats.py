@@ -24,7 +24,7 @@ from tests.toy_modules import ToyDataModule, ToyDense, ToyDenseNet, ToyLM
 AGG = tol(torch.float32, n=8 * 8 * 12)
 
 
-def test_state_utilization():
+def test_layer_utilization_against_the_rank_bounds():
     ess = torch.tensor([[0.0, 1.0, 2.0, 1.0]])  # L = 4, per_operator 2: bounds 0, 1, 2, 1
     assert float(layer_utilization(ess, 2, 4, None)) == pytest.approx(1.0)
     # position 0 (b_0 = 0, ESS_0 = 0) changes nothing

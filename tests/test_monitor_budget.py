@@ -125,8 +125,8 @@ def test_monitor_fits_once_says_so_and_resumes_with_the_same_choice(tmp_path, mo
     said = [r.getMessage() for r in caplog.records if "ESSMonitor measures" in r.getMessage()]
     assert len(said) == 1 and "dense L=64" in said[0]
     plan = monitor.plan
-    assert plan is not None and plan.mode == "budget" and plan.fits and plan.cost <= plan.budget
-    assert plan.budget == pytest.approx(1.0 * 2 * plan.step_flops)
+    assert plan is not None and plan.mode == "budget" and plan.fits and plan.cost <= plan.budget_flops
+    assert plan.budget_flops == pytest.approx(1.0 * 2 * plan.step_flops)
     (choice,) = {(c.positions, c.rows, c.operators) for c in plan.layers.values()}
     assert choice[0] is not None and choice[0] < 63  # cut
     for name, hist in monitor.history.items():

@@ -206,7 +206,7 @@ class ESSRegularizer(Callback):
         first = next(iter(shapes.values()))
         tokens = first.rows * first.seq_len
         step = 6.0 * sum(p.numel() for p in pl_module.parameters()) * tokens
-        dense = sorted(name for name, shape in shapes.items() if shape.kind == "dense")
+        dense = sorted(name for name, shape in shapes.items() if shape.form == "dense")
         if dense and cost > max(step, BUDGET_FLOOR_FLOPS):
             self._warn_once(
                 "cost",

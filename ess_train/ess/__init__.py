@@ -12,9 +12,9 @@ from ess_train.ess.measures import (
     entropy_ess_from_singular_values,
     hankel_singular_values,
     max_ess,
-    state_utilization,
     tolerance_ess,
     tolerance_ess_from_singular_values,
+    tss_fraction,
 )
 from ess_train.ess.operators import (
     DeltaRuleOperator,
@@ -46,5 +46,5 @@ __all__ = [
     "default_rtol",
     "average_ess",
     "max_ess",
-    "state_utilization",
+    "tss_fraction",
 ]

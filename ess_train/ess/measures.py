@@ -6,7 +6,7 @@ Public entry points take an operator (``DenseOperator``, ``RecurrentOperator``, 
 
 - :func:`hankel_singular_values` ``-> [..., P, K]``;
 - :func:`entropy_ess` (differentiable) and :func:`tolerance_ess` ``-> [..., P]``;
-- aggregates :func:`average_ess`, :func:`max_ess`, :func:`state_utilization`.
+- aggregates :func:`average_ess`, :func:`max_ess`, :func:`tss_fraction`.
 
 ``P = len(positions)`` (all ``L`` positions by default, ``ESS_0 = 0``). ``method="auto"`` runs the
 Gramian path for a ``RecurrentOperator`` (``O(L N^3)``) and the dense path for a ``DenseOperator``
@@ -40,7 +40,7 @@ __all__ = [
     "default_rtol",
     "average_ess",
     "max_ess",
-    "state_utilization",
+    "tss_fraction",
 ]
 
 Method = Literal["auto", "dense", "gramian"]
@@ -312,8 +312,11 @@ def max_ess(ess: Tensor, dim: int = -1) -> Tensor:
     return ess.amax(dim)
 
 
-def state_utilization(ess: Tensor, tss: Tensor | float) -> Tensor:
-    """State utilization ``ESS / TSS`` (broadcasting); ``tss`` must be positive."""
+def tss_fraction(ess: Tensor, tss: Tensor | float) -> Tensor:
+    """The fraction ``ESS / TSS`` of a theoretical state size that an ESS fills (broadcasting); ``tss`` must
+    be positive. Not the *utilization* the monitor, the regularizer and the initializer use (``sum_i ESS_i /
+    sum_i b_i`` over positions, against each position's rank bound: ``ess_train.measure.layer_utilization``):
+    at a position ``i < N`` even a full state has ``ESS_i <= i < N``."""
     tss_t = torch.as_tensor(tss, device=ess.device)
     if bool((tss_t <= 0).any()):
         raise ValueError(f"tss (theoretical state size) must be > 0, got {tss}")

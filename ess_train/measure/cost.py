@@ -70,7 +70,7 @@ FORWARD_FACTOR = 3.0
 class LayerShape:
     """What a layer's measurement costs depends on: operator kind, length, rows, operators, state size."""
 
-    kind: str  # "dense" or "recurrent"
+    form: str  # operator form: "dense" or "recurrent"
     seq_len: int
     rows: int
     operators: int
@@ -112,7 +112,7 @@ class MeasurementPlan:
     """
 
     layers: dict[str, LayerChoice] = field(default_factory=dict)
-    budget: float = math.inf
+    budget_flops: float = math.inf
     forward: float = 0.0
     step_flops: float = 0.0
     mode: str = "budget"
@@ -124,7 +124,7 @@ class MeasurementPlan:
 
     @property
     def fits(self) -> bool:
-        return self.cost <= self.budget
+        return self.cost <= self.budget_flops
 
     @property
     def rows(self) -> int | None:
@@ -136,7 +136,7 @@ class MeasurementPlan:
         """Plain data (callback state, ``summary.json``)."""
         return {
             "mode": self.mode,
-            "budget_flops": None if math.isinf(self.budget) else self.budget,  # (None: no budget)
+            "budget_flops": None if math.isinf(self.budget_flops) else self.budget_flops,  # (None: no budget)
             "cost_flops": self.cost,
             "forward_flops": self.forward,
             "step_flops": self.step_flops,
@@ -148,7 +148,7 @@ class MeasurementPlan:
     def from_dict(cls, data: Mapping[str, Any]) -> MeasurementPlan:
         return cls(
             layers={name: LayerChoice(**c) for name, c in data.get("layers", {}).items()},
-            budget=math.inf if data.get("budget_flops") is None else float(data["budget_flops"]),
+            budget_flops=math.inf if data.get("budget_flops") is None else float(data["budget_flops"]),
             forward=float(data.get("forward_flops", 0.0)),
             step_flops=float(data.get("step_flops", 0.0)),
             mode=str(data.get("mode", "budget")),
@@ -162,7 +162,7 @@ class MeasurementPlan:
         for name, c in self.layers.items():
             shape = shapes.get(name)
             count = len(c.positions) if isinstance(c.positions, list) else c.positions
-            what = f"{shape.kind} L={shape.seq_len}: " if shape else ""
+            what = f"{shape.form} L={shape.seq_len}: " if shape else ""
             what += f"positions {'all' if count is None else count}"
             for label, value, total in (
                 ("rows", c.rows, shape.rows if shape else None),
@@ -173,7 +173,7 @@ class MeasurementPlan:
                 )
             groups.setdefault(what, []).append(name)
         parts = [f"{len(n)} layer(s) ({n[0]}{', ...' if len(n) > 1 else ''}) {w}" for w, n in groups.items()]
-        budget = "no budget" if math.isinf(self.budget) else f"budget {self.budget:.3g}"
+        budget = "no budget" if math.isinf(self.budget_flops) else f"budget {self.budget_flops:.3g}"
         share = f", {self.cost / self.step_flops:.3g} training steps" if self.step_flops else ""
         over = "" if self.fits else " (OVER BUDGET even at the smallest choice)"
         head = f"{self.mode}: {self.cost:.3g} FLOP-eq per measurement ({budget}{share}){over}"
@@ -197,7 +197,7 @@ def layer_cost(
     n = min(shape.rows, rows or shape.rows) * min(shape.operators, operators or shape.operators)
     pos = range(L) if positions is None else positions
     weights = _unit_flops(device_type)
-    if shape.kind == "dense":
+    if shape.form == "dense":
         units = sum((L - i) * i * (min(i, L - i) + SVD_OVERHEAD) for i in pos if 0 < i < L)
         return float(n * units * weights["dense"])
     N = shape.state_dim
@@ -301,7 +301,9 @@ def plan_measurement(
     layer as given, only its cost reported. ``budget=None``: no budget (all positions).
     ``max_rows``/``max_operators`` cap every layer (the user's, never exceeded)."""
     plan = MeasurementPlan(
-        budget=math.inf if budget is None else float(budget), forward=float(forward), step_flops=step_flops
+        budget_flops=math.inf if budget is None else float(budget),
+        forward=float(forward),
+        step_flops=step_flops,
     )
     if positions != "auto" or budget is None:
         plan.mode = "given" if positions != "auto" else "all"
@@ -320,7 +322,7 @@ def plan_measurement(
         "device_type": device_type,
     }
     full = {name: _fit_layer(shape, math.inf, **fit) for name, shape in shapes.items()}
-    remaining = plan.budget - plan.forward
+    remaining = plan.budget_flops - plan.forward
     if sum(c.cost for c in full.values()) <= remaining:
         plan.mode = "all" if all(c.positions is None for c in full.values()) else "budget"
         plan.layers = full
