@@ -45,7 +45,9 @@ __all__ = ["main", "train", "format_summary"]
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+#: the configs: ``ess_train/conf`` links the repository's ``conf/`` (a wheel carries a copy, so ``pip install .``
+#: runs ``ess-train`` from any directory)
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 OmegaConf.register_new_resolver("ess_run_dir", run_dir_resolver, replace=True)
 OmegaConf.register_new_resolver("ess_output_subdir", output_subdir_resolver, replace=True)
