@@ -50,14 +50,14 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import ess_train.ess.dense as dense  # noqa: E402
+import ess_train.ess.dense_svd as dense  # noqa: E402
 import ess_train.ess.gramian as gramian  # noqa: E402
 import ess_train.ess.gramian_svals as gramian_svals  # noqa: E402
 import ess_train.ess.measures as measures  # noqa: E402
 from benchmarks.timing import Target, add_device_argument, describe, resolve_device, target_table  # noqa: E402
 from benchmarks.timing import timed as _timed  # noqa: E402
 from ess_train.ess import DEFAULT_CHUNK_ELEMENTS, RecurrentOperator, entropy_ess  # noqa: E402
-from ess_train.ess.dense import dense_hankel_singular_values, plan_dense_chunks  # noqa: E402
+from ess_train.ess.dense_svd import dense_hankel_singular_values, plan_dense_chunks  # noqa: E402
 from ess_train.ess.measures import (  # noqa: E402
     entropy_ess_from_singular_values,
     hankel_singular_values,

@@ -45,8 +45,8 @@ __all__ = ["main", "train", "format_summary"]
 
 log = logging.getLogger(__name__)
 
-#: the configs: ``ess_train/conf`` links the repository's ``conf/`` (a wheel carries a copy, so ``pip install .``
-#: runs ``ess-train`` from any directory)
+#: the configs: ``ess_train/conf`` links the repository's ``conf/`` (a wheel carries a copy, so that
+#: ``pip install .`` runs ``ess-train`` from any directory)
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 OmegaConf.register_new_resolver("ess_run_dir", run_dir_resolver, replace=True)

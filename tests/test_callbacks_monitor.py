@@ -320,7 +320,7 @@ def test_distributed_mode_under_parameter_sharding():
 
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-    from ess_train.callbacks._common import measure_mode, sharding_strategy
+    from ess_train.callbacks.lightning_glue import measure_mode, sharding_strategy
 
     fsdp, ddp = SimpleNamespace(strategy=FSDPStrategy()), SimpleNamespace(strategy=DDPStrategy())
     assert sharding_strategy(ddp) is None

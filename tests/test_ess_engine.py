@@ -504,7 +504,7 @@ def test_dense_chunks_bound_memory_and_padding() -> None:
     """Every position lands in exactly one chunk; a chunk holds at most ``budget`` entries (or one
     position) and pads its SVD work to at most twice its positions' own: few spread-out positions are
     not all cropped to ``[L - 1, L - 1]``."""
-    from ess_train.ess.dense import plan_dense_chunks
+    from ess_train.ess.dense_svd import plan_dense_chunks
 
     def svd_cost(r: int, c: int) -> int:
         return r * c * min(r, c)

@@ -25,7 +25,7 @@ from ess_train.ess import (
     hankel_singular_values,
     tolerance_ess,
 )
-from ess_train.ess.dense import gram_svdvals
+from ess_train.ess.dense_svd import gram_svdvals
 from tests.tolerances import (
     assert_within,
     entropy_ess_error,

@@ -20,6 +20,7 @@ from torch import nn
 
 import ess_train.ess as ess
 from ess_train.ess import DenseOperator, RecurrentOperator
+from ess_train.models.mixer_registry import get_mixer_class, mixer_names
 from ess_train.models.mixers.attention import SoftmaxAttention
 from ess_train.models.mixers.decayed_linear_attention import DecayedLinearAttention
 from ess_train.models.mixers.deltanet import DeltaNet
@@ -31,7 +32,6 @@ from ess_train.models.mixers.s4d import S4D
 from ess_train.models.mixers.short_conv import ShortConv
 from ess_train.models.mixers.sliding_window_attention import SlidingWindowAttention
 from ess_train.models.protocol import ESSMixer, OperatorView
-from ess_train.models.registry import get_mixer_class, mixer_names
 from tests.reference_mixers import reference_forward, reference_y
 from tests.tolerances import (
     assert_within,

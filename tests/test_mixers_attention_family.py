@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from ess_train.ess import DeltaRuleOperator, RecurrentOperator
-from ess_train.models.mixers._common import rotary_embedding
 from ess_train.models.mixers.attention import SoftmaxAttention
 from ess_train.models.mixers.decayed_linear_attention import DecayedLinearAttention
 from ess_train.models.mixers.deltanet import DeltaNet
 from ess_train.models.mixers.gla import GatedLinearAttention
 from ess_train.models.mixers.linear_attention import LinearAttention, taylor_features
+from ess_train.models.mixers.parts import rotary_embedding
 from ess_train.models.mixers.sliding_window_attention import SlidingWindowAttention
 from ess_train.models.protocol import OperatorView
 from tests.reference_mixers import reference_y

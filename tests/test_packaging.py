@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,6 +16,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_a_wheel_carries_the_configs_and_runs_from_another_directory(tmp_path):
+    source = tmp_path / "source"  # the tracked files (a build in the checkout would leave build/ there)
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
+    for name in tracked.stdout.split():
+        path, dest = REPO / name, source / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink():
+            dest.symlink_to(os.readlink(path))
+        elif path.is_file():
+            shutil.copy2(path, dest)
     dist = tmp_path / "dist"
     build = subprocess.run(
         [
@@ -29,7 +39,7 @@ def test_a_wheel_carries_the_configs_and_runs_from_another_directory(tmp_path):
             str(dist),
             ".",
         ],
-        cwd=REPO,
+        cwd=source,
         capture_output=True,
         text=True,
         timeout=300,

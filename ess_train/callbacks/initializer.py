@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from ess_train.callbacks._common import log_to_loggers
+from ess_train.callbacks.lightning_glue import log_to_loggers
 from ess_train.checks import UNSET, check_keywords, renamed_keyword
 from ess_train.measure import ESSWarning, LayerESS, PositionSpec, fetch_probe, probe_from_batch
 from ess_train.measure.layers import find_layers

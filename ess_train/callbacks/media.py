@@ -15,7 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-from ess_train.callbacks._common import logger_step
+from ess_train.callbacks.lightning_glue import logger_step
 from ess_train.measure.history import ESSHistory
 from ess_train.measure.records import append_record, measurement_record
 

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from ess_train import measure as ess_measure
-from ess_train.callbacks._common import (
+from ess_train.callbacks.lightning_glue import (
     check_distributed,
     log_to_loggers,
     measure_mode,
@@ -55,9 +55,9 @@ class ESSMonitor(Callback):
     ``per_operator == 0`` or ``L == 1``, warned once), ``total`` and ``per_kv``; plus ``ess/total`` (and
     ``ess/per_kv``) summed over layers, and ``tss/<layer>``, ``tss/total`` once at fit start (at the first
     measurement under ``"split"``). Metrics go straight to ``trainer.loggers`` (not ``self.log``: the
-    cadence does not depend on ``log_every_n_steps``) at Lightning's logging step (``_common.logger_step``,
-    where ``train/loss`` and ``val/acc`` of the same moment go; one less than the ``global_step`` the history
-    counts), and into ``trainer.callback_metrics``.
+    cadence does not depend on ``log_every_n_steps``) at Lightning's logging step
+    (``lightning_glue.logger_step``, where ``train/loss`` and ``val/acc`` of the same moment go; one less
+    than the ``global_step`` the history counts), and into ``trainer.callback_metrics``.
 
     Multi-process runs (``distributed``): under DDP (``"rank0"``, the default there) global rank 0 alone
     measures and logs (the forward calls the bare LightningModule, never the DDP wrapper). Under strategies

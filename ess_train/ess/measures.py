@@ -14,7 +14,7 @@ Gramian path for a ``RecurrentOperator`` (``O(L N^3)``) and the dense path for a
 materializes ``T``. Float64 operators are computed in float64; all others in float32 (float16/bfloat16
 upcast, results cast back to the operator's dtype), with float64 where float32 would square round-off:
 the Gramian path's sums and eigenproblems (:data:`GRAMIAN_ACCUMULATE`) and the Gram matrices of float32
-dense blocks (``ess_train.ess.dense``), so float32 results are as exact as a float32 SVD (issue 14).
+dense blocks (``ess_train.ess.dense_svd``), so float32 results are as exact as a float32 SVD (issue 14).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ess_train.ess.dense import dense_hankel_singular_values
+from ess_train.ess.dense_svd import dense_hankel_singular_values
 from ess_train.ess.gramian import gramian_hankel_singular_values
 from ess_train.ess.operators import DenseOperator, RecurrentOperator, check_finite, compute_dtype
 

@@ -1,6 +1,7 @@
 """Models: the operator protocol, the mixer zoo (``mixers/``), the backbone and the name registry."""
 
 from ess_train.models.backbone import SequenceModel, build_model
+from ess_train.models.mixer_registry import build_mixer, get_mixer_class, mixer_names, register_mixer
 from ess_train.models.protocol import (
     ESSMixer,
     OperatorView,
@@ -10,7 +11,6 @@ from ess_train.models.protocol import (
     find_ess_layers,
     operators_of,
 )
-from ess_train.models.registry import build_mixer, get_mixer_class, mixer_names, register_mixer
 
 __all__ = [
     "SequenceModel",

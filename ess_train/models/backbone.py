@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ess_train.checks import check_keywords
-from ess_train.models.mixers._common import RMSNorm
+from ess_train.models.mixer_registry import build_mixer, mixer_parameters, resolve_mixer_name
+from ess_train.models.mixers.parts import RMSNorm
 from ess_train.models.protocol import OperatorView, StateSize, find_ess_layers, operators_of
-from ess_train.models.registry import build_mixer, mixer_parameters, resolve_mixer_name
 
 __all__ = ["SequenceModel", "Block", "MLP", "RMSNorm", "build_model"]
 

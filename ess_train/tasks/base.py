@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from .config import IGNORE_INDEX, TaskConfig, UnknownConfigKeyError
 from .leakage import row_hashes, rows_in
 from .loaders import (
     PaddedEvalSampler,
@@ -41,6 +40,7 @@ from .sampling import (
     sample_distinct,
     weighted_sample_distinct,
 )
+from .task_config import IGNORE_INDEX, TaskConfig, UnknownConfigKeyError
 
 __all__ = [
     "GENERATOR_VERSION",

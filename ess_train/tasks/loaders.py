@@ -11,8 +11,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-from .config import IGNORE_INDEX
 from .sampling import make_generator
+from .task_config import IGNORE_INDEX
 
 __all__ = [
     "TensorDictDataset",

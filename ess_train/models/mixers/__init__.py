@@ -3,8 +3,8 @@
 ``MIXER_PATHS`` maps each registry name to ``"module:Class"``; ``MIXER_ALIASES`` maps short names to
 registry names. Classes are importable from here by name (``from ess_train.models.mixers import Mamba``),
 which imports only the module that defines them. Build mixers by name with
-:func:`ess_train.models.registry.build_mixer`. The mixers' kernels (chunked scans, custom autograd) live in
-:mod:`ess_train.models.ops`; the initializations shared by Mamba and S4D in :mod:`.ssm_init`.
+:func:`ess_train.models.mixer_registry.build_mixer`. The mixers' kernels (chunked scans, custom autograd)
+live in :mod:`ess_train.models.ops`; the initializations shared by Mamba and S4D in :mod:`.ssm_init`.
 """
 
 from __future__ import annotations

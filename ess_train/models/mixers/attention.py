@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ess_train.checks import check_bool, check_positive_float
 from ess_train.ess import DenseOperator
-from ess_train.models.mixers._common import head_dims, merge_heads, rotary_embedding, split_heads
+from ess_train.models.mixers.parts import head_dims, merge_heads, rotary_embedding, split_heads
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 
 __all__ = ["SoftmaxAttention"]

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ess_train.checks import check_bool, check_choice, check_positive_float, check_positive_int
 from ess_train.ess import DeltaRuleOperator
-from ess_train.models.mixers._common import (
+from ess_train.models.mixers.parts import (
     RMSNorm,
     gated_head_readout,
     head_dims,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ess_train.checks import check_bool, check_choice, check_positive_float, check_positive_int
 from ess_train.ess import RecurrentOperator
-from ess_train.models.mixers._common import RMSNorm, head_dims, matrix_state_size, merge_heads, split_heads
+from ess_train.models.mixers.parts import RMSNorm, head_dims, matrix_state_size, merge_heads, split_heads
 from ess_train.models.ops import chunk_linear_attention
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
 

@@ -17,12 +17,12 @@ Deliberate differences from MAD, each fixing a problem its users met:
 - memorization: MAD silently set k/v motif sizes to 1; they are simply not parameters here.
 
 One task per module: :mod:`.in_context_recall` (plain and noisy), :mod:`.fuzzy_in_context_recall`,
-:mod:`.selective_copying`, :mod:`.compression`, :mod:`.memorization`; shared parts in :mod:`._common`.
+:mod:`.selective_copying`, :mod:`.compression`, :mod:`.memorization`; shared parts in :mod:`.base`.
 """
 
 from __future__ import annotations
 
-from ._common import recall_vocab
+from .base import recall_vocab
 from .compression import CompressionConfig, CompressionDataModule, generate_compression
 from .fuzzy_in_context_recall import (
     FuzzyInContextRecallConfig,

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..config import IGNORE_INDEX
 from ..sampling import randint
-from ._common import _PairedTokensConfig, _SingleSliceDataModule, recall_vocab
+from ..task_config import IGNORE_INDEX
+from .base import _PairedTokensConfig, _SingleSliceDataModule, recall_vocab
 
 
 def generate_compression(

@@ -9,9 +9,9 @@ from torch import Tensor
 
 from ess_train.checks import check_bool, check_int
 
-from ..config import IGNORE_INDEX, TaskConfig
 from ..sampling import first_occurrence, randint, sample_distinct
-from ._common import _check_noise, _SingleSliceDataModule, recall_vocab
+from ..task_config import IGNORE_INDEX, TaskConfig
+from .base import _check_noise, _SingleSliceDataModule, recall_vocab
 
 
 def _motif_codes(tok: Tensor, size: Tensor, base: int) -> Tensor:

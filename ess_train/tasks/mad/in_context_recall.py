@@ -9,9 +9,9 @@ from torch import Tensor
 
 from ess_train.checks import check_bool, check_int
 
-from ..config import IGNORE_INDEX, TaskConfig
 from ..sampling import first_occurrence, randint
-from ._common import _check_even_len, _check_noise, _noise_mask, _SingleSliceDataModule, recall_vocab
+from ..task_config import IGNORE_INDEX, TaskConfig
+from .base import _check_even_len, _check_noise, _noise_mask, _SingleSliceDataModule, recall_vocab
 
 
 def generate_in_context_recall(

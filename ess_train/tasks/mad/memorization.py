@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..config import IGNORE_INDEX
 from ..sampling import make_generator, randint
-from ._common import _noise_mask, _PairedTokensConfig, _SingleSliceDataModule, recall_vocab
+from ..task_config import IGNORE_INDEX
+from .base import _noise_mask, _PairedTokensConfig, _SingleSliceDataModule, recall_vocab
 
 
 def make_memorization_map(vocab_size: int, noise_vocab_size: int, generator: torch.Generator) -> Tensor:

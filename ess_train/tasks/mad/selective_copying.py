@@ -9,9 +9,9 @@ from torch import Tensor
 
 from ess_train.checks import check_int
 
-from ..config import IGNORE_INDEX, TaskConfig
 from ..sampling import randint
-from ._common import _SingleSliceDataModule
+from ..task_config import IGNORE_INDEX, TaskConfig
+from .base import _SingleSliceDataModule
 
 
 def generate_selective_copying(

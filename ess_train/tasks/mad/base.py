@@ -11,8 +11,8 @@ from torch import Tensor
 from ess_train.checks import check_float, check_int
 
 from ..base import SyntheticTaskDataModule
-from ..config import TaskConfig
 from ..sampling import randint
+from ..task_config import TaskConfig
 
 
 def _noise_mask(n: int, num: int, frac_noise: float, g: torch.Generator) -> Tensor:
