@@ -17,8 +17,10 @@ from ess_train.adapters.base import AdaptedLayer, CaptureError
 from ess_train.adapters.fla_layers import FLA_LAYERS, FLAAdapter
 from ess_train.adapters.hf_attention import HFAttentionAdapter
 from ess_train.adapters.hf_gated_deltanet import GatedDeltaNetAdapter
-from ess_train.adapters.hf_mamba import FalconMambaAdapter, MambaAdapter
-from ess_train.adapters.hf_mamba2 import Mamba2Adapter
+from ess_train.adapters.hf_lfm2 import Lfm2ShortConvAdapter
+from ess_train.adapters.hf_mamba import FalconMambaAdapter, JambaMambaAdapter, MambaAdapter
+from ess_train.adapters.hf_mamba2 import FalconH1MixerAdapter, Mamba2Adapter
+from ess_train.adapters.hf_recurrent_gemma import RecurrentGemmaBlockAdapter
 
 __all__ = [
     "MIN_TRANSFORMERS",
@@ -63,6 +65,18 @@ ADAPTERS: dict[str, Callable[[nn.Module, bool], AdaptedLayer]] = {
         m, check
     ),
     f"{_HF}.mamba2.modeling_mamba2.Mamba2Mixer": lambda m, check: Mamba2Adapter(m, check),
+    # the hybrids' own mixers (their attention layers are adapted like the others')
+    f"{_HF}.jamba.modeling_jamba.JambaMambaMixer": lambda m, check: JambaMambaAdapter(m, check),
+    f"{_HF}.bamba.modeling_bamba.BambaMixer": lambda m, check: Mamba2Adapter(m, check),
+    f"{_HF}.granitemoehybrid.modeling_granitemoehybrid.GraniteMoeHybridMambaLayer": lambda m, check: (
+        Mamba2Adapter(m, check)
+    ),
+    f"{_HF}.zamba2.modeling_zamba2.Zamba2MambaMixer": lambda m, check: Mamba2Adapter(m, check),
+    f"{_HF}.falcon_h1.modeling_falcon_h1.FalconH1Mixer": lambda m, check: FalconH1MixerAdapter(m, check),
+    f"{_HF}.lfm2.modeling_lfm2.Lfm2ShortConv": lambda m, check: Lfm2ShortConvAdapter(m, check),
+    f"{_HF}.recurrent_gemma.modeling_recurrent_gemma.RecurrentGemmaRecurrentBlock": lambda m, check: (
+        RecurrentGemmaBlockAdapter(m, check)
+    ),
     f"{_HF}.qwen3_next.modeling_qwen3_next.Qwen3NextAttention": _attention("module"),
     f"{_HF}.qwen3_next.modeling_qwen3_next.Qwen3NextGatedDeltaNet": lambda m, check: GatedDeltaNetAdapter(
         m, check
