@@ -1,0 +1,97 @@
+"""The hybrids' own mixers: found with no registration, exact against references built from the modeling
+files' own scan inputs (``tests/hf_hybrids.py``), multi-chunk lengths, float64, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ess_train
+from ess_train.adapters import AdaptedLayer, CaptureError
+from ess_train.ess import DenseOperator, entropy_ess
+from ess_train.measure.layers import find_layers
+from ess_train.models.protocol import capture_operators
+from tests.hf_hybrids import MIXERS, mixers, model, reference_operators, tokens
+
+FAMILIES = list(MIXERS)
+#: float32 operators against float64 references: entries are sums of <= L products of O(1) terms, so
+#: ``T`` agrees to ~L eps32 (2.4e-6 at L=20) relative to its largest entry; entropy-ESS moves by at most
+#: a few times the singular values' relative error (it is a smooth function of sigma / sum(sigma))
+OPERATOR_RTOL = 1e-5
+ESS_RTOL = 1e-4
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixers_are_found_and_exact_against_the_modeling_files_scan_inputs(family):
+    m = model(family)
+    ids = tokens(length=20)  # Mamba2 chunks of 8: three chunks, the last one partial
+    names = mixers(m, family)
+    layers = find_layers(m)
+    assert set(names) <= set(layers)
+    for name in names:
+        layer = layers[name]
+        assert isinstance(layer, AdaptedLayer) and layer.kind == MIXERS[family][2]
+        assert type(layer).__name__ == MIXERS[family][1]
+    with torch.no_grad(), reference_operators(m, family) as refs, capture_operators(layers) as views:
+        m(ids, use_cache=False)
+    assert set(names) <= set(refs)
+    for name in names:
+        op = views[name].op
+        assert op.dense().shape == refs[name].shape
+        assert _rel(op.dense(), refs[name]) < OPERATOR_RTOL, name
+        assert layers[name].checked_error is not None and layers[name].checked_error < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_analyze_entropy_ess_matches_the_reference(family):
+    m = model(family)
+    ids = tokens(length=20)
+    with torch.no_grad(), reference_operators(m, family) as refs:
+        report = ess_train.analyze(m, ids, positions=5)
+    for name in mixers(m, family):
+        layer = report.layers[name]
+        ref = entropy_ess(DenseOperator(refs[name]), layer.positions).double()
+        want = ref.reshape(-1, ref.shape[-1]).mean(0)
+        got = torch.tensor(layer.entropy_ess, dtype=torch.float64)
+        assert torch.allclose(got, want, rtol=ESS_RTOL, atol=0), (name, got, want)
+        assert 0 < layer.utilization <= 1
+
+
+def test_float64_mamba2_operator_and_tolerance_ess_are_float64():
+    """Issue case 2: the operator was built in float32, so tolerance-ESS used the float32 threshold."""
+    m = model("bamba", dtype=torch.float64)
+    ids = tokens(length=20)
+    layers = find_layers(m)
+    with torch.no_grad(), capture_operators(layers) as views:
+        m(ids, use_cache=False)
+    assert views["model.layers.0.mamba"].op.dtype == torch.float64
+    with torch.no_grad(), reference_operators(m, "bamba") as refs:
+        report = ess_train.analyze(m, ids, positions=5)
+    layer = report.layers["model.layers.0.mamba"]
+    ref = ess_train.ess.tolerance_ess(DenseOperator(refs["model.layers.0.mamba"]), layer.positions)
+    want = ref.double().reshape(-1, ref.shape[-1]).mean(0)
+    got = torch.tensor(layer.tolerance_ess, dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=0, atol=1e-9), (got, want)
+
+
+def test_recurrent_gemma_refuses_packed_rows_and_continuations():
+    m = model("recurrent_gemma")
+    ids = tokens(batch=1, length=12)
+    layers = find_layers(m, include=["model.layers.0.temporal_block"])
+    packed = torch.cat([torch.arange(6), torch.arange(6)])[None]
+    with torch.no_grad(), capture_operators(layers), pytest.raises(CaptureError, match="restart"):
+        m(ids, position_ids=packed, use_cache=False)
+    with torch.no_grad(), capture_operators(layers), pytest.raises(CaptureError, match="position 0"):
+        m(ids, position_ids=torch.arange(3, 15)[None], use_cache=False)
+
+
+@pytest.mark.parametrize("family", ["lfm2", "bamba"])
+def test_generation_steps_are_refused(family):
+    m = model(family)
+    layers = find_layers(m, include=[next(iter(mixers(m, family)))])
+    with torch.no_grad(), capture_operators(layers), pytest.raises(CaptureError, match="cached state"):
+        m.generate(tokens(batch=1, length=6), max_new_tokens=2, do_sample=False)
