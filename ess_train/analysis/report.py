@@ -139,22 +139,21 @@ def context_length(model: nn.Module) -> int | None:
     return None
 
 
-def _not_measured(model: nn.Module, found: dict[str, Any]) -> dict[str, str]:
-    """Mixer-like modules (by class name) that are neither measured nor around/inside a measured one."""
-    from ess_train.adapters.registry import ADAPTERS, looks_like_mixer
+def _not_measured(model: nn.Module, found: dict[str, Any], run: Callable[[int], Any], seq_len: int) -> dict[str, str]:
+    """What is not measured, from structure (:mod:`ess_train.analysis.mixing_probe`): modules that mix along
+    time and are not covered by a measured layer, and instances of adapted classes that were refused (a
+    GPT-2 attention used as cross-attention)."""
+    from ess_train.adapters.registry import ADAPTERS
+    from ess_train.analysis.mixing_probe import unmeasured_mixing
 
-    out: dict[str, str] = {}
+    out = unmeasured_mixing(model, found, run, seq_len)
     for name, module in model.named_modules():
-        if name in found or not looks_like_mixer(module):
-            continue
-        if any(name.startswith(f + ".") or f.startswith(name + ".") for f in found if f):
-            continue
-        if any(name.startswith(f + ".") for f in out):
-            continue
         cls = type(module)
-        known = f"{cls.__module__}.{cls.__qualname__}" in ADAPTERS
-        why = "this instance is not a causal self-attention (e.g. cross-attention)" if known else "no adapter"
-        out[name] = f"{cls.__name__}: {why} (not measured)"
+        if name in found or name in out or f"{cls.__module__}.{cls.__qualname__}" not in ADAPTERS:
+            continue
+        if any(name.startswith(f + ".") for f in found if f) or any(name.startswith(f + ".") for f in out):
+            continue
+        out[name] = f"{cls.__name__}: this instance is not a causal self-attention (e.g. cross-attention) (not measured)"
     return out
 
 
@@ -248,7 +247,20 @@ def analyze(
     L = int(input_ids.shape[1])
     evaluated = resolve_positions(spec, L)
     layers = find_layers(model, include=include, exclude=exclude)
-    not_measured = _not_measured(model, layers)
+
+    def run(ids: Tensor) -> Any:
+        if forward_fn is not None:
+            return forward_fn(model, ids)
+        if getattr(model, "config", None) is not None and hasattr(model, "can_generate"):
+            return model(ids, use_cache=False)  # a transformers model: a prefill forward, no cache
+        return model(ids)
+
+    measurable = find_layers(model) if include is not None or exclude is not None else layers
+    with eval_mode(model):
+        not_measured = _not_measured(model, measurable, lambda n: run(input_ids[:1, :n]), L)
+    for name, layer in measurable.items():
+        if name not in layers:
+            not_measured[name] = f"{_cls(layer)}: excluded by include/exclude (not measured)"
     if not layers:
         classes = sorted(
             {type(m).__name__ for _, m in model.named_children()}
@@ -269,12 +281,7 @@ def analyze(
     sink = _ESSSink(layers, spec, tolerance, rtol, max_operators, progress)
     start = time.perf_counter()
     with torch.no_grad(), eval_mode(model), capture_operators(layers, sink):
-        if forward_fn is not None:
-            forward_fn(model, input_ids)
-        elif getattr(model, "config", None) is not None and hasattr(model, "can_generate"):
-            model(input_ids, use_cache=False)  # a transformers model: a prefill forward, no cache
-        else:
-            model(input_ids)
+        run(input_ids)
     seconds = time.perf_counter() - start
     reports: dict[str, LayerReport] = {}
     for name, layer in layers.items():
