@@ -3,8 +3,9 @@ reference operators of their mixers built from the modeling files' own scan inpu
 independently of ``ess_train.adapters``.
 
 Each reference is a dense ``T [batch, operators, L, L]`` in float64, written from the kernel's own
-arguments (``mamba2_chunk_scan``, ``mamba_selective_scan``, ``causal_conv1d_fn``, ``RecurrentGemmaRglru._rnn_scan``)
-and checked against what the kernel returned, so that it is the operator the model computes.
+arguments (``mamba2_chunk_scan``, ``mamba_selective_scan``, ``causal_conv1d_fn``,
+``RecurrentGemmaRglru._rnn_scan``) and checked against what the kernel returned, so that it is the
+operator the model computes.
 """
 
 from __future__ import annotations
@@ -30,34 +31,78 @@ def config(family: str):
     tf = transformers
     table = {
         "jamba": lambda: tf.JambaConfig(
-            **_COMMON, **_ATTN, num_hidden_layers=2, attn_layer_period=2, attn_layer_offset=1,
-            expert_layer_period=2, expert_layer_offset=1, num_experts=2, num_experts_per_tok=1,
-            mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4,
+            **_COMMON,
+            **_ATTN,
+            num_hidden_layers=2,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            num_experts=2,
+            num_experts_per_tok=1,
+            mamba_d_state=8,
+            mamba_d_conv=4,
+            mamba_expand=2,
+            mamba_dt_rank=4,
         ),
-        "bamba": lambda: tf.BambaConfig(**_COMMON, **_ATTN, **_M2, num_hidden_layers=2, attn_layer_indices=[1]),
+        "bamba": lambda: tf.BambaConfig(
+            **_COMMON, **_ATTN, **_M2, num_hidden_layers=2, attn_layer_indices=[1]
+        ),
         "granitemoehybrid": lambda: tf.GraniteMoeHybridConfig(
-            **_COMMON, **_ATTN, **_M2, num_hidden_layers=2, layer_types=["mamba", "attention"],
-            num_local_experts=2, num_experts_per_tok=1,
+            **_COMMON,
+            **_ATTN,
+            **_M2,
+            num_hidden_layers=2,
+            layer_types=["mamba", "attention"],
+            num_local_experts=2,
+            num_experts_per_tok=1,
         ),
         "falcon_h1": lambda: tf.FalconH1Config(
-            **_COMMON, **_ATTN, **_M2, num_hidden_layers=2, mamba_d_ssm=64,
-            ssm_multipliers=[0.5, 2.0, 0.7, 1.5, 0.8], ssm_in_multiplier=0.6,
+            **_COMMON,
+            **_ATTN,
+            **_M2,
+            num_hidden_layers=2,
+            mamba_d_ssm=64,
+            ssm_multipliers=[0.5, 2.0, 0.7, 1.5, 0.8],
+            ssm_in_multiplier=0.6,
         ),
         "falcon_h1_norm": lambda: tf.FalconH1Config(
-            **_COMMON, **_ATTN, **_M2, num_hidden_layers=2, mamba_d_ssm=64, mamba_rms_norm=True,
+            **_COMMON,
+            **_ATTN,
+            **_M2,
+            num_hidden_layers=2,
+            mamba_d_ssm=64,
+            mamba_rms_norm=True,
         ),
         "zamba2": lambda: tf.Zamba2Config(
-            **_COMMON, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, mamba_headdim=8,
-            n_mamba_heads=8, mamba_ngroups=2, mamba_d_state=8, chunk_size=8,
+            **_COMMON,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            mamba_headdim=8,
+            n_mamba_heads=8,
+            mamba_ngroups=2,
+            mamba_d_state=8,
+            chunk_size=8,
             layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
         ),
         "lfm2": lambda: tf.Lfm2Config(
-            **_COMMON, **_ATTN, num_hidden_layers=2, layer_types=["conv", "full_attention"], conv_L_cache=3,
+            **_COMMON,
+            **_ATTN,
+            num_hidden_layers=2,
+            layer_types=["conv", "full_attention"],
+            conv_L_cache=3,
             conv_bias=True,
         ),
         "recurrent_gemma": lambda: tf.RecurrentGemmaConfig(
-            **_COMMON, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
-            lru_width=32, attention_window_size=16, conv1d_width=4,
+            **_COMMON,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            lru_width=32,
+            attention_window_size=16,
+            conv1d_width=4,
             block_types=["recurrent", "recurrent", "attention"],
         ),
     }
@@ -187,7 +232,9 @@ def reference_operators(m: nn.Module, family: str) -> Iterator[dict[str, Tensor]
                 handles.append(mixer.rg_lru.register_forward_pre_hook(_stash_in(refs, name, "w")))
                 stack.enter_context(_spied_scan(mixer, refs, name))
         if kind in ("mamba2", "jamba_mamba", "gated_short_conv"):
-            fn = {"mamba2": "mamba2_chunk_scan", "jamba_mamba": "mamba_selective_scan"}.get(kind, "causal_conv1d_fn")
+            fn = {"mamba2": "mamba2_chunk_scan", "jamba_mamba": "mamba_selective_scan"}.get(
+                kind, "causal_conv1d_fn"
+            )
             original = getattr(mod, fn)
             params = _PARAMS[fn]
 
@@ -254,7 +301,9 @@ def _spied_scan(block: nn.Module, refs: dict, name: str) -> Iterator[None]:
         T = (T_lru * g[..., None, :]) @ T_conv  # T_lru diag(g) T_conv
         bias = block.conv_1d.bias.double()[None, :, None] * g
         y = torch.einsum("bdts,bds->bdt", T, v) + torch.einsum("bdts,bds->bdt", T_lru, bias)
-        assert k == block.conv1d_width and _rel(y, out[0].transpose(1, 2)) < 1e-5, "reference is not the RG-LRU"
+        assert k == block.conv1d_width and _rel(y, out[0].transpose(1, 2)) < 1e-5, (
+            "reference is not the RG-LRU"
+        )
         refs[name] = T
         return out
 

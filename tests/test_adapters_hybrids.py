@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import ess_train
-from ess_train.adapters import AdaptedLayer, CaptureError
+from ess_train.adapters import AdaptedLayer, CaptureError, registry
+from ess_train.analysis.mixing_probe import unmeasured_mixing
 from ess_train.ess import DenseOperator, entropy_ess
 from ess_train.measure.layers import find_layers
 from ess_train.models.protocol import capture_operators
@@ -95,3 +97,92 @@ def test_generation_steps_are_refused(family):
     layers = find_layers(m, include=[next(iter(mixers(m, family)))])
     with torch.no_grad(), capture_operators(layers), pytest.raises(CaptureError, match="cached state"):
         m.generate(tokens(batch=1, length=6), max_new_tokens=2, do_sample=False)
+
+
+def _probe(m, ids):
+    L = ids.shape[1]
+    return unmeasured_mixing(m, find_layers(m), lambda n: m(ids[:1, :n], use_cache=False), L)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "falcon_h1_norm"])
+def test_not_measured_lists_the_mixers_by_structure_when_not_adapted(family, monkeypatch):
+    """Issue case 5: LFM2's short conv, RecurrentGemma's block, GraniteMoeHybrid's mamba layer (and the
+    other hybrids' mixers) are listed when no adapter measures them, and absent when one does; MLPs,
+    norms, MoE blocks and anything inside or around a measured layer are never listed."""
+    m = model(family)
+    ids = tokens(length=20)
+    names = set(mixers(m, family))
+    attention = {n for n, mod in m.named_modules() if type(mod).__name__.endswith("Attention")}
+    listed = _probe(m, ids)
+    assert not names & set(listed) and set(listed) <= attention, listed
+    key = next(k for k in registry.ADAPTERS if k.endswith("." + MIXERS[family][1]))
+    monkeypatch.delitem(registry.ADAPTERS, key)
+    listed = _probe(m, ids)
+    assert names <= set(listed) <= names | attention, listed
+    assert all("mixes along time" in listed[n] for n in names)
+
+
+class _Pointwise(nn.Module):
+    """A kernel-1 convolution over time: position-wise, not mixing."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(d, d, 1)
+
+    def forward(self, x):
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+class _CausalConv(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(d, d, 3, groups=d, padding=2)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        L = x.shape[1]
+        return self.proj(self.conv(x.transpose(1, 2))[..., :L].transpose(1, 2))
+
+
+class _Cumsum(nn.Module):
+    def forward(self, x):
+        return torch.cumsum(x, dim=1) / x.shape[1]
+
+
+class _Toy(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.pointwise = _Pointwise(d)
+        self.mixer = _CausalConv(d)
+        self.cumsum = _Cumsum()
+
+    def forward(self, x):
+        x = x + self.mlp(self.norm(x))
+        return self.cumsum(self.mixer(self.pointwise(x)))
+
+
+@pytest.mark.parametrize(
+    ("measured", "expected"),
+    [((), {"mixer", "cumsum"}), (("mixer",), {"cumsum"}), (("mixer.conv", "cumsum"), set())],
+)
+def test_probe_finds_mixing_modules_not_position_wise_ones(measured, expected):
+    torch.manual_seed(0)
+    net = _Toy().eval()
+    x = torch.randn(2, 16, 8)
+    listed = unmeasured_mixing(net, measured, lambda n: net(x[:1, :n]), 16)
+    assert set(listed) == expected  # a conv1d is reported as the mixer that owns it; kernel-1 conv is not
+
+
+@pytest.mark.parametrize("family", ["lfm2", "granitemoehybrid"])
+def test_analyze_report_lists_the_unadapted_mixer(family, monkeypatch):
+    """Issue case 5 end to end: the old class-name pattern missed ``Lfm2ShortConv`` and
+    ``GraniteMoeHybridMambaLayer``, so the report looked complete."""
+    m = model(family)
+    attention = next(mod for mod in m.modules() if type(mod).__name__.endswith("Attention"))
+    monkeypatch.setattr(registry, "ADAPTERS", dict(registry.ADAPTERS))
+    registry.register_attention_class(type(attention))
+    del registry.ADAPTERS[next(k for k in registry.ADAPTERS if k.endswith("." + MIXERS[family][1]))]
+    report = ess_train.analyze(m, tokens(length=20), positions=4)
+    assert set(report.not_measured) == set(mixers(m, family)) and report.layers

@@ -30,7 +30,6 @@ from ess_train.adapters.registry import (
     MIN_TRANSFORMERS,
     TESTED_TRANSFORMERS,
     adapt,
-    looks_like_mixer,
     register_attention_class,
     require_transformers,
 )
@@ -47,7 +46,6 @@ __all__ = [
     "adapt",
     "check_exact",
     "exactness_tolerance",
-    "looks_like_mixer",
     "max_relative_error",
     "register_attention_class",
     "require_fla",

@@ -41,7 +41,9 @@ class RecurrentGemmaBlockAdapter(SSMAdapter):
 
     def state_size(self, seq_len: int) -> StateSize:
         k = self.kernel_size
-        return StateSize(total=int(self.module.lru_width) * k, per_operator=min(k, seq_len // 2), multiplicity=1)
+        return StateSize(
+            total=int(self.module.lru_width) * k, per_operator=min(k, seq_len // 2), multiplicity=1
+        )
 
     def prepare(self, name: str, args: tuple, kwargs: dict[str, Any]) -> Tensor:
         x = args[0] if args else kwargs["input_states"]

@@ -29,7 +29,6 @@ __all__ = [
     "adapt",
     "register_attention_class",
     "require_transformers",
-    "looks_like_mixer",
 ]
 
 #: oldest transformers accepted (the attention and mask interfaces and the 5.x mixer signatures)
@@ -141,11 +140,3 @@ def adapt(module: nn.Module, check: bool = True) -> AdaptedLayer | None:
         typed = _typed[(type(adapter), cls.__name__)] = type(cls.__name__, (type(adapter),), {})
     adapter.__class__ = typed
     return adapter
-
-
-_MIXER_NAME = re.compile(r"(Attention|Attention2|Mixer|DeltaNet|Retention|Hyena|SSM|LinearAttn|TimeMix)$")
-
-
-def looks_like_mixer(module: nn.Module) -> bool:
-    """Whether ``module``'s class name suggests a sequence mixer (for the "not measured" list only)."""
-    return bool(_MIXER_NAME.search(type(module).__name__))

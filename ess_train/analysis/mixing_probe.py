@@ -146,9 +146,7 @@ def _inside(name: str, others: Iterable[str]) -> bool:
 @contextlib.contextmanager
 def _hooks(model: nn.Module, names: list[str], probe: _Probe) -> Iterator[None]:
     modules = dict(model.named_modules())
-    handles = [
-        modules[n].register_forward_hook(probe.hook(n), with_kwargs=True) for n in names
-    ]
+    handles = [modules[n].register_forward_hook(probe.hook(n), with_kwargs=True) for n in names]
     try:
         yield
     finally:
@@ -199,5 +197,7 @@ def unmeasured_mixing(
             )
     for n, why in probe.failed.items():
         if n not in probe.mixing and not _inside(n, out) and n not in out:
-            out[n] = f"{type(modules[n]).__name__}: could not be probed for sequence mixing ({why}); not measured"
+            out[n] = (
+                f"{type(modules[n]).__name__}: could not be probed for sequence mixing ({why}); not measured"
+            )
     return out

@@ -139,7 +139,9 @@ def context_length(model: nn.Module) -> int | None:
     return None
 
 
-def _not_measured(model: nn.Module, found: dict[str, Any], run: Callable[[int], Any], seq_len: int) -> dict[str, str]:
+def _not_measured(
+    model: nn.Module, found: dict[str, Any], run: Callable[[int], Any], seq_len: int
+) -> dict[str, str]:
     """What is not measured, from structure (:mod:`ess_train.analysis.mixing_probe`): modules that mix along
     time and are not covered by a measured layer, and instances of adapted classes that were refused (a
     GPT-2 attention used as cross-attention)."""
@@ -153,7 +155,8 @@ def _not_measured(model: nn.Module, found: dict[str, Any], run: Callable[[int], 
             continue
         if any(name.startswith(f + ".") for f in found if f) or any(name.startswith(f + ".") for f in out):
             continue
-        out[name] = f"{cls.__name__}: this instance is not a causal self-attention (e.g. cross-attention) (not measured)"
+        why = "this instance is not a causal self-attention (e.g. cross-attention)"
+        out[name] = f"{cls.__name__}: {why} (not measured)"
     return out
 
 
@@ -256,24 +259,26 @@ def analyze(
         return model(ids)
 
     measurable = find_layers(model) if include is not None or exclude is not None else layers
-    with eval_mode(model):
-        not_measured = _not_measured(model, measurable, lambda n: run(input_ids[:1, :n]), L)
+    try:
+        with eval_mode(model):
+            not_measured = _not_measured(model, measurable, lambda n: run(input_ids[:1, :n]), L)
+    except Exception:
+        if layers:
+            raise
+        not_measured = {}  # the model does not even run: the error below says what was found
     for name, layer in measurable.items():
         if name not in layers:
             not_measured[name] = f"{_cls(layer)}: excluded by include/exclude (not measured)"
     if not layers:
+        modules = dict(model.named_modules())
         classes = sorted(
             {type(m).__name__ for _, m in model.named_children()}
-            | {
-                type(m).__name__
-                for m in model.modules()
-                if "Attention" in type(m).__name__ or "Mixer" in type(m).__name__
-            }
+            | {type(modules[n]).__name__ for n in not_measured if n in modules}
         )
         raise UnsupportedModelError(
             f"{type(model).__name__} has no layer ess_train can measure exactly (no protocol layer and no "
             f"adapted class; see ess_train.adapters.ADAPTERS). Found: {', '.join(classes) or 'nothing'}; "
-            f"mixer-like layers not measured: {sorted(set(not_measured.values())) or 'none'}"
+            f"sequence mixing not measured: {sorted(set(not_measured.values())) or 'none found'}"
         )
     for layer in layers.values():
         if hasattr(layer, "check"):

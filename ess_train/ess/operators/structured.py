@@ -210,7 +210,8 @@ class ShiftRegisterOperator(RecurrentOperator):
             check_floating(name, gate)
             if tuple(gate.shape) != (batch, taps.shape[0], seq_len):
                 raise ValueError(
-                    f"{name} must be [batch, G, L] = {(batch, taps.shape[0], seq_len)}, got {tuple(gate.shape)}"
+                    f"{name} must be [batch, G, L] = {(batch, taps.shape[0], seq_len)}, "
+                    f"got {tuple(gate.shape)}"
                 )
         self.taps, self.rows, self.length = taps, batch, seq_len
         self.g_in, self.g_out = g_in, g_out
@@ -269,6 +270,7 @@ class ShiftRegisterOperator(RecurrentOperator):
         taps = self.taps if index is None else self.taps.index_select(0, index.to(self.taps.device))
         n = self.rows if rows is None else min(rows, self.rows)
         g_in, g_out = (
-            None if g is None else select_batch(g, self.batch_shape, 1, rows, index) for g in (self.g_in, self.g_out)
+            None if g is None else select_batch(g, self.batch_shape, 1, rows, index)
+            for g in (self.g_in, self.g_out)
         )
         return ShiftRegisterOperator(taps, n, self.length, g_in=g_in, g_out=g_out)
