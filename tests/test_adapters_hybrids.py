@@ -186,3 +186,33 @@ def test_analyze_report_lists_the_unadapted_mixer(family, monkeypatch):
     del registry.ADAPTERS[next(k for k in registry.ADAPTERS if k.endswith("." + MIXERS[family][1]))]
     report = ess_train.analyze(m, tokens(length=20), positions=4)
     assert set(report.not_measured) == set(mixers(m, family)) and report.layers
+
+
+def test_probe_falls_back_to_the_full_input_for_a_fixed_shape_forward():
+    m = model("lfm2")
+    ids = tokens(length=20)
+    shapes = []
+
+    def forward(model_, x):
+        shapes.append(tuple(x.shape))
+        if x.shape != ids.shape:
+            raise ValueError("this forward takes [2, 20] only")
+        return model_(x, use_cache=False)
+
+    report = ess_train.analyze(m, ids, positions=4, forward_fn=forward)
+    assert shapes[0] == (1, 13) and shapes[1:] == [(2, 20), (2, 20)]
+    assert report.not_measured == ess_train.analyze(m, ids, positions=4).not_measured
+    assert "model.layers.0.conv" in report.layers
+
+
+@pytest.mark.parametrize("family", ["lfm2", "recurrent_gemma", "falcon_h1"])
+def test_gradients_reach_the_mixers_parameters(family):
+    m = model(family)
+    name = next(iter(mixers(m, family)))
+    layers = find_layers(m, include=[name])
+    with capture_operators(layers) as views:
+        m(tokens(length=12), use_cache=False)
+    entropy_ess(views[name].op, [4, 8]).sum().backward()
+    grads = [p.grad for p in mixers(m, family)[name].parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    assert any(float(g.abs().sum()) > 0 for g in grads)

@@ -70,7 +70,7 @@ def _locate_input(args: tuple, kwargs: dict[str, Any]) -> tuple[str, Any] | None
 
 
 def _time_axes(x: Tensor, L: int) -> list[int]:
-    if x.dim() < 3 or x.shape[0] != 1:
+    if x.dim() < 3:
         return []
     return [d for d in (1, 2) if x.shape[d] == L]
 
@@ -155,14 +155,19 @@ def _hooks(model: nn.Module, names: list[str], probe: _Probe) -> Iterator[None]:
 
 
 def unmeasured_mixing(
-    model: nn.Module, measured: Iterable[str], run: Callable[[int], Any], seq_len: int
+    model: nn.Module,
+    measured: Iterable[str],
+    run: Callable[[int], Any],
+    seq_len: int,
+    length: int | None = None,
 ) -> dict[str, str]:
     """Modules of ``model`` that mix along time and are not covered by a ``measured`` layer (see the module
-    docstring), with the reason; ``run(L)`` runs the model's probe forward on its first ``L`` tokens."""
+    docstring), with the reason; ``run(n)`` runs the model's probe forward on its first ``n`` tokens
+    (``n = length``, default :func:`probe_length` of ``seq_len``)."""
     found = [n for n in measured if n]
     if "" in set(measured):
         return {}
-    L = probe_length(seq_len)
+    L = probe_length(seq_len) if length is None else length
     if L < 2:
         return {}
     modules = dict(model.named_modules())

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ess_train.analysis.mixing_probe import unmeasured_mixing
 from ess_train.measure.layers import find_layers
 from ess_train.measure.positions import resolve_positions
 from ess_train.measure.probe import eval_mode
@@ -140,15 +141,18 @@ def context_length(model: nn.Module) -> int | None:
 
 
 def _not_measured(
-    model: nn.Module, found: dict[str, Any], run: Callable[[int], Any], seq_len: int
+    model: nn.Module,
+    found: dict[str, Any],
+    run: Callable[[int], Any],
+    seq_len: int,
+    length: int | None = None,
 ) -> dict[str, str]:
     """What is not measured, from structure (:mod:`ess_train.analysis.mixing_probe`): modules that mix along
     time and are not covered by a measured layer, and instances of adapted classes that were refused (a
     GPT-2 attention used as cross-attention)."""
     from ess_train.adapters.registry import ADAPTERS
-    from ess_train.analysis.mixing_probe import unmeasured_mixing
 
-    out = unmeasured_mixing(model, found, run, seq_len)
+    out = unmeasured_mixing(model, found, run, seq_len, length)
     for name, module in model.named_modules():
         cls = type(module)
         if name in found or name in out or f"{cls.__module__}.{cls.__qualname__}" not in ADAPTERS:
@@ -259,13 +263,14 @@ def analyze(
         return model(ids)
 
     measurable = find_layers(model) if include is not None or exclude is not None else layers
-    try:
-        with eval_mode(model):
+    with eval_mode(model):
+        try:
             not_measured = _not_measured(model, measurable, lambda n: run(input_ids[:1, :n]), L)
-    except Exception:
-        if layers:
-            raise
-        not_measured = {}  # the model does not even run: the error below says what was found
+        except Exception:
+            if not layers:  # the model does not even run: the error below says what was found
+                not_measured = {}
+            else:  # a forward_fn of fixed shapes: probe on the input itself
+                not_measured = _not_measured(model, measurable, lambda n: run(input_ids), L, length=L)
     for name, layer in measurable.items():
         if name not in layers:
             not_measured[name] = f"{_cls(layer)}: excluded by include/exclude (not measured)"
