@@ -2,7 +2,8 @@
 
 Dispatch is by the exact class (``type(module).__module__`` and ``__qualname__``): a subclass or a
 look-alike (FalconMamba's mixer has Mamba's parameter names plus norms) never inherits an adapter, and a
-class not listed is reported as not measured, never guessed. Nothing here imports transformers: a module
+class not listed is never guessed (where it mixes along time, ``analyze`` lists it as not measured: found
+by :mod:`ess_train.analysis.mixing_probe`, not by its name). Nothing here imports transformers: a module
 of a transformers class can only exist once transformers is imported.
 """
 
