@@ -91,7 +91,7 @@ def test_recurrent_gemma_refuses_packed_rows_and_continuations():
         m(ids, position_ids=torch.arange(3, 15)[None], use_cache=False)
 
 
-@pytest.mark.parametrize("family", ["lfm2", "bamba"])
+@pytest.mark.parametrize("family", ["lfm2", "bamba", "jamba", "recurrent_gemma", "zamba2", "falcon_h1"])
 def test_generation_steps_are_refused(family):
     m = model(family)
     layers = find_layers(m, include=[next(iter(mixers(m, family)))])
@@ -216,3 +216,14 @@ def test_gradients_reach_the_mixers_parameters(family):
     grads = [p.grad for p in mixers(m, family)[name].parameters() if p.grad is not None]
     assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
     assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("family", ["lfm2", "granitemoehybrid", "jamba", "falcon_h1", "recurrent_gemma"])
+def test_padded_batches_are_refused(family):
+    m = model(family)
+    ids = tokens(length=10)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    layers = find_layers(m, include=[next(iter(mixers(m, family)))])
+    with torch.no_grad(), capture_operators(layers), pytest.raises(CaptureError, match="padded"):
+        m(ids, attention_mask=mask, use_cache=False)

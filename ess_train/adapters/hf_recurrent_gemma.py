@@ -61,6 +61,14 @@ class RecurrentGemmaBlockAdapter(SSMAdapter):
                 f"layer {name!r} ({cls}): position_ids restart inside a row (packed sequences), which resets "
                 "the recurrence; measure one sequence per row"
             )
+        mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 4:  # the block gets the attention's 4D mask only
+            diag = mask.diagonal(dim1=-2, dim2=-1)
+            if not bool((diag if mask.dtype == torch.bool else diag == 0).all()):
+                raise CaptureError(
+                    f"layer {name!r} ({cls}): ESS capture refuses padded batches (the mask hides tokens from "
+                    "themselves: padding); measure unpadded rows of equal length"
+                )
         return x
 
     def build(self, x: Tensor) -> tuple[OperatorView, dict[str, Tensor]]:
