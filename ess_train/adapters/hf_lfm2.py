@@ -40,7 +40,7 @@ class Lfm2ShortConvAdapter(SSMAdapter):
 
     def prepare(self, name: str, args: tuple, kwargs: dict[str, Any]) -> Tensor:
         x = args[0] if args else kwargs["hidden_states"]
-        refuse_ssm_call(name, self.module, x, kwargs, state="get_conv_state")
+        refuse_ssm_call(name, self.module, x, kwargs, getter="get_conv_state")
         return x
 
     def build(self, x: Tensor) -> tuple[OperatorView, dict[str, Tensor]]:

@@ -29,10 +29,10 @@ __all__ = ["MambaAdapter", "FalconMambaAdapter", "JambaMambaAdapter", "refuse_ss
 
 
 def refuse_ssm_call(
-    name: str, module: nn.Module, x: Tensor, kwargs: dict[str, Any], state: str = "get_recurrent_state"
+    name: str, module: nn.Module, x: Tensor, kwargs: dict[str, Any], getter: str = "get_recurrent_state"
 ) -> None:
-    """Refuse padded batches, packed rows and cached (generation) calls of an HF SSM mixer (``state``: the
-    cache's getter of the layer's carried state; ``get_conv_state`` for a convolution-only mixer)."""
+    """Refuse padded batches, packed rows and cached (generation) calls of an HF SSM mixer (``getter``: the
+    cache's method giving the layer's carried state; ``get_conv_state`` for a convolution-only mixer)."""
     cls = type(module).__name__
     mask = kwargs.get("attention_mask")
     if isinstance(mask, Tensor) and not bool(mask.bool().all()):
@@ -46,7 +46,7 @@ def refuse_ssm_call(
         )
     cache = kwargs.get("cache", kwargs.get("cache_params"))
     if cache is not None:
-        get = getattr(cache, state, None)
+        get = getattr(cache, getter, None)
         state = get(module.layer_idx, state_idx=0) if callable(get) else None
         if state is not None or x.shape[1] == 1:
             raise CaptureError(
