@@ -54,7 +54,20 @@ def shift_register(g: torch.Generator) -> ShiftRegisterOperator:
     return ShiftRegisterOperator(torch.randn(D, N, generator=g, dtype=F64), BATCH, L)
 
 
-STRUCTURED = {"selective": selective, "delta_rule": delta_rule, "toeplitz": toeplitz, "shift": shift_register}
+def gated_shift_register(g: torch.Generator) -> ShiftRegisterOperator:
+    """LFM2's gated short convolution: ``T[t, s] = g_out[t] taps[t - s] g_in[s]``."""
+    taps = torch.randn(D, N, generator=g, dtype=F64)
+    g_in, g_out = (torch.randn(BATCH, D, L, generator=g, dtype=F64) for _ in range(2))
+    return ShiftRegisterOperator(taps, BATCH, L, g_in=g_in, g_out=g_out)
+
+
+STRUCTURED = {
+    "selective": selective,
+    "delta_rule": delta_rule,
+    "toeplitz": toeplitz,
+    "shift": shift_register,
+    "gated_shift": gated_shift_register,
+}
 
 
 def plain(op: Operator) -> Operator:
@@ -91,6 +104,12 @@ def test_structured_matches_plain_form(name):
     assert_within(sub.dense(), ref_sub.dense(), tol(F64, float(ref.dense().abs().max()), L), f"{name} subset")
     pos = [3, 6, 9]
     assert_within(entropy_ess(op, positions=pos), entropy_ess(ref, positions=pos), 1e-9, f"{name} ESS")
+
+
+def test_gated_shift_register_is_the_gated_short_convolution():
+    op = gated_shift_register(_gen(2))
+    band = GatedToeplitzOperator(torch.nn.functional.pad(op.taps, (0, L - N)), op.g_out, op.g_in)
+    assert_within(op.dense(), band.dense(), tol(F64, float(band.dense().abs().max()), N), "gated shift")
 
 
 @pytest.mark.parametrize("name", ["selective", "delta_rule", "toeplitz"])
@@ -138,6 +157,10 @@ def test_delta_rule_gradients_match_plain_form():
         (lambda: DeltaRuleOperator(torch.rand(2, 5, 3), torch.rand(2, 4), torch.rand(2, 5, 3)), "beta"),
         (lambda: GatedToeplitzOperator(torch.rand(3, 5), torch.rand(3, 4), torch.rand(3, 5)), "last dim L"),
         (lambda: ShiftRegisterOperator(torch.rand(3), 2, 5), r"taps must be \[G, k\]"),
+        (
+            lambda: ShiftRegisterOperator(torch.rand(3, 2), 2, 5, g_in=torch.rand(2, 3, 4)),
+            r"g_in must be \[batch, G, L\]",
+        ),
         (
             lambda: SelectiveSSMOperator(
                 *(torch.ones(2, 3, 5, dtype=torch.long) for _ in range(1)),

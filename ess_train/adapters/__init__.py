@@ -5,8 +5,10 @@ exact operator without touching the model's code (see ``docs/ADAPTERS.md``):
 
 - softmax attention (Llama, Mistral with sliding windows, GPT-2, Qwen2, Qwen3) through transformers'
   attention-function and mask interfaces (:mod:`~ess_train.adapters.hf_attention`);
-- Mamba and FalconMamba (:mod:`~ess_train.adapters.hf_mamba`) and Mamba2
-  (:mod:`~ess_train.adapters.hf_mamba2`), rebuilt from the mixer's parameters by a forward pre-hook;
+- Mamba, FalconMamba and Jamba's mixer (:mod:`~ess_train.adapters.hf_mamba`), Mamba2 and its copies in
+  Bamba, GraniteMoeHybrid, Zamba2 and Falcon-H1 (:mod:`~ess_train.adapters.hf_mamba2`), LFM2's gated short
+  convolution (:mod:`~ess_train.adapters.hf_lfm2`) and RecurrentGemma's conv + RG-LRU block
+  (:mod:`~ess_train.adapters.hf_recurrent_gemma`), rebuilt from the mixer's parameters by a forward pre-hook;
 - Qwen3-Next's GatedDeltaNet (:mod:`~ess_train.adapters.hf_gated_deltanet`), its torch kernel call recorded;
 - flash-linear-attention 0.6's ``GatedLinearAttention``, ``DeltaNet`` and ``GatedDeltaNet``
   (:mod:`~ess_train.adapters.fla_layers`), their kernel calls recorded.
@@ -30,7 +32,6 @@ from ess_train.adapters.registry import (
     MIN_TRANSFORMERS,
     TESTED_TRANSFORMERS,
     adapt,
-    looks_like_mixer,
     register_attention_class,
     require_transformers,
 )
@@ -47,7 +48,6 @@ __all__ = [
     "adapt",
     "check_exact",
     "exactness_tolerance",
-    "looks_like_mixer",
     "max_relative_error",
     "register_attention_class",
     "require_fla",

@@ -83,7 +83,8 @@ class AdaptedLayer:
     Attributes:
         module: the adapted module itself.
         kind: the layer kind in reports (``"softmax_attention"``, ``"sliding_window_attention"``,
-            ``"mamba"``, ``"falcon_mamba"``, ``"mamba2"``).
+            ``"mamba"``, ``"falcon_mamba"``, ``"jamba_mamba"``, ``"mamba2"``, ``"gated_short_conv"``,
+            ``"rg_lru"``, ...).
         check: run the exactness check at the first capture (default ``True``).
         checked_error: the max-relative error found by the first check (``None`` before it ran).
     """

@@ -1,4 +1,4 @@
-"""Hugging Face ``MambaMixer`` and ``FalconMambaMixer``: the operator rebuilt from the module's parameters.
+"""HF ``MambaMixer``, ``FalconMambaMixer`` and ``JambaMambaMixer``: the operator rebuilt from the parameters.
 
 A forward pre-hook (keyword-aware: HF calls mixers as ``mixer(hidden_states, cache=..., attention_mask=...)``)
 recomputes, from the mixer's input, ``u = act(conv1d(x-part of in_proj(x)))`` and the selective parameters
@@ -6,8 +6,9 @@ recomputes, from the mixer's input, ``u = act(conv1d(x-part of in_proj(x)))`` an
 :class:`~ess_train.ess.RecurrentOperator` per channel: ``a = exp(dt A)`` with ``A = -exp(A_log)``,
 ``b = dt B``, ``c = C``. The skip ``D u`` and the gate ``silu(z)`` stay outside the operator. FalconMamba
 adds weightless RMS norms on ``t``, ``B`` and ``C`` (its own recipe: the Mamba one applied to it is off by a
-third with no error). Being rebuilt from the parameters, the operator is exact under fused training
-kernels too, and differentiable. Costs one extra set of projections per layer.
+third with no error); Jamba's mixer has the same norms with weights. Being rebuilt from the parameters, the
+operator is exact under fused training kernels too, and differentiable. Costs one extra set of projections
+per layer. The operator is built in the module's compute dtype (float64 stays float64).
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ess_train.adapters.base import AdaptedLayer, CaptureError, check_exact
-from ess_train.ess import RecurrentOperator
+from ess_train.ess import RecurrentOperator, compute_dtype
 from ess_train.models.protocol import OperatorView, StateSize
 
-__all__ = ["MambaAdapter", "FalconMambaAdapter", "refuse_ssm_call", "SSMAdapter"]
+__all__ = ["MambaAdapter", "FalconMambaAdapter", "JambaMambaAdapter", "refuse_ssm_call", "SSMAdapter"]
 
 
-def refuse_ssm_call(name: str, module: nn.Module, x: Tensor, kwargs: dict[str, Any]) -> None:
-    """Refuse padded batches, packed rows and cached (generation) calls of an HF SSM mixer."""
+def refuse_ssm_call(
+    name: str, module: nn.Module, x: Tensor, kwargs: dict[str, Any], getter: str = "get_recurrent_state"
+) -> None:
+    """Refuse padded batches, packed rows and cached (generation) calls of an HF SSM mixer (``getter``: the
+    cache's method giving the layer's carried state; ``get_conv_state`` for a convolution-only mixer)."""
     cls = type(module).__name__
     mask = kwargs.get("attention_mask")
     if isinstance(mask, Tensor) and not bool(mask.bool().all()):
@@ -42,7 +46,7 @@ def refuse_ssm_call(name: str, module: nn.Module, x: Tensor, kwargs: dict[str, A
         )
     cache = kwargs.get("cache", kwargs.get("cache_params"))
     if cache is not None:
-        get = getattr(cache, "get_recurrent_state", None)
+        get = getattr(cache, getter, None)
         state = get(module.layer_idx, state_idx=0) if callable(get) else None
         if state is not None or x.shape[1] == 1:
             raise CaptureError(
@@ -53,6 +57,12 @@ def refuse_ssm_call(name: str, module: nn.Module, x: Tensor, kwargs: dict[str, A
 
 class SSMAdapter(AdaptedLayer):
     """Shared capture of the HF SSM mixers: pre-hook builds the view, forward hook checks it once."""
+
+    def prepare(self, name: str, args: tuple, kwargs: dict[str, Any]) -> Tensor:
+        """The mixer's input, after refusing calls that cannot be measured (padding, packing, caches)."""
+        x = args[0] if args else kwargs["hidden_states"]
+        refuse_ssm_call(name, self.module, x, kwargs)
+        return x
 
     def build(self, x: Tensor) -> tuple[OperatorView, dict[str, Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -65,9 +75,7 @@ class SSMAdapter(AdaptedLayer):
         pending: list[tuple[OperatorView, dict[str, Tensor]]] = []
 
         def pre(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            x = args[0] if args else kwargs["hidden_states"]
-            refuse_ssm_call(name, module, x, kwargs)
-            view, parts = self.build(x)
+            view, parts = self.build(self.prepare(name, args, kwargs))
             if self.check and self.checked_error is None:
                 view.y = view.op.apply(view.u)
                 pending.append((view, parts))
@@ -119,14 +127,15 @@ class MambaAdapter(SSMAdapter):
         )
         if self.norms:
             t, B, C = m.dt_layernorm(t), m.b_layernorm(B), m.c_layernorm(C)
+        dtype = compute_dtype(x.dtype)  # float64 stays float64 (its tolerance-ESS threshold too)
         dt = m.dt_proj.weight @ t.transpose(1, 2)  # [B, D, L]
-        dt = F.softplus(dt + m.dt_proj.bias.float().to(dt.dtype)[:, None])
-        A = -torch.exp(m.A_log.float())  # [D, N]
+        dt = F.softplus(dt + m.dt_proj.bias.float().to(dt.dtype)[:, None]).to(dtype)
+        A = -torch.exp(m.A_log.to(dtype))  # [D, N]
         a = torch.exp(A[None, :, None, :] * dt[..., None])  # [B, D, L, N]
-        b = dt[..., None] * B[:, None].float()
-        c = C[:, None].float().expand_as(b)
+        b = dt[..., None] * B[:, None].to(dtype)
+        c = C[:, None].to(dtype).expand_as(b)
         op = RecurrentOperator(a, b, c)
-        view = OperatorView(op=op, u=u.float(), y=None)  # type: ignore[arg-type]
+        view = OperatorView(op=op, u=u.to(dtype), y=None)  # type: ignore[arg-type]
         return view, {"u": u, "z": z}
 
     def readout(self, y: Tensor, parts: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
@@ -139,4 +148,12 @@ class FalconMambaAdapter(MambaAdapter):
     """``FalconMambaMixer``: Mamba with RMS norms on ``dt``, ``B`` and ``C`` before discretization."""
 
     kind = "falcon_mamba"
+    norms = True
+
+
+class JambaMambaAdapter(MambaAdapter):
+    """Jamba's ``JambaMambaMixer``: Mamba with RMS norms (with weights) on ``dt``, ``B`` and ``C`` before
+    discretization, applied where FalconMamba applies its weightless ones."""
+
+    kind = "jamba_mamba"
     norms = True

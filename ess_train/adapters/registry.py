@@ -2,7 +2,8 @@
 
 Dispatch is by the exact class (``type(module).__module__`` and ``__qualname__``): a subclass or a
 look-alike (FalconMamba's mixer has Mamba's parameter names plus norms) never inherits an adapter, and a
-class not listed is reported as not measured, never guessed. Nothing here imports transformers: a module
+class not listed is never guessed (where it mixes along time, ``analyze`` lists it as not measured: found
+by :mod:`ess_train.analysis.mixing_probe`, not by its name). Nothing here imports transformers: a module
 of a transformers class can only exist once transformers is imported.
 """
 
@@ -17,8 +18,10 @@ from ess_train.adapters.base import AdaptedLayer, CaptureError
 from ess_train.adapters.fla_layers import FLA_LAYERS, FLAAdapter
 from ess_train.adapters.hf_attention import HFAttentionAdapter
 from ess_train.adapters.hf_gated_deltanet import GatedDeltaNetAdapter
-from ess_train.adapters.hf_mamba import FalconMambaAdapter, MambaAdapter
-from ess_train.adapters.hf_mamba2 import Mamba2Adapter
+from ess_train.adapters.hf_lfm2 import Lfm2ShortConvAdapter
+from ess_train.adapters.hf_mamba import FalconMambaAdapter, JambaMambaAdapter, MambaAdapter
+from ess_train.adapters.hf_mamba2 import FalconH1MixerAdapter, Mamba2Adapter
+from ess_train.adapters.hf_recurrent_gemma import RecurrentGemmaBlockAdapter
 
 __all__ = [
     "MIN_TRANSFORMERS",
@@ -27,7 +30,6 @@ __all__ = [
     "adapt",
     "register_attention_class",
     "require_transformers",
-    "looks_like_mixer",
 ]
 
 #: oldest transformers accepted (the attention and mask interfaces and the 5.x mixer signatures)
@@ -63,6 +65,18 @@ ADAPTERS: dict[str, Callable[[nn.Module, bool], AdaptedLayer]] = {
         m, check
     ),
     f"{_HF}.mamba2.modeling_mamba2.Mamba2Mixer": lambda m, check: Mamba2Adapter(m, check),
+    # the hybrids' own mixers (their attention layers are adapted like the others')
+    f"{_HF}.jamba.modeling_jamba.JambaMambaMixer": lambda m, check: JambaMambaAdapter(m, check),
+    f"{_HF}.bamba.modeling_bamba.BambaMixer": lambda m, check: Mamba2Adapter(m, check),
+    f"{_HF}.granitemoehybrid.modeling_granitemoehybrid.GraniteMoeHybridMambaLayer": lambda m, check: (
+        Mamba2Adapter(m, check)
+    ),
+    f"{_HF}.zamba2.modeling_zamba2.Zamba2MambaMixer": lambda m, check: Mamba2Adapter(m, check),
+    f"{_HF}.falcon_h1.modeling_falcon_h1.FalconH1Mixer": lambda m, check: FalconH1MixerAdapter(m, check),
+    f"{_HF}.lfm2.modeling_lfm2.Lfm2ShortConv": lambda m, check: Lfm2ShortConvAdapter(m, check),
+    f"{_HF}.recurrent_gemma.modeling_recurrent_gemma.RecurrentGemmaRecurrentBlock": lambda m, check: (
+        RecurrentGemmaBlockAdapter(m, check)
+    ),
     f"{_HF}.qwen3_next.modeling_qwen3_next.Qwen3NextAttention": _attention("module"),
     f"{_HF}.qwen3_next.modeling_qwen3_next.Qwen3NextGatedDeltaNet": lambda m, check: GatedDeltaNetAdapter(
         m, check
@@ -127,11 +141,3 @@ def adapt(module: nn.Module, check: bool = True) -> AdaptedLayer | None:
         typed = _typed[(type(adapter), cls.__name__)] = type(cls.__name__, (type(adapter),), {})
     adapter.__class__ = typed
     return adapter
-
-
-_MIXER_NAME = re.compile(r"(Attention|Attention2|Mixer|DeltaNet|Retention|Hyena|SSM|LinearAttn|TimeMix)$")
-
-
-def looks_like_mixer(module: nn.Module) -> bool:
-    """Whether ``module``'s class name suggests a sequence mixer (for the "not measured" list only)."""
-    return bool(_MIXER_NAME.search(type(module).__name__))

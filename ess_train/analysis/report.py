@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ess_train.analysis.mixing_probe import unmeasured_mixing
 from ess_train.measure.layers import find_layers
 from ess_train.measure.positions import resolve_positions
 from ess_train.measure.probe import eval_mode
@@ -139,21 +140,26 @@ def context_length(model: nn.Module) -> int | None:
     return None
 
 
-def _not_measured(model: nn.Module, found: dict[str, Any]) -> dict[str, str]:
-    """Mixer-like modules (by class name) that are neither measured nor around/inside a measured one."""
-    from ess_train.adapters.registry import ADAPTERS, looks_like_mixer
+def _not_measured(
+    model: nn.Module,
+    found: dict[str, Any],
+    run: Callable[[int], Any],
+    seq_len: int,
+    length: int | None = None,
+) -> dict[str, str]:
+    """What is not measured, from structure (:mod:`ess_train.analysis.mixing_probe`): modules that mix along
+    time and are not covered by a measured layer, and instances of adapted classes that were refused (a
+    GPT-2 attention used as cross-attention)."""
+    from ess_train.adapters.registry import ADAPTERS
 
-    out: dict[str, str] = {}
+    out = unmeasured_mixing(model, found, run, seq_len, length)
     for name, module in model.named_modules():
-        if name in found or not looks_like_mixer(module):
-            continue
-        if any(name.startswith(f + ".") or f.startswith(name + ".") for f in found if f):
-            continue
-        if any(name.startswith(f + ".") for f in out):
-            continue
         cls = type(module)
-        known = f"{cls.__module__}.{cls.__qualname__}" in ADAPTERS
-        why = "this instance is not a causal self-attention (e.g. cross-attention)" if known else "no adapter"
+        if name in found or name in out or f"{cls.__module__}.{cls.__qualname__}" not in ADAPTERS:
+            continue
+        if any(name.startswith(f + ".") for f in found if f) or any(name.startswith(f + ".") for f in out):
+            continue
+        why = "this instance is not a causal self-attention (e.g. cross-attention)"
         out[name] = f"{cls.__name__}: {why} (not measured)"
     return out
 
@@ -248,20 +254,36 @@ def analyze(
     L = int(input_ids.shape[1])
     evaluated = resolve_positions(spec, L)
     layers = find_layers(model, include=include, exclude=exclude)
-    not_measured = _not_measured(model, layers)
+
+    def run(ids: Tensor) -> Any:
+        if forward_fn is not None:
+            return forward_fn(model, ids)
+        if getattr(model, "config", None) is not None and hasattr(model, "can_generate"):
+            return model(ids, use_cache=False)  # a transformers model: a prefill forward, no cache
+        return model(ids)
+
+    measurable = find_layers(model) if include is not None or exclude is not None else layers
+    with eval_mode(model):
+        try:
+            not_measured = _not_measured(model, measurable, lambda n: run(input_ids[:1, :n]), L)
+        except Exception:
+            if not layers:  # the model does not even run: the error below says what was found
+                not_measured = {}
+            else:  # a forward_fn of fixed shapes: probe on the input itself
+                not_measured = _not_measured(model, measurable, lambda n: run(input_ids), L, length=L)
+    for name, layer in measurable.items():
+        if name not in layers:
+            not_measured[name] = f"{_cls(layer)}: excluded by include/exclude (not measured)"
     if not layers:
+        modules = dict(model.named_modules())
         classes = sorted(
             {type(m).__name__ for _, m in model.named_children()}
-            | {
-                type(m).__name__
-                for m in model.modules()
-                if "Attention" in type(m).__name__ or "Mixer" in type(m).__name__
-            }
+            | {type(modules[n]).__name__ for n in not_measured if n in modules}
         )
         raise UnsupportedModelError(
             f"{type(model).__name__} has no layer ess_train can measure exactly (no protocol layer and no "
             f"adapted class; see ess_train.adapters.ADAPTERS). Found: {', '.join(classes) or 'nothing'}; "
-            f"mixer-like layers not measured: {sorted(set(not_measured.values())) or 'none'}"
+            f"sequence mixing not measured: {sorted(set(not_measured.values())) or 'none found'}"
         )
     for layer in layers.values():
         if hasattr(layer, "check"):
@@ -269,12 +291,7 @@ def analyze(
     sink = _ESSSink(layers, spec, tolerance, rtol, max_operators, progress)
     start = time.perf_counter()
     with torch.no_grad(), eval_mode(model), capture_operators(layers, sink):
-        if forward_fn is not None:
-            forward_fn(model, input_ids)
-        elif getattr(model, "config", None) is not None and hasattr(model, "can_generate"):
-            model(input_ids, use_cache=False)  # a transformers model: a prefill forward, no cache
-        else:
-            model(input_ids)
+        run(input_ids)
     seconds = time.perf_counter() - start
     reports: dict[str, LayerReport] = {}
     for name, layer in layers.items():

@@ -185,15 +185,36 @@ class ShiftRegisterOperator(RecurrentOperator):
 
     Batch shape ``[batch, G]``: the same filters for every row. ``A_t`` shifts the slots down by one,
     ``b_t = e_0``, ``c_t = taps``; ``a``, ``b``, ``c`` are expanded views (no copies).
+
+    Optional gates ``g_in``, ``g_out`` (``[batch, G, L]``) make it a gated convolution
+    ``T[t, s] = g_out[t] taps[t - s] g_in[s]`` (LFM2's short convolution): ``b_t = g_in[t] e_0``,
+    ``c_t = g_out[t] taps``.
     """
 
-    def __init__(self, taps: Tensor, batch: int, seq_len: int) -> None:
+    def __init__(
+        self,
+        taps: Tensor,
+        batch: int,
+        seq_len: int,
+        g_in: Tensor | None = None,
+        g_out: Tensor | None = None,
+    ) -> None:
         check_floating("taps", taps)
         if taps.dim() != 2 or taps.shape[1] < 1:
             raise ValueError(f"taps must be [G, k] with k >= 1, got {tuple(taps.shape)}")
         if batch < 0 or seq_len < 0:
             raise ValueError(f"batch and seq_len must be >= 0, got {batch} and {seq_len}")
+        for name, gate in (("g_in", g_in), ("g_out", g_out)):
+            if gate is None:
+                continue
+            check_floating(name, gate)
+            if tuple(gate.shape) != (batch, taps.shape[0], seq_len):
+                raise ValueError(
+                    f"{name} must be [batch, G, L] = {(batch, taps.shape[0], seq_len)}, "
+                    f"got {tuple(gate.shape)}"
+                )
         self.taps, self.rows, self.length = taps, batch, seq_len
+        self.g_in, self.g_out = g_in, g_out
         self.diagonal = False
 
     @cached_property
@@ -207,11 +228,16 @@ class ShiftRegisterOperator(RecurrentOperator):
         k = self.taps.shape[1]
         e0 = torch.zeros(k, dtype=self.taps.dtype, device=self.taps.device)
         e0[0] = 1.0
+        if self.g_in is not None:
+            return self.g_in[..., None] * e0
         return e0.expand(*self.batch_shape, self.length, k)
 
     @cached_property
     def c(self) -> Tensor:  # type: ignore[override]
-        return self.taps[None, :, None, :].expand(*self.batch_shape, self.length, self.taps.shape[1])
+        taps = self.taps[None, :, None, :]
+        if self.g_out is not None:
+            return self.g_out[..., None] * taps
+        return taps.expand(*self.batch_shape, self.length, self.taps.shape[1])
 
     @property
     def seq_len(self) -> int:
@@ -227,7 +253,11 @@ class ShiftRegisterOperator(RecurrentOperator):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.taps.dtype
+        dtype = self.taps.dtype
+        for gate in (self.g_in, self.g_out):
+            if gate is not None:
+                dtype = torch.promote_types(dtype, gate.dtype)
+        return dtype
 
     @property
     def device(self) -> torch.device:
@@ -238,4 +268,9 @@ class ShiftRegisterOperator(RecurrentOperator):
 
     def subset(self, rows: int | None = None, index: Tensor | None = None) -> ShiftRegisterOperator:
         taps = self.taps if index is None else self.taps.index_select(0, index.to(self.taps.device))
-        return ShiftRegisterOperator(taps, self.rows if rows is None else min(rows, self.rows), self.length)
+        n = self.rows if rows is None else min(rows, self.rows)
+        g_in, g_out = (
+            None if g is None else select_batch(g, self.batch_shape, 1, rows, index)
+            for g in (self.g_in, self.g_out)
+        )
+        return ShiftRegisterOperator(taps, n, self.length, g_in=g_in, g_out=g_out)
