@@ -6,7 +6,9 @@
   rename, and a sidecar ``<file>.json`` with its step and sha256. Lightning's own writer stages the file in
   ``$TMPDIR`` and copies it when that is another filesystem, which a full disk truncates.
 - :class:`RunCheckpoint` (a ``ModelCheckpoint``): ``last.ckpt`` at every validation and at the end of
-  training, not only when a best checkpoint was written (Lightning's ``save_last``); a run directory that
+  training, not only when a best checkpoint was written (Lightning's ``save_last``), always under that name
+  (replaced atomically; Lightning would write ``last-v1.ckpt`` beside a ``last.ckpt`` it did not write
+  itself, and a resume from it would then find two); a run directory that
   was moved or copied keeps its bookkeeping (paths in the checkpointed state are rebased to the new
   directory, so the copy writes ``last.ckpt``, not ``last-v1.ckpt``, and never deletes the original's files).
 """
@@ -70,6 +72,9 @@ class RunCheckpoint(ModelCheckpoint):
         return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
 
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        if self.save_last and not self.last_model_path:  # the first save of this run, or a resume from a
+            # checkpoint written before last.ckpt (best-*): replace last.ckpt (atomically), no last-v1.ckpt
+            self.last_model_path = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
         super()._save_last_checkpoint(trainer, monitor_candidates)
         if self.save_last:
             self._last_saved_step = trainer.global_step

@@ -73,6 +73,7 @@ class NonFiniteGuard(Callback):
         self.strict = bool(strict)
         self._step = 0
         self._loss = math.nan
+        self._lrs: list[float] = []
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -92,6 +93,7 @@ class NonFiniteGuard(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        self._lrs = sorted({float(g["lr"]) for g in optimizer.param_groups})  # what this step uses
         named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
         if _all_finite([g for _, g in named]):
             return
@@ -106,11 +108,10 @@ class NonFiniteGuard(Callback):
         if _all_finite([p.detach() for p in pl_module.parameters()]):
             return
         bad = _first_non_finite((n, p.detach()) for n, p in pl_module.named_parameters())
-        lrs = sorted({float(g["lr"]) for opt in trainer.optimizers for g in opt.param_groups})
         raise NonFiniteError(
             self._step,
             "parameter",
             bad,
             f"{_where(bad, 'parameter')} after the optimizer step (loss {self._loss:.6g}, finite gradients, "
-            f"learning rate {', '.join(f'{lr:g}' for lr in lrs)})",
+            f"learning rate {', '.join(f'{lr:g}' for lr in self._lrs)})",
         )

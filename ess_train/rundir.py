@@ -171,13 +171,14 @@ def plan_resume(cfg: DictConfig, overrides: list[str]) -> ResumePlan:
         if "config" in saved
         else OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     )
+    first_dir = str(config.get("output_dir") or "")  # before overrides: an output_dir= one must not hide it
     # this start's command-line overrides win over the saved values (e.g. trainer.max_steps=4000)
     for key in _override_keys(overrides):
         value = OmegaConf.select(cfg, key, throw_on_missing=False)
         if OmegaConf.is_config(value):
             value = OmegaConf.to_container(value, resolve=True)
         OmegaConf.update(config, key, value, merge=False, force_add=True)
-    _rebase(config, str(config.get("output_dir") or ""), str(run_dir))
+    _rebase(config, first_dir, str(run_dir))
     config.output_dir = str(run_dir)
     config.resume = str(resume)
     config.ckpt_path = str(checkpoint)
