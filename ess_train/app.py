@@ -9,6 +9,7 @@ A configuration error prints one line and exits with status 2 (``HYDRA_FULL_ERRO
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -27,21 +28,29 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ess_train.callbacks import ESSMonitor
+from ess_train.checkpoint_files import CheckpointWriteError, recorded_step, write_text_atomically
+from ess_train.checkpointing import AtomicCheckpointIO
 from ess_train.config import ConfigError, validate_config
 from ess_train.interrupt import GracefulStop, SIGTERMException
 from ess_train.lit import SequenceLM
+from ess_train.nonfinite import NonFiniteError, NonFiniteGuard, NonFiniteWarning
 from ess_train.progress import StepProgressBar
 from ess_train.rundir import (
     CHECKPOINT_DIR,
     LAST_CHECKPOINT,
     check_resume_argument,
+    latest_checkpoint,
     output_subdir_resolver,
     plan_resume,
     run_dir_resolver,
     save_run_file,
+    target_dir,
 )
+from ess_train.runlock import RunDirectoryBusy, RunLock, is_launching_process
 
 __all__ = ["main", "train", "format_summary"]
+
+INTERRUPTED_AT_START_UP = "ess-train: SIGINT during start-up: stopped before training began."
 
 log = logging.getLogger(__name__)
 
@@ -116,41 +125,68 @@ def _task_overrides() -> list[str]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build everything from ``cfg``, fit, and return the run's summary (also written as summary.json).
 
-    Raises :class:`ConfigError` for an unusable configuration and :class:`SIGTERMException` (after writing
-    the checkpoint, summary and plots) when a signal stopped the run.
+    Raises :class:`ConfigError` for an unusable configuration (a run directory another live run holds
+    included), :class:`SIGTERMException` (after writing the checkpoint, summary and plots) when a signal
+    stopped the run, :class:`ess_train.interrupt.StartupInterrupt` for a signal before training began,
+    :class:`CheckpointWriteError` when a checkpoint could not be written (a full disk: the summary says
+    so) and, in strict mode, :class:`NonFiniteError` when training diverged.
     """
     _route_lightning_logs()
     validate_config(cfg)
+    stopper = GracefulStop(None)
+    with stopper.guard():
+        lock_dir = target_dir(cfg)
+        lock = RunLock(lock_dir) if lock_dir is not None and is_launching_process() else None
+        try:
+            if lock is not None:
+                lock.acquire()
+        except RunDirectoryBusy as err:
+            raise ConfigError(str(err)) from err
+        try:
+            if lock is not None and lock.note:
+                log.warning(lock.note)
+            return _train(cfg, stopper)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _train(cfg: DictConfig, stopper: GracefulStop) -> dict[str, Any]:
     try:
         plan = plan_resume(cfg, _task_overrides())
     except ValueError as err:
         raise ConfigError(str(err)) from err
     cfg = plan.config
+    for message in plan.skipped:
+        log.warning(f"Resume: {message}")
     if plan.resuming:
         validate_config(cfg)
-        log.info(f"Resuming {plan.run_dir} from {plan.checkpoint}")
+        log.info(f"Resuming {plan.run_dir} from {plan.checkpoint} (step {plan.checkpoint_step})")
     out_dir = plan.run_dir
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate(cfg.task)
     model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
     module = SequenceLM(model, **OmegaConf.to_container(cfg.optim, resolve=True))
     callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
+    # strict mode (the ESS monitor's `strict`): a diverged run exits non-zero
+    guard = NonFiniteGuard(strict=any(getattr(cb, "strict", False) is True for cb in callbacks))
+    callbacks.append(guard)
     # `checkpoint=none`, or a trainer that turns checkpointing off (trainer.enable_checkpointing=false)
     wanted = cfg.trainer.get("enable_checkpointing", True) is not False
     checkpointing = _build_checkpointing(cfg.get("checkpoint")) if wanted else None
-    last_path = None
     if checkpointing is not None:
         callbacks.append(checkpointing)
-        last_path = (
+        stopper.checkpoint_path = (
             Path(getattr(checkpointing, "dirpath", None) or out_dir / CHECKPOINT_DIR) / LAST_CHECKPOINT
         )
-    stopper = GracefulStop(last_path)
     callbacks.append(stopper)
     trainer_overrides: dict[str, Any] = {}
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
     if checkpointing is None:
         trainer_overrides["enable_checkpointing"] = False
+    if cfg.trainer.get("plugins") is None:  # checkpoints written atomically, with a checksum
+        trainer_overrides["plugins"] = [AtomicCheckpointIO()]
     logger = _build_logger(cfg.logger, plan.logger_version)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **trainer_overrides)
     if logger and hasattr(logger, "log_hyperparams") and not plan.resuming:
@@ -161,14 +197,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         save_run_file(out_dir, cfg, logger.version if logger else None)
 
     stopped: SIGTERMException | None = None
+    failure: NonFiniteError | CheckpointWriteError | None = None
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     except SIGTERMException as exc:
         stopped = exc
-    if stopped is None:
-        final = trainer.validate(module, datamodule=datamodule, verbose=False)
-        metrics = {k: _float(v) for k, v in (final[0] if final else trainer.callback_metrics).items()}
-    else:  # no final validation: a preempted job has seconds left; report the last validation instead
+    except (NonFiniteError, CheckpointWriteError) as err:
+        failure = err
+        if isinstance(err, NonFiniteError) and not guard.strict:
+            warnings.warn(f"training stopped: {err}", NonFiniteWarning, stacklevel=2)
+        log.error(f"Training stopped: {err}")
+    metrics = None
+    if stopped is None and failure is None and stopper.stopped_by is None:
+        try:
+            final = trainer.validate(module, datamodule=datamodule, verbose=False)
+            metrics = {k: _float(v) for k, v in (final[0] if final else trainer.callback_metrics).items()}
+        except SIGTERMException:  # a signal after training (recorded by the stopper): the summary now
+            pass
+    if metrics is None:  # no final validation: a preempted job has seconds left; report the last one
         metrics = {k: _float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     summary: dict[str, Any] = {
@@ -181,17 +227,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "output_dir": str(out_dir),
         "overrides": _task_overrides(),
         "resumed_from": str(plan.checkpoint) if plan.resuming else None,
-        "interrupted": stopper.stopped_by if stopped is not None else None,
+        "interrupted": stopper.stopped_by,
     }
+    if plan.skipped:
+        summary["resume_skipped"] = list(plan.skipped)
+    if stopper.after_training:
+        summary["interrupted_after_training"] = True
     if checkpointing is not None:
-        last = stopper.saved or getattr(checkpointing, "last_model_path", "") or None
-        summary["checkpoint"] = str(last) if last else None
-        summary["best_checkpoint"] = getattr(checkpointing, "best_model_path", "") or None
+        summary.update(_checkpoint_summary(stopper, checkpointing, out_dir, failure))
+    if failure is not None or stopper.save_error is not None:
+        summary["stopped"] = _stop_record(failure or stopper.save_error)
+    hurry = bool(stopper.repeated or stopper.after_training or failure is not None)
     for cb in callbacks:
         if not isinstance(cb, ESSMonitor):
             continue
         summary["ess"] = cb.summary()
-        if cfg.save_plots and trainer.is_global_zero:
+        if cfg.save_plots and trainer.is_global_zero and not hurry:
             try:
                 summary["plots"] = [str(p) for p in cb.save_plots(out_dir / "plots")]
             except Exception as err:  # plots never cost a run its summary (unless the monitor is strict)
@@ -203,27 +254,64 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if run_dir:
         summary["logger_dir"] = str(run_dir)
     if trainer.is_global_zero:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        try:
+            write_text_atomically(out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        except OSError as err:
+            log.error(f"could not write {out_dir / 'summary.json'}: {err}")
         log.info(format_summary(summary))
     if logger and hasattr(logger, "finalize"):
-        logger.finalize("success" if stopped is None else "interrupted")
+        interrupted = stopper.stopped_by is not None or failure is not None
+        logger.finalize("success" if not interrupted else "interrupted")
     if experiment is not None and hasattr(experiment, "finish"):
         experiment.finish()
+    if stopped is None and stopper.stopped_by is not None:  # a signal after (or at the end of) training
+        stopped = SIGTERMException()
     if stopped is not None:
         stopper.run_deferred()  # a cluster's requeue handler (submitit): requeues the job and exits
         stopped.code = _exit_status(stopper.stopped_by)  # the process exits with 128 + signal number
         raise stopped
+    if isinstance(failure, CheckpointWriteError) or (isinstance(failure, NonFiniteError) and guard.strict):
+        raise failure
     return summary
+
+
+def _checkpoint_summary(
+    stopper: GracefulStop, checkpointing: pl.Callback, out_dir: Path, failure: BaseException | None
+) -> dict[str, Any]:
+    """The checkpoint to continue from (and its step), and the best one."""
+    last: Any = stopper.saved or getattr(checkpointing, "last_model_path", "") or None
+    if failure is not None or stopper.save_error is not None:  # the newest intact one, whatever its name
+        try:
+            last = latest_checkpoint(out_dir)
+        except ValueError:
+            last = None
+    out = {"checkpoint": str(last) if last else None}
+    out["checkpoint_step"] = recorded_step(last) if last else None
+    out["best_checkpoint"] = getattr(checkpointing, "best_model_path", "") or None
+    return out
+
+
+def _stop_record(err: BaseException) -> dict[str, Any]:
+    """summary.json's ``stopped``: why training ended before ``max_steps``."""
+    if isinstance(err, NonFiniteError):
+        return {"reason": "non-finite " + err.what, "step": err.step, "where": err.name, "message": str(err)}
+    reason = "disk full" if getattr(err, "errno", None) == errno.ENOSPC else "checkpoint not written"
+    return {"reason": reason, "step": getattr(err, "step", None), "message": str(err)}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """Human-readable end-of-run summary."""
     lines = ["", "=" * 72, f"ess-train summary  (steps: {summary['steps']})"]
     if summary.get("interrupted"):
+        when = " (after training)" if summary.get("interrupted_after_training") else ""
         lines.append(
-            f"  STOPPED by {summary['interrupted']} at step {summary['steps']} of {summary.get('max_steps')}"
+            f"  STOPPED by {summary['interrupted']}{when} at step {summary['steps']} of "
+            f"{summary.get('max_steps')}"
         )
+    if summary.get("stopped"):
+        lines.append(f"  STOPPED ({summary['stopped']['reason']}): {summary['stopped']['message']}")
+    for message in summary.get("resume_skipped", []):
+        lines.append(f"  resume {message}")
     lines.append(f"  validation accuracy: {summary['val_acc']:.3f}")
     for name, acc in summary.get("val_acc_per_slice", {}).items():
         lines.append(f"    {name:<28s} {acc:.3f}")
@@ -242,8 +330,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             )
             lines.append(f"    {name}{kind}: {cells}")
     if summary.get("checkpoint"):
-        lines.append(f"  checkpoint: {summary['checkpoint']}")
-    if summary.get("interrupted") and summary.get("checkpoint"):
+        step = summary.get("checkpoint_step")
+        held = f" (step {step})" if step is not None else ""
+        lines.append(f"  checkpoint: {summary['checkpoint']}{held}")
+    resumable = summary.get("interrupted") or (summary.get("stopped") or {}).get("reason") == "disk full"
+    if resumable and summary.get("checkpoint") and not summary.get("interrupted_after_training"):
         lines.append(f"    continue with: ess-train resume={summary['output_dir']}")
     if "logger_dir" in summary:
         lines.append(f"  logger run directory: {summary['logger_dir']}")
@@ -272,6 +363,11 @@ def _hydra_main(cfg: DictConfig) -> float:
         print(f"ess-train: configuration error: {err}", file=sys.stderr)
         print("  (set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
+    except (NonFiniteError, CheckpointWriteError) as err:  # the summary is written; the message says why
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"ess-train: training stopped: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:
@@ -280,4 +376,8 @@ def main() -> None:
     if problem is not None:
         print(f"ess-train: configuration error: {problem}", file=sys.stderr)
         sys.exit(2)
-    _hydra_main()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:  # Ctrl-C before the app's own handler was installed (start-up)
+        print(INTERRUPTED_AT_START_UP, file=sys.stderr)
+        sys.exit(130)

@@ -5,14 +5,18 @@
     <run dir>/
       .hydra/          Hydra's composed config and overrides of the first start (.hydra/resume-*/ later)
       run.json         the first start's resolved config and the logger's run id/version (what resume uses)
-      checkpoints/     last.ckpt (every validation, and on SIGTERM/SIGINT), best-*.ckpt (best val/acc)
+      checkpoints/     last.ckpt (every validation, and on SIGTERM/SIGINT), best-*.ckpt (best val/acc),
+                       each with a sidecar <file>.json (step, size, sha256: ess_train/checkpoint_files.py)
+      .ess_train.lock  held while a process runs in the directory (ess_train/runlock.py)
       summary.json     plots/     wandb/ (offline W&B run)     ess_train.log
 
 ``resume`` (a top-level config key) is ``auto`` (default: continue when the run directory already holds a
 checkpoint, as after a SLURM requeue into the same directory), ``null`` (always start afresh), or a run
 directory (``ess-train resume=outputs/2026-12-02/10-00-00``: continue that run in its own directory, with its
 config, its logger run (same W&B id) and its ESS history; overrides given with it, such as
-``trainer.max_steps=4000``, are applied on top).
+``trainer.max_steps=4000``, are applied on top). The checkpoint continued from is the newest intact one by
+the step it holds, whatever its name; newer ones that fail their checksum or do not load are named and
+skipped (:func:`ess_train.checkpoint_files.choose_checkpoint`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ess_train.checkpoint_files import NoIntactCheckpoint, choose_checkpoint
+
 __all__ = [
     "RUN_FILE",
     "CHECKPOINT_DIR",
@@ -32,6 +38,8 @@ __all__ = [
     "plan_resume",
     "save_run_file",
     "latest_checkpoint",
+    "checkpoint_candidates",
+    "target_dir",
     "check_resume_argument",
     "run_dir_resolver",
     "output_subdir_resolver",
@@ -70,13 +78,30 @@ def check_resume_argument(argv: list[str]) -> str | None:
     return None
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest resumable checkpoint of a run: ``checkpoints/last.ckpt`` or one of Lightning's SLURM
-    ``hpc_ckpt_*.ckpt`` (written on its SIGUSR1 auto-requeue), whichever was written last."""
+def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
+    """Every checkpoint of a run: ``checkpoints/*.ckpt`` (last, last-v<n>, best-*) and Lightning's SLURM
+    ``hpc_ckpt_*.ckpt`` (written on its SIGUSR1 auto-requeue)."""
     run_dir = Path(run_dir)
-    candidates = [run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, *run_dir.glob("hpc_ckpt_*.ckpt")]
-    existing = [p for p in candidates if p.is_file()]
-    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
+    return sorted((run_dir / CHECKPOINT_DIR).glob("*.ckpt")) + sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint a resume continues from: the newest intact one by recorded step, else None.
+
+    Raises :class:`ess_train.checkpoint_files.NoIntactCheckpoint` when there are checkpoints and none is
+    intact.
+    """
+    chosen, _ = choose_checkpoint(checkpoint_candidates(run_dir))
+    return None if chosen is None else chosen.path
+
+
+def target_dir(cfg: DictConfig) -> Path | None:
+    """The directory this start works in: the run named by ``resume=<dir>`` (None when that does not
+    exist: :func:`plan_resume` refuses it), else ``output_dir``."""
+    resume = cfg.get("resume")
+    if _is_dir_value(resume):
+        return Path(str(resume)) if Path(str(resume)).is_dir() else None
+    return Path(str(cfg.output_dir))
 
 
 @dataclass
@@ -87,6 +112,8 @@ class ResumePlan:
     checkpoint: Path | None  #: checkpoint to continue from (None: a fresh run)
     logger_version: str | int | None  #: the logger's run id/version to continue (W&B id, CSV/TB version)
     run_dir: Path  #: where everything goes
+    checkpoint_step: int | None = None  #: the step the checkpoint holds
+    skipped: tuple[str, ...] = ()  #: newer checkpoints skipped (failed their checksum or did not load), why
 
     @property
     def resuming(self) -> bool:
@@ -123,7 +150,13 @@ def plan_resume(cfg: DictConfig, overrides: list[str]) -> ResumePlan:
                 f"resume={resume}: not an ess-train run directory (no {RUN_FILE}; runs started before "
                 "checkpoints were on by default can be continued with ckpt_path=<file.ckpt>)"
             )
-    checkpoint = latest_checkpoint(run_dir)
+    try:
+        chosen, skipped = choose_checkpoint(checkpoint_candidates(run_dir))
+    except NoIntactCheckpoint as err:
+        raise ValueError(
+            f"{run_dir}: {err}; nothing to resume from (start afresh elsewhere, or with resume=null)"
+        ) from err
+    checkpoint = None if chosen is None else chosen.path
     if checkpoint is None:
         if _is_dir_value(resume):
             raise ValueError(
@@ -138,17 +171,19 @@ def plan_resume(cfg: DictConfig, overrides: list[str]) -> ResumePlan:
         if "config" in saved
         else OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     )
+    first_dir = str(config.get("output_dir") or "")  # before overrides: an output_dir= one must not hide it
     # this start's command-line overrides win over the saved values (e.g. trainer.max_steps=4000)
     for key in _override_keys(overrides):
         value = OmegaConf.select(cfg, key, throw_on_missing=False)
         if OmegaConf.is_config(value):
             value = OmegaConf.to_container(value, resolve=True)
         OmegaConf.update(config, key, value, merge=False, force_add=True)
-    _rebase(config, str(config.get("output_dir") or ""), str(run_dir))
+    _rebase(config, first_dir, str(run_dir))
     config.output_dir = str(run_dir)
     config.resume = str(resume)
     config.ckpt_path = str(checkpoint)
-    return ResumePlan(config, checkpoint, saved.get("logger_version"), run_dir)
+    step = None if chosen is None else chosen.step
+    return ResumePlan(config, checkpoint, saved.get("logger_version"), run_dir, step, tuple(skipped))
 
 
 def _rebase(node: Any, old: str, new: str) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
+from ess_train.checkpoint_files import write_checkpoint_file
 from ess_train.rundir import check_resume_argument, latest_checkpoint, plan_resume, save_run_file
 
 
@@ -27,10 +27,17 @@ def _cfg(output_dir: Path, resume="auto", **extra):
     )
 
 
+def _write_checkpoint(path: Path, step: int, sidecar: bool = True) -> None:
+    if sidecar:
+        write_checkpoint_file(path, lambda f: torch.save({"global_step": step}, f), step=step)
+    else:  # as written before sidecars
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"global_step": step}, path)
+
+
 def _started_run(run_dir: Path, version: str = "abc123") -> None:
     save_run_file(run_dir, _cfg(run_dir), version)
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    _write_checkpoint(run_dir / "checkpoints" / "last.ckpt", 4)
 
 
 def test_fresh_run_and_resume_null(tmp_path):
@@ -67,14 +74,29 @@ def test_resume_dir_uses_the_saved_config_with_new_overrides_and_a_moved_directo
     assert plan.config.trainer.default_root_dir == str(moved)
 
 
-def test_the_newest_of_last_and_lightning_hpc_checkpoint_wins(tmp_path):
+def test_the_newest_by_recorded_step_wins_whatever_its_name(tmp_path):
+    """Lightning's hpc_ckpt, a last-v1 and a checkpoint without sidecar compete by the step they hold."""
     run = tmp_path / "run"
-    _started_run(run)
-    hpc = run / "hpc_ckpt_1.ckpt"
-    hpc.write_bytes(b"y")
-    old = time.time() - 100
-    os.utime(run / "checkpoints" / "last.ckpt", (old, old))
-    assert latest_checkpoint(run) == hpc
+    _started_run(run)  # last.ckpt: step 4
+    _write_checkpoint(run / "hpc_ckpt_1.ckpt", 6)
+    assert latest_checkpoint(run) == run / "hpc_ckpt_1.ckpt"
+    _write_checkpoint(run / "checkpoints" / "last-v1.ckpt", 8, sidecar=False)
+    plan = plan_resume(_cfg(run), [])
+    assert plan.checkpoint == run / "checkpoints" / "last-v1.ckpt" and plan.checkpoint_step == 8
+
+
+def test_a_bad_checkpoint_is_skipped_with_its_cost_and_none_intact_is_refused(tmp_path):
+    run = tmp_path / "run"
+    _started_run(run)  # last.ckpt: step 4
+    _write_checkpoint(run / "checkpoints" / "best-step2.ckpt", 2)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"\0" * 10)
+    plan = plan_resume(_cfg(run), [])
+    assert plan.checkpoint_step == 2
+    (message,) = plan.skipped
+    assert "last.ckpt" in message and "fails its checksum" in message and "costs 2 steps" in message
+    (run / "checkpoints" / "best-step2.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match="no intact checkpoint: .*last.ckpt fails its checksum.*best-step2"):
+        plan_resume(_cfg(run), [])
 
 
 def test_errors_name_the_problem(tmp_path):
