@@ -4,7 +4,7 @@ says what to fix.
 
 Keyword names: :func:`accepted_keywords` (what a callable, a class or a task's dataclass ``config_cls``
 accepts), :func:`unknown_keys_message` / :func:`check_keywords` (the one "unknown key, did you mean"
-error) and :func:`renamed_keyword` (a deprecated keyword still accepted for one release).
+error).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import dataclasses
 import difflib
 import inspect
 import math
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -29,8 +28,6 @@ __all__ = [
     "suggest",
     "unknown_keys_message",
     "check_keywords",
-    "UNSET",
-    "renamed_keyword",
 ]
 
 
@@ -164,41 +161,3 @@ def check_keywords(
     unknown = [k for k in given if k not in names]
     if unknown:
         raise error(unknown_keys_message(unknown, names, where))
-
-
-class _Unset:
-    """Default of a deprecated keyword: tells "not given" from any value (``None`` included)."""
-
-    def __repr__(self) -> str:
-        return "<unset>"
-
-
-#: the default of a deprecated keyword argument (see :func:`renamed_keyword`)
-UNSET: Any = _Unset()
-
-
-def renamed_keyword(
-    owner: str,
-    old: str,
-    new: str,
-    old_value: Any,
-    new_value: Any,
-    new_default: Any,
-    stacklevel: int = 3,
-) -> Any:
-    """The value for keyword ``new`` when its deprecated name ``old`` may have been given instead.
-
-    ``old_value is UNSET``: ``new_value``. Otherwise a ``DeprecationWarning`` naming ``new`` (``stacklevel``
-    as for ``warnings.warn``, counted from the caller of this function: 3 points at the caller's caller)
-    and ``old_value`` (a ``ValueError`` when ``new`` was given too, with a value other than its default).
-    """
-    if old_value is UNSET:
-        return new_value
-    if new_value is not new_default and new_value != new_default:
-        raise ValueError(f"{owner}: pass {new}= only ({old}= is its deprecated name), not both")
-    warnings.warn(
-        f"{owner}: {old}= is deprecated and will be removed in the next release; use {new}=",
-        DeprecationWarning,
-        stacklevel=stacklevel,
-    )
-    return old_value

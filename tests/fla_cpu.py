@@ -34,9 +34,19 @@ def _refuse(**kw: Any) -> None:
         raise NotImplementedError(f"fla_on_cpu does not route {bad}")
 
 
-def _gla(q: Tensor, k: Tensor, v: Tensor, gk: Tensor, scale: float | None = None,
-         initial_state: Tensor | None = None, output_final_state: bool = False, gv: Tensor | None = None,
-         reverse: bool = False, cu_seqlens: Tensor | None = None, **_: Any) -> tuple[Tensor, Any]:
+def _gla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    gv: Tensor | None = None,
+    reverse: bool = False,
+    cu_seqlens: Tensor | None = None,
+    **_: Any,
+) -> tuple[Tensor, Any]:
     from fla.ops.gla.naive import naive_recurrent_gla
 
     _refuse(gv=gv, reverse=reverse, cu_seqlens=cu_seqlens)
@@ -49,10 +59,18 @@ def _chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, **kw: Any) -> tuple[T
     return _gla(q, k, v, g, **kw)
 
 
-def _delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, scale: float | None = None,
-           initial_state: Tensor | None = None, output_final_state: bool = False,
-           use_qk_l2norm_in_kernel: bool = False, cu_seqlens: Tensor | None = None,
-           **_: Any) -> tuple[Tensor, Any]:
+def _delta(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: Tensor | None = None,
+    **_: Any,
+) -> tuple[Tensor, Any]:
     from fla.ops.delta_rule.naive import delta_rule_recurrence
 
     _refuse(cu_seqlens=cu_seqlens)
@@ -65,12 +83,24 @@ def _delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, scale: float | None = 
     return o.transpose(1, 2), s
 
 
-def _gated_delta(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float | None = None,
-                 initial_state: Tensor | None = None, output_final_state: bool = False,
-                 use_qk_l2norm_in_kernel: bool = False, use_beta_sigmoid_in_kernel: bool = False,
-                 allow_neg_eigval: bool = False, use_gate_in_kernel: bool = False,
-                 A_log: Tensor | None = None, dt_bias: Tensor | None = None,
-                 cu_seqlens: Tensor | None = None, **_: Any) -> tuple[Tensor, Any]:
+def _gated_delta(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    use_gate_in_kernel: bool = False,
+    A_log: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    **_: Any,
+) -> tuple[Tensor, Any]:
     from fla.ops.gated_delta_rule.gate import naive_gdn_gate
     from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 
@@ -88,29 +118,58 @@ def _gated_delta(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale
     return o.to(v.dtype), s
 
 
-def _causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
-                   initial_state: Tensor | None = None, output_final_state: bool = False,
-                   residual: Tensor | None = None, cu_seqlens: Tensor | None = None,
-                   **_: Any) -> tuple[Tensor, None]:
+def _causal_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    residual: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    **_: Any,
+) -> tuple[Tensor, None]:
     """Depthwise causal conv: ``x [B, T, D]``, ``weight [D, W]``."""
-    _refuse(initial_state=initial_state, output_final_state=output_final_state, residual=residual,
-            cu_seqlens=cu_seqlens)
+    _refuse(
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        residual=residual,
+        cu_seqlens=cu_seqlens,
+    )
     T, W = x.shape[1], weight.shape[-1]
     y = F.conv1d(x.transpose(1, 2), weight[:, None, :], bias, padding=W - 1, groups=x.shape[-1])[..., :T]
     y = y.transpose(1, 2)
     return (F.silu(y) if activation in ("silu", "swish") else y), None
 
 
-def _short_conv(self: Any, x: Tensor, residual: Tensor | None = None, mask: Tensor | None = None,
-                cache: Tensor | None = None, output_final_state: bool = False,
-                cu_seqlens: Tensor | None = None, **_: Any) -> tuple[Tensor, None]:
+def _short_conv(
+    self: Any,
+    x: Tensor,
+    residual: Tensor | None = None,
+    mask: Tensor | None = None,
+    cache: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    **_: Any,
+) -> tuple[Tensor, None]:
     _refuse(mask=mask, cache=cache, cu_seqlens=cu_seqlens)
-    return _causal_conv1d(x, self.weight[:, 0], self.bias, self.activation, residual=residual,
-                          output_final_state=output_final_state)
+    return _causal_conv1d(
+        x,
+        self.weight[:, 0],
+        self.bias,
+        self.activation,
+        residual=residual,
+        output_final_state=output_final_state,
+    )
 
 
-def _rms_norm(self: Any, x: Tensor, residual: Tensor | None = None, prenorm: bool = False,
-              residual_in_fp32: bool = False) -> Tensor:
+def _rms_norm(
+    self: Any,
+    x: Tensor,
+    residual: Tensor | None = None,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+) -> Tensor:
     from fla.modules.norm.layernorm import rms_norm_ref
 
     _refuse(residual=residual, prenorm=prenorm)
@@ -118,8 +177,14 @@ def _rms_norm(self: Any, x: Tensor, residual: Tensor | None = None, prenorm: boo
     return rms_norm_ref(x, weight, self.bias, eps=self.eps, upcast=True)
 
 
-def _rms_norm_gated(self: Any, x: Tensor, g: Tensor, residual: Tensor | None = None, prenorm: bool = False,
-                    residual_in_fp32: bool = False) -> Tensor:
+def _rms_norm_gated(
+    self: Any,
+    x: Tensor,
+    g: Tensor,
+    residual: Tensor | None = None,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+) -> Tensor:
     from fla.modules.norm.layernorm import rms_norm_ref
 
     _refuse(residual=residual, prenorm=prenorm)

@@ -29,15 +29,23 @@ from tests.fla_cpu import fla_on_cpu
 D, VOCAB, L = 32, 37, 24
 FACTORIES = {
     "gla": lambda i: GatedLinearAttention(hidden_size=D, num_heads=2, use_short_conv=True, layer_idx=i),
-    "gla_gqa": lambda i: GatedLinearAttention(hidden_size=D, num_heads=4, num_kv_heads=2,
-                                              layer_idx=i),
+    "gla_gqa": lambda i: GatedLinearAttention(hidden_size=D, num_heads=4, num_kv_heads=2, layer_idx=i),
     "deltanet": lambda i: DeltaNet(hidden_size=D, num_heads=2, use_short_conv=True, layer_idx=i),
-    "deltanet_sum": lambda i: DeltaNet(hidden_size=D, num_heads=2, use_short_conv=False, qk_norm="sum",
-                                       allow_neg_eigval=True, layer_idx=i),
-    "gated_deltanet": lambda i: GatedDeltaNet(hidden_size=D, num_heads=2, head_dim=8, expand_v=2,
-                                              layer_idx=i),
-    "gated_deltanet_gva": lambda i: GatedDeltaNet(hidden_size=D, num_heads=2, num_v_heads=4, head_dim=8,
-                                                  use_short_conv=False, allow_neg_eigval=True, layer_idx=i),
+    "deltanet_sum": lambda i: DeltaNet(
+        hidden_size=D, num_heads=2, use_short_conv=False, qk_norm="sum", allow_neg_eigval=True, layer_idx=i
+    ),
+    "gated_deltanet": lambda i: GatedDeltaNet(
+        hidden_size=D, num_heads=2, head_dim=8, expand_v=2, layer_idx=i
+    ),
+    "gated_deltanet_gva": lambda i: GatedDeltaNet(
+        hidden_size=D,
+        num_heads=2,
+        num_v_heads=4,
+        head_dim=8,
+        use_short_conv=False,
+        allow_neg_eigval=True,
+        layer_idx=i,
+    ),
 }
 EXPECTED = {  # class name, kind, operators per row (heads)
     "gla": ("GatedLinearAttention", "gla", 2),
@@ -212,8 +220,11 @@ def test_gradients_reach_parameters_through_a_capture(family):
     loss = entropy_ess(view.op, [4, 8]).sum()
     loss.backward()
     layer = m.layers[0]
-    names = {"gla": ["q_proj", "k_proj", "gk_proj.0"], "deltanet": ["q_proj", "k_proj", "b_proj"],
-             "gated_deltanet": ["q_proj", "k_proj", "b_proj", "a_proj", "A_log", "dt_bias"]}[family]
+    names = {
+        "gla": ["q_proj", "k_proj", "gk_proj.0"],
+        "deltanet": ["q_proj", "k_proj", "b_proj"],
+        "gated_deltanet": ["q_proj", "k_proj", "b_proj", "a_proj", "A_log", "dt_bias"],
+    }[family]
     params = dict(layer.named_parameters())
     for n in names:
         p = params[n if n in params else n + ".weight"]

@@ -94,11 +94,9 @@ def test_typo_suggests_the_right_key() -> None:
     [
         "+callbacks.regularizer.min_utilization=0.9",
         "+callbacks.regularizer.positions=8",
-        "+callbacks.regularizer.target=0.9",  # deprecated names: still valid keys for one release
-        "+callbacks.regularizer.num_positions=8",
     ],
 )
-def test_regularizer_keys_new_and_deprecated_validate(override: str) -> None:
+def test_regularizer_keys_validate(override: str) -> None:
     validate_config(_compose(["callbacks=regularized", override]))
 
 

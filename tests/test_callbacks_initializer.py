@@ -155,10 +155,7 @@ def test_forward_fn_replaces_the_probe_forward():
     assert [e["setting"] for e in init.report.values()] == [e["setting"] for e in reference.report.values()]
 
 
-def test_target_is_a_deprecated_name_of_metric_target():
-    with pytest.warns(DeprecationWarning, match="use metric_target=") as record:
-        init = ESSInitializer(metric="ess", target=2.0)
-    assert init.metric_target == 2.0 and record[0].filename == __file__
+def test_metric_target_is_the_one_name():
     assert ESSInitializer(metric_target=0.4).metric_target == 0.4
-    with pytest.raises(ValueError, match="not both"):
-        ESSInitializer(target=0.3, metric_target=0.4)
+    with pytest.raises(TypeError, match="target"):  # the old name is gone (nothing was released)
+        ESSInitializer(target=0.3)

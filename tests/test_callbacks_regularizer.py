@@ -48,7 +48,12 @@ def test_gradients_equal_manual_penalty(accumulate, device):
     dm = ToyDataModule()
     weight, target = 0.7, 0.9
     reg = ESSRegularizer(
-        weight=weight, mode="floor", target=target, num_positions=None, batch_rows=None, max_operators=None
+        weight=weight,
+        mode="floor",
+        min_utilization=target,
+        positions=None,
+        batch_rows=None,
+        max_operators=None,
     )
     rec = GradRecorder()
     trainer = make_trainer(
@@ -123,7 +128,7 @@ def test_every_n_steps_and_dict_loss():
 
 
 def test_bf16_autocast(device):
-    reg = ESSRegularizer(weight=0.1, target=0.9)
+    reg = ESSRegularizer(weight=0.1, min_utilization=0.9)
     trainer = make_trainer(
         None, [reg], max_steps=2, limit_val_batches=0, precision="bf16-mixed", accelerator=device.type
     )
@@ -176,34 +181,15 @@ def test_targets_and_positions_are_named_by_what_they_mean():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the new names warn about nothing
         ESSRegularizer(mode="floor", min_utilization=0.8, positions=None)
-    with pytest.warns(DeprecationWarning, match=r"mode='decay_identity' ignores it"):
+    with pytest.raises(TypeError, match="target"):  # the old names are gone (nothing was released)
         ESSRegularizer(mode="decay_identity", target=0.3)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "new", "attr", "value"),
-    [
-        (dict(mode="floor", target=0.7), "min_utilization", "min_utilization", 0.7),
-        (dict(mode="floor", target=None), "min_utilization", "min_utilization", 0.5),
-        (dict(mode="ceiling", target=3.0), "max_ess", "max_ess", 3.0),
-        (dict(num_positions=4), "positions", "positions", 4),
-        (dict(num_positions=None), "positions", "positions", None),
-    ],
-)
-def test_old_keywords_still_work_with_a_deprecation_warning(kwargs, new, attr, value):
-    with pytest.warns(DeprecationWarning, match=rf"use {new}=") as record:
-        reg = ESSRegularizer(**kwargs)
-    assert getattr(reg, attr) == value
-    assert record[0].filename == __file__  # points at the caller
-    with pytest.raises(ValueError, match="not both"):
-        ESSRegularizer(**kwargs, **{new: [2, 3] if new == "positions" else 0.25})
 
 
 def test_penalty_is_logged_on_the_steps_lightning_writes(tmp_path):
     """``ess/reg_loss`` reaches the logger at every written step (log_every_n_steps=3: steps 2 and 5)."""
     from tests.toy_modules import read_metrics_csv
 
-    reg = ESSRegularizer(weight=0.1, target=0.9)
+    reg = ESSRegularizer(weight=0.1, min_utilization=0.9)
     trainer = make_trainer(tmp_path, [reg], max_steps=7, log_every_n_steps=3, limit_val_batches=0)
     trainer.fit(ToyLM(), ToyDataModule(n=64, batch_size=4))
     logged = [int(r["step"]) for r in read_metrics_csv(trainer) if r.get("ess/reg_loss")]

@@ -5,15 +5,12 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-import warnings
 
 import pytest
 
 from ess_train.checks import (
-    UNSET,
     accepted_keywords,
     check_keywords,
-    renamed_keyword,
     suggest,
     unknown_keys_message,
 )
@@ -69,17 +66,6 @@ def test_check_keywords() -> None:
         check_keywords({"xx": 1}, Plain, where="for Plain")
     with pytest.raises(KeyError, match="'q'"):
         check_keywords(["q"], accepted=["p"], error=KeyError)
-
-
-def test_renamed_keyword() -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert renamed_keyword("Owner", "old", "new", UNSET, 5, 1) == 5  # not given: no warning
-    with pytest.warns(DeprecationWarning, match=r"Owner: old= is deprecated .* use new="):
-        assert renamed_keyword("Owner", "old", "new", None, 1, 1) is None  # None is a value
-    with pytest.raises(ValueError, match="not both"):
-        renamed_keyword("Owner", "old", "new", 2, 3, 1)
-    assert repr(UNSET) == "<unset>"
 
 
 def test_checks_import_no_torch() -> None:

@@ -90,17 +90,8 @@ def test_decay_identity_counts_only_learned_transitions():
     assert ess_penalty(views, find_ess_layers(fixed), "decay_identity") is None
 
 
-def test_old_keywords_still_work_with_a_deprecation_warning():
+def test_penalty_targets_are_checked_and_keyword_only():
     _, _, layers, views = toy_views()
-    common = dict(batch_rows=None, max_operators=None)
-    for mode, old, new in (("floor", 0.9, "min_utilization"), ("ceiling", 0.5, "max_ess")):
-        expected = ess_penalty(views, layers, mode, **{new: old}, positions=5, **common)
-        with pytest.warns(DeprecationWarning) as record:
-            got = ess_penalty(views, layers, mode, target=old, num_positions=5, **common)
-        messages = [str(w.message) for w in record]
-        assert any(f"use {new}=" in m for m in messages) and any("use positions=" in m for m in messages)
-        assert all(w.filename == __file__ for w in record)
-        torch.testing.assert_close(got, expected)
     with pytest.raises(ValueError, match="max_ess"):
         ess_penalty(views, layers, "ceiling")
     with pytest.raises(TypeError):  # the targets are keyword-only: no positional target by mistake

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from ess_train.callbacks.lightning_glue import log_to_loggers
-from ess_train.checks import UNSET, check_keywords, renamed_keyword
+from ess_train.checks import check_keywords
 from ess_train.measure import ESSWarning, LayerESS, PositionSpec, fetch_probe, probe_from_batch
 from ess_train.measure.layers import find_layers
 from ess_train.measure.loop import MeasurementSettings, measure_model
@@ -61,7 +61,6 @@ class ESSInitializer(Callback):
         max_operators: score on at most this many evenly spaced operators per layer (``None``: all).
         forward_fn: ``forward_fn(pl_module, inputs)`` replacing ``pl_module(inputs)`` in each scoring
             forward, for modules with another signature (as ESSMonitor's ``forward_fn``).
-        target: deprecated name of ``metric_target`` (one release, ``DeprecationWarning``).
     """
 
     def __init__(
@@ -79,12 +78,8 @@ class ESSInitializer(Callback):
         input_key: str = "inputs",
         max_operators: int | None = None,
         forward_fn: Callable[[nn.Module, Tensor], Any] | None = None,
-        target: float | None = UNSET,
     ) -> None:
         super().__init__()
-        metric_target = renamed_keyword(
-            "ESSInitializer", "target", "metric_target", target, metric_target, None
-        )
         if metric not in ("utilization", "ess", "total"):
             raise ValueError(f"metric must be 'utilization', 'ess' or 'total', got {metric!r}")
         if max_trials < 1:

@@ -8,8 +8,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from ess_train.measure.distributed import describe_error
-
 __all__ = [
     "DISTRIBUTED_MODES",
     "check_distributed",
@@ -17,7 +15,6 @@ __all__ = [
     "logger_step",
     "measure_mode",
     "sharding_strategy",
-    "short_traceback",
 ]
 
 #: how ESSMonitor measures in a multi-process run: ``"rank0"`` (rank 0 alone), ``"split"`` (the probe forward
@@ -45,11 +42,6 @@ def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, Any]) -> None:
     step = logger_step(trainer)
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
-
-
-def short_traceback(exc: BaseException, limit: int = 3) -> str:
-    """``Type: message`` plus the last ``limit`` frames, one line each."""
-    return describe_error(exc, limit)
 
 
 def sharding_strategy(trainer: pl.Trainer) -> str | None:

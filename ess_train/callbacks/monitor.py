@@ -15,18 +15,27 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from ess_train import measure as ess_measure
 from ess_train.callbacks.lightning_glue import (
     check_distributed,
     log_to_loggers,
     measure_mode,
     sharding_strategy,
-    short_traceback,
 )
-from ess_train.callbacks.media import log_heatmaps, log_profiles, render_heatmap, stream_record
-from ess_train.measure import ESSWarning, PositionSpec
+from ess_train.callbacks.media import log_heatmaps, log_profiles, stream_record
+from ess_train.measure import (
+    ESSHistory,
+    ESSWarning,
+    LayerESS,
+    LayerHistory,
+    LayerTSS,
+    PositionSpec,
+    Totals,
+    fetch_probe,
+    kv_pairs_for,
+    probe_from_batch,
+)
 from ess_train.measure.cost import LayerShape, MeasurementPlan, check_limits, plan_of_positions
-from ess_train.measure.distributed import Ranks
+from ess_train.measure.distributed import Ranks, describe_error
 from ess_train.measure.history import MAX_PROFILES
 from ess_train.measure.layers import find_layers
 from ess_train.measure.loop import LayerResult, Measurement, MeasurementSettings, measure_model
@@ -34,7 +43,7 @@ from ess_train.measure.probe import Probe
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ESSMonitor", "render_heatmap"]  # (render_heatmap: for existing imports)
+__all__ = ["ESSMonitor"]
 
 #: warning of each threshold flag: comparison, threshold attribute, meaning
 _FLAGS = {
@@ -182,7 +191,7 @@ class ESSMonitor(Callback):
 
         self.layers: dict[str, nn.Module] = {}
         #: everything measured (checkpointed); ``history`` etc. below read it.
-        self.ess_history = ess_measure.ESSHistory(max_profiles=max_profiles)
+        self.ess_history = ESSHistory(max_profiles=max_profiles)
         #: what is measured per layer (chosen at the first measurement; checkpointed).
         self.plan: MeasurementPlan | None = None
         self._seconds = {"measure": 0.0, "train": 0.0, "measurements": 0}
@@ -190,7 +199,7 @@ class ESSMonitor(Callback):
         self._wrote_file = False
         self._probe: Probe | None = None
         if probe_batch is not None:
-            self._probe = ess_measure.probe_from_batch(probe_batch, probe_size, input_key)
+            self._probe = probe_from_batch(probe_batch, probe_size, input_key)
         self._warned: set[str] = set()
         self._disabled = False
         self._split = False  # measure on every rank, layers split ("split" mode; resolved in setup)
@@ -200,15 +209,15 @@ class ESSMonitor(Callback):
 
     # ------------------------------------------------------------------------------- history (plain data)
     @property
-    def history(self) -> dict[str, ess_measure.LayerHistory]:  # mappings: steps, positions, profiles, ...
+    def history(self) -> dict[str, LayerHistory]:  # mappings: steps, positions, profiles, ...
         return self.ess_history.layers
 
     @property
-    def totals(self) -> ess_measure.Totals:  # steps, total, per_kv
+    def totals(self) -> Totals:  # steps, total, per_kv
         return self.ess_history.totals
 
     @property
-    def tss(self) -> dict[str, ess_measure.LayerTSS]:  # total, per_operator, multiplicity, seq_len
+    def tss(self) -> dict[str, LayerTSS]:  # total, per_operator, multiplicity, seq_len
         return self.ess_history.tss
 
     @property
@@ -365,7 +374,7 @@ class ESSMonitor(Callback):
             self._warn_once(
                 f"error:{type(exc).__name__}:{exc}",
                 f"ESSMonitor failed at step {trainer.global_step} and is skipping this measurement "
-                f"(training continues; pass strict=True to raise): {short_traceback(exc)}",
+                f"(training continues; pass strict=True to raise): {describe_error(exc)}",
             )
             return None
 
@@ -381,14 +390,14 @@ class ESSMonitor(Callback):
             probe = None
             if ranks.rank == 0:
                 try:
-                    probe = self._probe or ess_measure.fetch_probe(trainer, self.probe_size, self.input_key)
+                    probe = self._probe or fetch_probe(trainer, self.probe_size, self.input_key)
                 except Exception:  # (fetch_probe skips failing sources itself) no probe: every rank skips
                     probe = None
                 if probe is not None:  # (pickled: CPU tensors, whatever device rank 0's are on)
                     probe = (probe[0].cpu(), None if probe[1] is None else probe[1].cpu())
             self._probe, self._probe_shared = ranks.broadcast(probe), True
         elif self._probe is None:
-            self._probe = ess_measure.fetch_probe(trainer, self.probe_size, self.input_key)
+            self._probe = fetch_probe(trainer, self.probe_size, self.input_key)
         return self._probe
 
     def _log_tss(self, trainer: pl.Trainer, probe: Probe | None = None) -> None:
@@ -449,7 +458,7 @@ class ESSMonitor(Callback):
         kv, error = None, None
         try:  # (an error here still joins the ranks' exchange, inside measure_model)
             self._log_tss(trainer, probe)
-            kv = ess_measure.kv_pairs_for(getattr(trainer, "datamodule", None), probe[1])
+            kv = kv_pairs_for(getattr(trainer, "datamodule", None), probe[1])
         except Exception as exc:
             error = exc
         done = measure_model(
@@ -501,7 +510,7 @@ class ESSMonitor(Callback):
                 "positions=/budget= explicitly.",
             )
 
-    def _checked(self, name: str, result: LayerResult, step: int) -> ess_measure.LayerESS | None:
+    def _checked(self, name: str, result: LayerResult, step: int) -> LayerESS | None:
         """Give a layer's warnings and check its utilization against the thresholds (flags: state)."""
         for key, message in result.notes:
             self._warn_once(key, f"ESSMonitor: {message} (first at step {step})")

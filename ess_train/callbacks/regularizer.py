@@ -12,7 +12,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from ess_train.checks import UNSET, renamed_keyword
 from ess_train.measure import ESSWarning, Mode, PositionSpec, ess_penalty, resolve_positions
 from ess_train.measure.cost import BUDGET_FLOOR_FLOPS, LayerShape, layer_cost
 from ess_train.measure.layers import find_layers
@@ -65,9 +64,6 @@ class ESSRegularizer(Callback):
             rotates from step to step so that every operator is regularized in turn.
         warmup_steps: linear warm-up of the weight.
         log: log ``ess/reg_loss`` and ``ess/reg_weight``.
-        target, num_positions: deprecated names (one release, ``DeprecationWarning``): ``target`` is
-            ``min_utilization`` for ``floor`` and ``max_ess`` for ``ceiling``; ``num_positions`` is
-            ``positions``.
     """
 
     def __init__(
@@ -84,19 +80,9 @@ class ESSRegularizer(Callback):
         max_operators: int | None = 8,
         warmup_steps: int = 0,
         log: bool = True,
-        target: float | None = UNSET,
-        num_positions: PositionSpec = UNSET,
     ) -> None:
         super().__init__()
-        min_utilization, max_ess = penalty_targets("ESSRegularizer", mode, min_utilization, max_ess, target)
-        positions = renamed_keyword(
-            "ESSRegularizer",
-            "num_positions",
-            "positions",
-            num_positions,
-            positions,
-            DEFAULT_PENALTY_POSITIONS,
-        )
+        min_utilization, max_ess = penalty_targets(mode, min_utilization, max_ess)
         if weight < 0:
             raise ValueError(f"weight must be >= 0, got {weight}")
         if every_n_steps < 1 or warmup_steps < 0:

@@ -14,7 +14,6 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ess_train.checks import UNSET, renamed_keyword
 from ess_train.ess import Operator, RecurrentOperator
 from ess_train.measure.positions import PositionSpec, position_bounds, resolve_positions
 from ess_train.measure.stats import compute_copy, entropy_profiles, layer_utilization, no_autocast
@@ -32,41 +31,12 @@ DEFAULT_PENALTY_POSITIONS = 16
 
 
 def penalty_targets(
-    owner: str,
-    mode: str,
-    min_utilization: float | None,
-    max_ess: float | None,
-    target: float | None = UNSET,
-    stacklevel: int = 4,
+    mode: str, min_utilization: float | None, max_ess: float | None
 ) -> tuple[float, float | None]:
-    """``(min_utilization, max_ess)`` for ``mode``, checked, with the deprecated ``target=`` (one knob for
-    both: the floor's utilization, the ceiling's ESS budget) mapped to the one ``mode`` reads, with a
-    ``DeprecationWarning`` (``stacklevel`` counted from the caller: 4 points at its caller's caller).
-
-    ``min_utilization`` (``None``: 0.5) must lie in ``(0, 1]`` for ``floor``; ``ceiling`` needs ``max_ess``.
-    """
+    """``(min_utilization, max_ess)`` for ``mode``, checked: ``min_utilization`` (``None``: 0.5) must lie in
+    ``(0, 1]`` for ``floor``; ``ceiling`` needs ``max_ess``."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if target is not UNSET:
-        if mode == "ceiling":
-            max_ess = renamed_keyword(owner, "target", "max_ess", target, max_ess, None, stacklevel)
-        elif mode == "floor":
-            min_utilization = renamed_keyword(
-                owner,
-                "target",
-                "min_utilization",
-                target,
-                min_utilization,
-                DEFAULT_MIN_UTILIZATION,
-                stacklevel,
-            )
-        else:  # decay_identity never read it
-            warnings.warn(
-                f"{owner}: target= is deprecated and will be removed in the next release (mode={mode!r} "
-                "ignores it); use min_utilization= (floor) or max_ess= (ceiling)",
-                DeprecationWarning,
-                stacklevel=stacklevel - 1,
-            )
     if min_utilization is None:
         min_utilization = DEFAULT_MIN_UTILIZATION
     if mode == "floor" and not (
@@ -92,8 +62,6 @@ def ess_penalty(
     max_operators: int | None = 8,
     offset: int = 0,
     warn: Callable[[str, str], None] | None = None,
-    target: float | None = UNSET,
-    num_positions: PositionSpec = UNSET,
 ) -> Tensor | None:
     """The differentiable penalty of ``mode`` over the captured ``views`` (``None`` when nothing applies).
 
@@ -117,14 +85,9 @@ def ess_penalty(
     (:data:`~ess_train.measure.positions.PositionSpec`: an int ``k`` is ``k`` evenly spaced positions in
     ``[1, L-1]``, ``None`` all, a list those; position 0 adds nothing to the floor's utilization either way).
     ``warn(key, message)``: warning sink (default ``warnings.warn`` with :class:`ESSWarning`); the
-    regularizer passes its warn-once. Deprecated names (one release, with a ``DeprecationWarning``):
-    ``target`` (``min_utilization`` for ``floor``, ``max_ess`` for ``ceiling``), ``num_positions``
-    (``positions``).
+    regularizer passes its warn-once.
     """
-    min_utilization, max_ess = penalty_targets("ess_penalty", mode, min_utilization, max_ess, target)
-    positions = renamed_keyword(
-        "ess_penalty", "num_positions", "positions", num_positions, positions, DEFAULT_PENALTY_POSITIONS
-    )
+    min_utilization, max_ess = penalty_targets(mode, min_utilization, max_ess)
     if warn is None:
 
         def warn(key: str, message: str) -> None:

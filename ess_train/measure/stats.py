@@ -148,9 +148,7 @@ def concat_operators(ops: list[Operator]) -> Operator:
     )
 
 
-def entropy_profiles(
-    ops: Sequence[Operator], positions: Sequence[list[int] | None]
-) -> list[Tensor]:
+def entropy_profiles(ops: Sequence[Operator], positions: Sequence[list[int] | None]) -> list[Tensor]:
     """:func:`entropy_profile` of each operator, with one engine call per group of compatible operators
     (same kind, length, state size, dtype, device and positions: e.g. all GLA layers of a model), which
     saves the engine's fixed per-call cost on small training-time estimates. Differentiable."""
