@@ -46,7 +46,7 @@ from benchmarks.timing import (  # noqa: E402
     resolve_device,
     target_table,
 )
-from tests.reference_ops import mamba_scan_reference as mamba_recurrence_reference  # noqa: E402
+from ess_train.models.ops.naive import mamba_scan_reference as mamba_recurrence_reference  # noqa: E402
 
 MAMBA_TARGET = 5.0  # issue 16: the zoo's Mamba forward against its token-by-token loop
 DEVICE = torch.device("cpu")  # set by main (--device)

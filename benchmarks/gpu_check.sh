@@ -20,7 +20,7 @@
 #   run(command="bash benchmarks/gpu_check.sh", timeout_s=540)        # carry: none (omit it)
 #
 # (8 minutes of steps + a machine start of 1-2 minutes: about 10 of the task's 15 device minutes. To rerun
-# one part on the still-warm machine, e.g. TEST_FILES="tests/test_ops_scan.py" or one benchmark line.)
+# one part on the still-warm machine, e.g. TEST_FILES="tests/models/test_ops_scan.py" or one benchmark line.)
 #
 # Rehearsal on a CPU machine (quick sizes, a few minutes; QUICK=1 is the default when DEVICE=cpu):
 #
@@ -43,15 +43,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$([ "$DEVICE" = cpu ] && echo 1 || echo 4)}
 
 DEVICE_TESTS=(
-    tests/test_ess_engine.py tests/test_ess_float32.py tests/test_ess_gradients.py
-    tests/test_ops_scan.py tests/test_ops_linear_attention.py tests/test_ops_fft_conv.py
-    tests/test_mixer_contract.py tests/test_callbacks_monitor.py tests/test_callbacks_regularizer.py
-    tests/test_ops_triton_scan.py
+    tests/ess/test_ess_engine.py tests/ess/test_ess_float32.py tests/ess/test_ess_gradients.py
+    tests/models/test_ops_scan.py tests/models/test_ops_linear_attention.py tests/models/test_ops_fft_conv.py
+    tests/models/test_mixer_contract.py tests/callbacks/test_callbacks_monitor.py tests/callbacks/test_callbacks_regularizer.py
+    tests/models/test_ops_triton_scan.py
 )
 if [ -n "${TEST_FILES:-}" ]; then
     read -r -a DEVICE_TESTS <<<"$TEST_FILES"
 elif [ "$QUICK" = 1 ]; then  # rehearsal: the small files run, the selection of all of them is collected
-    QUICK_TESTS=(tests/test_ops_fft_conv.py tests/test_ops_linear_attention.py)
+    QUICK_TESTS=(tests/models/test_ops_fft_conv.py tests/models/test_ops_linear_attention.py)
 fi
 
 STEPS=()

@@ -67,4 +67,4 @@ def _fla_imports() -> bool:
 # fla's adapter tests need fla, which lives apart (.fla-env: installed in the main environment it would make
 # transformers route Qwen3-Next to fla's GPU kernels): where it does not import, test_adapters_fla_env.py
 # runs that file in a subprocess with .fla-env on the path.
-collect_ignore = [] if _fla_imports() else ["test_adapters_fla.py"]
+collect_ignore = [] if _fla_imports() else ["adapters/test_adapters_fla.py"]

@@ -1,4 +1,5 @@
-"""Callbacks that inject faults into an app run, or record what it left on disk (tests/test_app_faults.py)."""
+"""Callbacks that inject faults into an app run, or record what it left on disk
+(tests/app/test_app_faults.py)."""
 
 from __future__ import annotations
 

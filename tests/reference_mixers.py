@@ -7,7 +7,7 @@
 - :func:`reference_forward` (SSM and convolution mixers): the whole layer's output ``[B, L, d_model]`` (what
   ``mixer(x)`` must equal), from the layer's parameters and an explicit loop over tokens.
 
-Kernel-level references (the recurrences alone) are in ``tests/reference_ops.py``.
+Kernel-level references (the recurrences alone) are in ``ess_train/models/ops/naive.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tests.reference_ops import delta_rule_reference, gated_reference
+from ess_train.models.ops.naive import delta_rule_reference, gated_reference
 
 __all__ = ["reference_y", "reference_forward"]
 

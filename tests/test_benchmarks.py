@@ -113,7 +113,7 @@ def test_pytest_device_cuda_without_cuda_is_an_error() -> None:
         pytest.skip("CUDA is available here")
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--device", "cuda", "--co"]
-        + ["tests/test_ops_fft_conv.py"],
+        + ["tests/models/test_ops_fft_conv.py"],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -1,15 +1,16 @@
 """The fused Triton scan (``ess_train.models.ops.triton_scan``) where triton imports, under Triton's CPU
 interpreter (``TRITON_INTERPRET=1``) or on CUDA: outputs against the torch ``mamba_scan`` and the
-token-by-token reference (``tests/reference_ops.py``), gradients (w.r.t. dt, A, B, C, u) equal to the torch
+token-by-token reference (``ess_train/models/ops/naive.py``),
+gradients (w.r.t. dt, A, B, C, u) equal to the torch
 path's and close to the reference's, and the Mamba mixer with ``scan_backend="triton"`` against ``"torch"``.
 
 Not collected by the main environment's pytest (no ``test_`` prefix: triton lives in ``.fla-env``);
-``tests/test_ops_triton_scan.py`` runs this file in a subprocess with ``.fla-env`` on ``PYTHONPATH``.
+``tests/models/test_ops_triton_scan.py`` runs this file in a subprocess with ``.fla-env`` on ``PYTHONPATH``.
 
 Tolerances (``tests/tolerances.py``): the kernel runs the recurrence itself, ``L`` steps then a sum of ``N``
 terms, every rounding relative to the terms' size, so ``|y - y_exact| <= tol(dtype, size, n=L + N)`` with
 ``size`` the same scan of ``|B|, |C|, |u|``; ``mamba_scan`` is held to that bound by
-``tests/test_ops_scan.py``, so the two agree within twice it.
+``tests/models/test_ops_scan.py``, so the two agree within twice it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import torch
 
 from ess_train.models.mixers.mamba import Mamba
 from ess_train.models.ops import mamba_scan
+from ess_train.models.ops.naive import mamba_scan_reference, selective_scan_reference
 from ess_train.models.ops.triton_scan import select_scan_backend, triton_interpreting, triton_mamba_scan
+from tests.models.test_mixer_contract import assert_seq_close
 from tests.reference_mixers import reference_forward
-from tests.reference_ops import mamba_scan_reference, selective_scan_reference
-from tests.test_mixer_contract import assert_seq_close
 from tests.tolerances import assert_within, tol
 
 F32, F64 = torch.float32, torch.float64

@@ -1,7 +1,7 @@
 """Attention-family mixers: state sizes, argument errors, features, inits, operator structure.
 
 The contract every mixer meets (views, causality, fast forward vs references, gradients, ESS) is
-tested in ``tests/test_mixer_contract.py``; the chunked kernels in ``tests/test_ops_*.py``.
+tested in ``tests/models/test_mixer_contract.py``; the chunked kernels in ``tests/models/test_ops_*.py``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from ess_train.models.mixers.linear_attention import LinearAttention, taylor_fea
 from ess_train.models.mixers.parts import rotary_embedding
 from ess_train.models.mixers.sliding_window_attention import SlidingWindowAttention
 from ess_train.models.protocol import OperatorView
+from tests.models.test_mixer_contract import assert_seq_close, inputs, make
 from tests.reference_mixers import reference_y
-from tests.test_mixer_contract import assert_seq_close, inputs, make
 from tests.tolerances import assert_within, tol
 
 D, H = 8, 2

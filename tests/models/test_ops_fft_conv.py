@@ -1,5 +1,5 @@
 """The FFT causal convolution (``ess_train.models.ops.fft_causal_conv``; S4D, Hyena): outputs and gradients
-against the explicit causal sum (``tests/reference_ops.py``); plain autograd (no custom backward)."""
+against the explicit causal sum (``ess_train/models/ops/naive.py``); plain autograd (no custom backward)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ess_train.models.ops import fft_causal_conv
-from tests.reference_ops import causal_conv_reference
-from tests.test_ops_scan import assert_grads_match, grads
+from ess_train.models.ops.naive import causal_conv_reference
+from tests.models.test_ops_scan import assert_grads_match, grads
 from tests.tolerances import assert_within, tol
 
 F32, F64 = torch.float32, torch.float64

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_app import TINY, _run_app
+from tests.app.test_app import TINY, _run_app
 from tests.wandb_offline import find_run_files, history
 
 # 12 steps, validation every 4, ESS every 2, all logged at every step

@@ -16,7 +16,7 @@ from ess_train.measure import resolve_positions
 from ess_train.measure.planning import forward_flops
 from ess_train.measure.records import read_records
 from ess_train.models import SequenceModel
-from tests.test_measure_history import stats
+from tests.measure.test_measure_history import stats
 from tests.toy_modules import ToyDataModule, make_trainer
 
 

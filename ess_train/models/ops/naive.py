@@ -1,7 +1,8 @@
-"""Token-by-token references of the kernels in :mod:`ess_train.models.ops` (slow, obviously right; tests).
+"""Naive token-by-token references of the kernels in :mod:`ess_train.models.ops` (slow, obviously right).
 
-Each is the kernel's recurrence written as a Python loop over the sequence, with plain autograd: the
-references for the fast kernels' outputs and (through autograd) their gradients.
+Each is the kernel's recurrence written as a Python loop over the sequence, with plain autograd: what the
+tests compare the fast kernels' outputs and (through autograd) gradients with, and what the benchmarks time
+them against (as fla's ``ops/*/naive.py``). Nothing in the package calls them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """SSM and convolution mixers (Mamba, S4D, short conv, Hyena): state sizes, argument errors, inits, operators.
 
 The contract every mixer meets (views, causality, fast forward vs references, gradients, ESS) is
-tested in ``tests/test_mixer_contract.py``; the scans and the FFT convolution in ``tests/test_ops_*.py``.
+tested in ``tests/models/test_mixer_contract.py``; the scans and the FFT convolution in
+``tests/models/test_ops_*.py``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from ess_train.models.mixers.s4d import S4D
 from ess_train.models.mixers.short_conv import ShortConv
 from ess_train.models.mixers.ssm_init import A_INITS
 from ess_train.models.ops import fft_causal_conv
+from ess_train.models.ops.naive import causal_conv_reference
+from tests.models.test_mixer_contract import assert_seq_close, inputs, make
 from tests.reference_mixers import mamba_reference
-from tests.reference_ops import causal_conv_reference
-from tests.test_mixer_contract import assert_seq_close, inputs, make
 from tests.tolerances import assert_within, tol
 
 D = 8

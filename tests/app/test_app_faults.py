@@ -29,7 +29,7 @@ from ess_train.config import ConfigError
 from ess_train.interrupt import SIGTERMException, StartupInterrupt
 from ess_train.nonfinite import NonFiniteError, NonFiniteWarning
 from tests import fault_probes
-from tests.test_app import ROOT, _compose
+from tests.app.test_app import ROOT, _compose
 
 # 9 steps, validation (and so a checkpoint) every 3; no logger, no monitor, no plots: a fraction of a second
 BASE = [

@@ -17,7 +17,7 @@ from ess_train.app import CONFIG_DIR
 from ess_train.config import ConfigError, validate_config
 from tests.wandb_offline import find_run_files, history
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # a tiny MQAR run: seconds on a CPU
 TINY = [
     "task.num_train=256",

@@ -5,8 +5,8 @@ forward against a token-by-token reference (``tests/reference_mixers.py``), grad
 deterministic init, and the recurrent (Gramian) ESS against the dense one. Outputs of sums over ``L`` tokens
 and ``d`` features are compared elementwise to ``tol(dtype, max |expected|, n=L + d)`` (tests/tolerances.py).
 Family-specific checks (state sizes, argument errors, inits, operator structure) live in
-``tests/test_mixers_attention_family.py`` and ``tests/test_mixers_ssm_conv.py``; the kernels' in
-``tests/test_ops_*.py``.
+``tests/models/test_mixers_attention_family.py`` and ``tests/models/test_mixers_ssm_conv.py``; the kernels' in
+``tests/models/test_ops_*.py``.
 """
 
 from __future__ import annotations

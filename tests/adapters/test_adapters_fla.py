@@ -4,7 +4,7 @@ fla's Triton kernels have no CPU path, so every forward here runs inside ``fla_o
 (``tests/fla_cpu.py``), which routes the layers' kernels to fla's naive torch references: the adapters are
 checked through those references, not through the Triton kernels. fla lives apart, in ``.fla-env``
 (README's install): where it does not import, ``tests/conftest.py`` leaves this file out and
-``tests/test_adapters_fla_env.py`` runs it in a subprocess with ``.fla-env`` on the path.
+``tests/adapters/test_adapters_fla_env.py`` runs it in a subprocess with ``.fla-env`` on the path.
 """
 
 from __future__ import annotations

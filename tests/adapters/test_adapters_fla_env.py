@@ -1,8 +1,8 @@
 """fla's adapter tests, in the environment fla is installed in: ``.fla-env`` (README's install command).
 
 fla and triton are kept out of the main environment (with fla importable, transformers routes Qwen3-Next to
-fla's GPU kernels, and its CPU forward fails), so ``tests/test_adapters_fla.py`` runs here in a subprocess
-with ``.fla-env`` first on ``PYTHONPATH``, and every one of its tests must pass there.
+fla's GPU kernels, and its CPU forward fails), so ``tests/adapters/test_adapters_fla.py`` runs here in a
+subprocess with ``.fla-env`` first on ``PYTHONPATH``, and every one of its tests must pass there.
 """
 
 from __future__ import annotations
@@ -18,6 +18,6 @@ def test_fla_adapters_pass_in_the_fla_environment() -> None:
     except ImportError:
         pass
     else:
-        pytest.skip("fla imports in this environment: tests/test_adapters_fla.py runs in-process")
+        pytest.skip("fla imports in this environment: tests/adapters/test_adapters_fla.py runs in-process")
     assert (FLA_ENV / "fla").is_dir(), f"no fla in {FLA_ENV}: run README's install ({INSTALL})"
-    run_pytest_passes(["tests/test_adapters_fla.py"], env_with_fla_env(), 20)
+    run_pytest_passes(["tests/adapters/test_adapters_fla.py"], env_with_fla_env(), 20)

@@ -1,5 +1,6 @@
 """Chunked (gated) linear attention and the chunkwise delta rule (``ess_train.models.ops``): outputs and
-gradients against the token-by-token recurrences (``tests/reference_ops.py``), padding, chunk sizes, and
+gradients against the token-by-token recurrences (``ess_train/models/ops/naive.py``),
+padding, chunk sizes, and
 gates far beyond float32's range. The kernels use plain autograd (no custom backward)."""
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from ess_train.models.ops import chunk_decayed_linear_attention, chunk_delta_rule, chunk_linear_attention
-from tests.reference_ops import delta_rule_reference, gated_reference
-from tests.test_mixer_contract import assert_seq_close
-from tests.test_ops_scan import assert_grads_match, grads
+from ess_train.models.ops.naive import delta_rule_reference, gated_reference
+from tests.models.test_mixer_contract import assert_seq_close
+from tests.models.test_ops_scan import assert_grads_match, grads
 
 F32, F64 = torch.float32, torch.float64
 

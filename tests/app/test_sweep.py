@@ -25,9 +25,9 @@ from ess_train.sweep import (
     summarize_sweep,
     write_sweep_summary,
 )
-from tests.test_app import TINY as APP_TINY
+from tests.app.test_app import TINY as APP_TINY
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # the tiny MQAR run of test_app.py (seconds on a CPU), shorter, without logger and plots
 TINY = [*APP_TINY, "trainer.max_steps=4", "trainer.val_check_interval=2", "logger=none", "save_plots=false"]
 

@@ -1,5 +1,5 @@
 """Mamba's scans (``ess_train.models.ops.scan``): outputs and gradients against the token-by-token
-references (``tests/reference_ops.py``), and float64 ``gradcheck`` of both custom backwards
+references (``ess_train/models/ops/naive.py``), and float64 ``gradcheck`` of both custom backwards
 (``_SelectiveScan``: the adjoint scan; ``_MambaScan``: block-wise recomputation) on small sizes."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import torch
 
 import ess_train.models.ops.scan as ops_scan
 from ess_train.models.ops import exp_nonpositive, mamba_scan, selective_scan
-from tests.reference_ops import mamba_scan_reference, selective_scan_reference
-from tests.test_mixer_contract import assert_seq_close
+from ess_train.models.ops.naive import mamba_scan_reference, selective_scan_reference
+from tests.models.test_mixer_contract import assert_seq_close
 from tests.tolerances import assert_within, tol
 
 F32, F64 = torch.float32, torch.float64

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import ess_train.measure as measure
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # ess_train.checks: the torch-free argument checks (it imports nothing of ess_train), below every layer
 ALLOWED = (
     "ess_train.ess",

@@ -12,7 +12,7 @@ import pytest
 from ess_train.analysis.cli import main
 from tests.hf_models import model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -227,8 +227,8 @@ def test_state_dict_keeps_the_version_1_keys_and_loads_a_version_1_state():
     """The monitor's state is the history's (``version``, ``history``, ``totals``, ``tss``, ``flags``,
     ``layer_kinds``, the keys of version 1, plus ``scalars`` and ``profiles`` since version 3) plus ``probe``,
     ``warned`` and ``plan``; a version-1 state loads and keeps measuring its positions (the history's own
-    loader tests: tests/test_measure_history.py)."""
-    from tests.test_measure_history import version1_state
+    loader tests: tests/measure/test_measure_history.py)."""
+    from tests.measure.test_measure_history import version1_state
 
     monitor = ESSMonitor()
     monitor.layer_kinds = {"layers.0": "ToyRecurrence"}  # found by setup
@@ -313,7 +313,8 @@ def test_wandb_media(tmp_path, monkeypatch):
 
 def test_distributed_mode_under_parameter_sharding():
     """FSDP (GPU-only in Lightning, so checked on the strategy object; a 2-process FSDP2 run on CPU is in
-    tests/test_callbacks_sharded.py): ``distributed="auto"`` splits the measurement across ranks there (the
+    tests/callbacks/test_callbacks_sharded.py): ``distributed="auto"``
+    splits the measurement across ranks there (the
     probe forward on every rank, since each all-gathers the others' shards) and keeps rank 0 alone under DDP;
     ``"rank0"`` under sharding would hang, so the monitor warns once and stands aside."""
     from types import SimpleNamespace

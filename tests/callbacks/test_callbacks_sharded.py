@@ -28,7 +28,7 @@ import torch
 from ess_train.measure.distributed import Failure, Ranks, assign_layers
 from tests import tolerances
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAYERS = ["layers.0", "layers.1", "layers.2"]
 KEYS = ("avg_entropy", "max_entropy", "avg_tolerance", "utilization", "total", "per_kv")
 # the same float32 math on the same operators in another process: at most a different summation order over
