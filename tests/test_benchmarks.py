@@ -26,6 +26,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(EXPECTED))
 def test_benchmark_quick_runs(script: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -105,6 +106,7 @@ def test_gpu_check_script_is_valid_bash_and_documents_its_call() -> None:
         assert name in text, name
 
 
+@pytest.mark.slow
 def test_pytest_device_cuda_without_cuda_is_an_error() -> None:
     """``pytest --device cuda`` without CUDA fails at once (a usage error), it does not run on the CPU."""
     import torch

@@ -11,6 +11,8 @@ import pytest
 
 from tests.fla_env import FLA_ENV, INSTALL, env_with_fla_env, run_pytest_passes
 
+pytestmark = pytest.mark.slow  # starts processes or trains (the fast lane: -m 'not slow')
+
 
 def test_fla_adapters_pass_in_the_fla_environment() -> None:
     try:

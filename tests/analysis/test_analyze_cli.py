@@ -114,6 +114,7 @@ def test_cli_refuses_corrupt_weights_pickles_and_long_sequences(llama_dir, tmp_p
     assert "exceeds the model's context of 128" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_is_declared_and_runs(llama_dir):
     assert 'ess-analyze = "ess_train.analysis.cli:main"' in (ROOT / "pyproject.toml").read_text()
     done = subprocess.run(

@@ -119,6 +119,7 @@ def test_every_group_option_validates(group: str) -> None:
         validate_config(_compose([f"{group}={option}"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "needle"),
     [("+model.n_layer=3", "model.n_layer"), ("model.mixer=[short_conv,glaa]", "unknown mixer 'glaa'")],
@@ -136,6 +137,7 @@ def test_cli_config_error_is_one_line_and_exit_2(tmp_path: Path, override: str, 
     assert full.returncode != 0 and "Traceback" in full.stderr and "ConfigError" in full.stderr
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_summary_and_offline_wandb_with_ess(tmp_path: Path) -> None:
     args = [*TINY, "trainer.enable_progress_bar=true", f"hydra.run.dir={tmp_path}/run"]
     proc = _run_app(args, cwd=tmp_path)
@@ -162,6 +164,7 @@ def test_tiny_run_writes_summary_and_offline_wandb_with_ess(tmp_path: Path) -> N
     assert "val/acc" in keys
 
 
+@pytest.mark.slow
 def test_multirun_with_submitit_local(tmp_path: Path) -> None:
     proc = _run_app(
         [
@@ -187,6 +190,7 @@ def test_multirun_with_submitit_local(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_slurm_launcher_writes_the_submission_script(tmp_path: Path) -> None:
     """A stand-in `sbatch` captures what the launcher submits (no cluster needed)."""
     bin_dir = tmp_path / "bin"

@@ -242,6 +242,7 @@ def test_sigterm_after_training_is_not_ignored(tmp_path):
     assert summary["steps"] == 9 and recorded_step(_ckpt(run)) == 9
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_start_up_is_a_clean_exit(tmp_path, capfd):
     with pytest.raises(StartupInterrupt) as caught:
         _train(tmp_path / "run", *_callback("early", "SignalAtSetup"))

@@ -15,6 +15,8 @@ import torch
 from tests.app.test_app import TINY, _run_app
 from tests.wandb_offline import find_run_files, history
 
+pytestmark = pytest.mark.slow  # starts processes or trains (the fast lane: -m 'not slow')
+
 # 12 steps, validation every 4, ESS every 2, all logged at every step
 RUN = [*TINY, "trainer.max_steps=12", "trainer.val_check_interval=4", "callbacks.monitor.every_n_steps=2"]
 STOP_AT = 6  # between validations (at 4 and 8), so the resumed run must rebuild the step-6..8 stretch exactly

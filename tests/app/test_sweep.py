@@ -223,6 +223,7 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_real_multirun_writes_and_prints_the_table(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     proc = _run_app([*TINY, "seed=0,1", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
@@ -245,6 +246,7 @@ def test_real_multirun_writes_and_prints_the_table(tmp_path: Path) -> None:
     assert (sweep / MD_NAME).read_text() in proc.stdout
 
 
+@pytest.mark.slow
 def test_real_multirun_with_a_failed_job_still_gets_its_table(tmp_path: Path) -> None:
     """Hydra skips on_multirun_end when a job failed: the table comes from on_job_end."""
     sweep = tmp_path / "sweep"

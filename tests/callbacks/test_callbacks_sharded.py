@@ -28,6 +28,8 @@ import torch
 from ess_train.measure.distributed import Failure, Ranks, assign_layers
 from tests import tolerances
 
+pytestmark = pytest.mark.slow  # starts processes or trains (the fast lane: -m 'not slow')
+
 REPO = Path(__file__).resolve().parents[2]
 LAYERS = ["layers.0", "layers.1", "layers.2"]
 KEYS = ("avg_entropy", "max_entropy", "avg_tolerance", "utilization", "total", "per_kv")

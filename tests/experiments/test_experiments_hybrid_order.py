@@ -3,9 +3,12 @@ and plot.py writes its table and figure from it."""
 
 from __future__ import annotations
 
+import pytest
+
 from experiments.common import read_rows
 
 
+@pytest.mark.slow
 def test_hybrid_order_smoke(tmp_path):
     from experiments.hybrid_order import plot, run
 

@@ -7,6 +7,8 @@ import pytest
 
 from experiments.common import read_rows
 
+pytestmark = pytest.mark.slow  # starts processes or trains (the fast lane: -m 'not slow')
+
 
 @pytest.fixture(autouse=True)
 def _one_thread(monkeypatch):

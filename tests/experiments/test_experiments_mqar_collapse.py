@@ -13,6 +13,8 @@ from experiments.collapse import run as collapse_run
 from experiments.mqar_ess import plot as mqar_plot
 from experiments.mqar_ess import run as mqar_run
 
+pytestmark = pytest.mark.slow  # starts processes or trains (the fast lane: -m 'not slow')
+
 
 def _rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as fh:

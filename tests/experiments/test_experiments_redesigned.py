@@ -24,6 +24,7 @@ def test_matched_tss_sizes_are_matched_across_families():
     assert run.family_kwargs("linear_attention", 2048) == "{num_heads:4,feature_dim:32}"
 
 
+@pytest.mark.slow
 def test_matched_tss_and_distillation_smoke(tmp_path):
     from experiments.distill_ess import plot as distill_plot
     from experiments.distill_ess import run as distill_run
@@ -48,6 +49,7 @@ def test_matched_tss_and_distillation_smoke(tmp_path):
     assert (tmp_path / "distill.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_regularizers_smoke(tmp_path):
     from experiments.regularizers import plot, run
 
@@ -58,6 +60,7 @@ def test_regularizers_smoke(tmp_path):
     assert (tmp_path / "regularizers.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_init_dose_smoke(tmp_path):
     from experiments.init_dose import plot, run
 

@@ -27,7 +27,17 @@ def assert_grads_match(fast: tuple, ref: tuple, n: int, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- selective_scan
-@pytest.mark.parametrize("chunk", [None, 1, 3, 8, 64])
+# float64 gradcheck, ~3 s a case: the fast lane keeps one single-chunk and one multi-chunk case
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        None,
+        pytest.param(1, marks=pytest.mark.slow),
+        pytest.param(3, marks=pytest.mark.slow),
+        8,
+        pytest.param(64, marks=pytest.mark.slow),
+    ],
+)
 def test_selective_scan_matches_reference_and_gradcheck(chunk: int | None, device: torch.device) -> None:
     g = torch.Generator().manual_seed(0)
     la = (-torch.rand(2, 3, 21, 4, generator=g, dtype=torch.float64) * 2).to(device)

@@ -34,6 +34,7 @@ def run_cases(env: dict[str, str]) -> None:
     run_pytest_passes(["--noconftest", CASES], env, N_CASES)
 
 
+@pytest.mark.slow
 def test_triton_scan_cases_pass_under_the_interpreter() -> None:
     assert (FLA_ENV / "triton").is_dir(), f"no triton in {FLA_ENV}: {INSTALL}"
     run_cases(env_with_triton(TRITON_INTERPRET="1"))
