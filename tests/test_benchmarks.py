@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -28,21 +27,25 @@ EXPECTED = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(EXPECTED))
-def test_benchmark_quick_runs(script: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def test_benchmark_quick_runs(
+    script: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In this process (each script's ``main`` reads ``sys.argv``, as from the command line)."""
+    import importlib
+
+    import torch
+
     args = ["--quick", "--no-memory"] if script == "bench_ess.py" else ["--quick"]
     if script == "bench_callbacks.py":
         args += ["--steps", "12", "--monitor-every", "5", "--ab-iters", "2"]
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert re.search(EXPECTED[script], out.stdout), out.stdout[-3000:]
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    threads = torch.get_num_threads()
+    try:
+        importlib.import_module(f"benchmarks.{script.removesuffix('.py')}").main()
+    finally:
+        torch.set_num_threads(threads)  # a script may set its own
+    out = capsys.readouterr().out
+    assert re.search(EXPECTED[script], out), out[-3000:]
 
 
 # ---------------------------------------------------------------------------------- --device, gpu_check.sh
