@@ -3,8 +3,9 @@
 Works on any ``nn.Module`` whose layers implement the protocol or are adapted (``ess_train.adapters``:
 unmodified Hugging Face attention, Mamba, FalconMamba and Mamba2 layers). One ``no_grad`` eval-mode
 forward captures each layer's exact operator; its ESS is computed as the operator arrives (inside the
-capture) and the operator dropped, so dense attention's ``[B, H, L, L]`` never outlives its layer. Built
-on ``ess_train.measure`` (positions, the one utilization definition, ``layer_ess``). The module is called
+capture) and the operator dropped, so dense attention's ``[B, H, L, L]`` never outlives its layer: the
+measurement loop the callbacks run (``ess_train.measure.loop.measure_model``, streaming, with the
+positions given). The module is called
 ``analysis`` so that ``ess_train.analyze`` stays the function.
 """
 
@@ -18,15 +19,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ess_train.analysis.mixing_probe import unmeasured_mixing
 from ess_train.measure.layers import find_layers
+from ess_train.measure.loop import MeasurementSettings, measure_model
 from ess_train.measure.positions import resolve_positions
 from ess_train.measure.probe import eval_mode
-from ess_train.measure.stats import LayerESS, layer_ess
-from ess_train.models.protocol import OperatorView, capture_operators
 
 __all__ = ["LayerReport", "ESSReport", "UnsupportedModelError", "analyze", "context_length"]
 
@@ -164,40 +163,6 @@ def _not_measured(
     return out
 
 
-class _ESSSink(dict):
-    """A capture sink that reduces each view to its :class:`LayerESS` as it arrives (the view is dropped)."""
-
-    def __init__(
-        self,
-        layers: dict[str, Any],
-        spec: Any,
-        tolerance: bool,
-        rtol: float | None,
-        max_operators: int | None,
-        progress: Callable[[str], None] | None,
-    ) -> None:
-        super().__init__()
-        self.layers, self.spec, self.tolerance, self.rtol = layers, spec, tolerance, rtol
-        self.max_operators, self.progress = max_operators, progress
-        self.stats: dict[str, tuple[LayerESS, Any, int]] = {}
-
-    def __setitem__(self, name: str, view: OperatorView) -> None:
-        L = view.op.seq_len
-        size = self.layers[name].state_size(L)
-        stats = layer_ess(
-            view,
-            size,
-            resolve_positions(self.spec, L),
-            tolerance=self.tolerance,
-            rtol=self.rtol,
-            max_operators=self.max_operators,
-        )
-        operators = math.prod(view.op.batch_shape[1:])
-        self.stats[name] = (stats, size, operators)
-        if self.progress is not None:
-            self.progress(name)
-
-
 def _check_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> None:
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
@@ -288,17 +253,29 @@ def analyze(
     for layer in layers.values():
         if hasattr(layer, "check"):
             layer.check = check
-    sink = _ESSSink(layers, spec, tolerance, rtol, max_operators, progress)
+    settings = MeasurementSettings(
+        positions=spec, max_operators=max_operators, tolerance=tolerance, rtol=rtol
+    )
     start = time.perf_counter()
-    with torch.no_grad(), eval_mode(model), capture_operators(layers, sink):
-        run(input_ids)
+    done = measure_model(
+        model,
+        input_ids,
+        layers,
+        settings,
+        forward_fn=lambda _, ids: run(ids),
+        progress=progress,
+        cost_plan=False,
+    )
     seconds = time.perf_counter() - start
     reports: dict[str, LayerReport] = {}
     for name, layer in layers.items():
-        if name not in sink.stats:
-            not_measured[name] = f"{_cls(layer)}: not called by the forward"
+        result = done.results[name]
+        stats, size = result.stats, result.size
+        if stats is None or size is None:  # not called by the forward, or a non-finite operator
+            why = "not called by the forward" if size is None else "; ".join(m for _, m in result.notes)
+            not_measured[name] = f"{_cls(layer)}: {why}"
             continue
-        stats, size, operators = sink.stats[name]
+        operators = result.operators
         reports[name] = LayerReport(
             name=name,
             cls=_cls(layer),

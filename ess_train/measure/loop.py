@@ -208,6 +208,7 @@ def measure_model(
     trainer: Any = None,
     error: BaseException | None = None,
     progress: Callable[[str], None] | None = None,
+    cost_plan: bool = True,
 ) -> Measurement:
     """Measure every one of ``layers`` (by name) of ``module`` on ``inputs`` (module docstring).
 
@@ -216,7 +217,9 @@ def measure_model(
     ``context``: entered innermost around the forward (a trainer's precision context); ``kv_pairs``: per
     row, for ``per_kv``; ``ranks``: the ranks sharing a ``"split"`` measurement (a collective: every rank
     calls this); ``error``: an error the caller hit preparing this measurement, sent to the other ranks in
-    place of this rank's part; ``progress(name)``: called as each layer's statistics are computed.
+    place of this rank's part; ``progress(name)``: called as each layer's statistics are computed;
+    ``cost_plan``: with explicit positions and no plan, also cost them (a FLOP-counted forward: what the
+    monitor reports they take of training; ``analyze``, which trains nothing, skips it).
 
     One process re-raises its errors; across ranks every rank gets the same ``failures`` and skips.
     """
@@ -235,7 +238,7 @@ def measure_model(
             for name, layer in layers.items()
         }
         out = Measurement(results=results, plan=plan, computed=list(sink.results))
-        if plan is None:  # explicit positions: the plan only reports what they cost
+        if plan is None and cost_plan:  # explicit positions: the plan only reports what they cost
             out.plan = _plan(module, inputs, sink.shapes, settings, trainer, forward_fn)
             out.new_plan, out.shapes = True, sink.shapes
         return out
