@@ -1,21 +1,31 @@
 """Softmax attention of Hugging Face transformers, through its public attention-function interface.
 
+Which modules: any transformers module whose forward dispatches through ``ALL_ATTENTION_FUNCTIONS`` on its
+config's ``_attn_implementation`` and whose modeling module defines ``eager_attention_forward``
+(:func:`routes_through_interface`: Llama, GPT-2, Gemma 1-3, Phi, Mixtral, GPT-NeoX, OPT, BLOOM, Falcon, the
+hybrids' attention layers, ...), with no list of classes. That it really does is confirmed at capture time: a
+module whose forward ran without calling the interface is refused by name, and the first-capture exactness
+check (``P @ V`` against the layer's own output and against the implementation the model runs outside a
+capture) refuses a layer whose captured operator does not reproduce it.
+
 While a capture is open, the config of each captured attention module names the attention implementation
 ``"ess_capture"``, registered here in ``AttentionInterface`` *and* ``AttentionMaskInterface`` (without the
 mask function the masking code hands a custom implementation no mask and the probabilities are silently
-non-causal). ``ess_capture`` calls the modeling file's own ``eager_attention_forward``, so RoPE, grouped
-query heads, sliding windows and softcapping come out as the model computes them, and records the
+non-causal). ``ess_capture`` calls the modeling file's own ``eager_attention_forward`` with what the
+interface received (the model's mask, scaling, softcapping, sinks, ALiBi in the mask), and records the
 probabilities ``P [B, Hq, L, L]``: one :class:`~ess_train.ess.DenseOperator` per query head, acting on that
-head's value stream. Outside a capture nothing changes: the config is restored on exit.
+head's value stream. The sliding window, when there is one, is read from the mask the layer gets (the keys a
+query may see), not from the config. Outside a capture nothing changes: the config is restored on exit.
 
 Refused during capture (:class:`~ess_train.adapters.base.CaptureError`): padded batches, packed rows
-(position ids that restart), KV caches with past tokens and generation steps, a sliding window other than
-the one the adapter derived from the config.
+(position ids that restart), KV caches with past tokens and generation steps; cross-attention modules are
+not adapted (listed as not measured).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from collections.abc import Iterator, MutableMapping
 from typing import Any
@@ -33,7 +43,13 @@ from ess_train.adapters.base import (
 from ess_train.ess import DenseOperator
 from ess_train.models.protocol import OperatorView, StateSize
 
-__all__ = ["IMPLEMENTATION", "HFAttentionAdapter"]
+__all__ = [
+    "IMPLEMENTATION",
+    "HFAttentionAdapter",
+    "kv_cache_state",
+    "routes_through_interface",
+    "window_of_mask",
+]
 
 IMPLEMENTATION = "ess_capture"
 
@@ -56,7 +72,7 @@ def _register() -> None:
 
 
 def _mask(*args: Any, **kwargs: Any) -> Any:
-    """The eager (additive float) mask, after refusing padded batches and cached prefixes."""
+    """The eager (additive float) mask, after refusing padded batches."""
     from transformers.masking_utils import eager_mask
 
     padding = kwargs.get("attention_mask")
@@ -65,12 +81,8 @@ def _mask(*args: Any, **kwargs: Any) -> Any:
             "ESS capture refuses padded batches: the attention mask holds padding, so a row is not one "
             "causal operator over its L tokens; measure unpadded rows of equal length"
         )
-    q_len, kv_len = kwargs.get("q_length"), kwargs.get("kv_length")
-    if kwargs.get("q_offset", 0) or (q_len is not None and kv_len is not None and q_len != kv_len):
-        raise CaptureError(
-            f"ESS capture refuses KV caches and generation steps (queries {q_len}, keys {kv_len}, offset "
-            f"{kwargs.get('q_offset', 0)}): capture a prefill forward with use_cache=False"
-        )
+    # (a KV cache or generation step is refused per captured layer, in _view: a cross-attention mask has
+    # fewer keys than queries by design and must not stop the capture of the self-attention layers)
     return eager_mask(*args, **kwargs)
 
 
@@ -82,6 +94,49 @@ def _eager_of(module: nn.Module) -> Any:
             "eager_attention_forward; this attention class cannot be captured"
         )
     return fn
+
+
+_ROUTES: dict[type, bool] = {}
+
+
+def routes_through_interface(cls: type) -> bool:
+    """Whether ``cls`` is a transformers attention that dispatches through the attention interface: its
+    forward (or an ancestor's, within transformers) reads ``ALL_ATTENTION_FUNCTIONS`` and its modeling module
+    defines ``eager_attention_forward``. A static pre-selection; the capture confirms it per call."""
+    got = _ROUTES.get(cls)
+    if got is None:
+        got = False
+        if cls.__module__.startswith("transformers.models.") and hasattr(
+            sys.modules.get(cls.__module__), "eager_attention_forward"
+        ):
+            for klass in cls.__mro__:
+                forward = vars(klass).get("forward")
+                if forward is None or not klass.__module__.startswith("transformers."):
+                    continue
+                try:
+                    source = inspect.getsource(forward)
+                except (OSError, TypeError):
+                    continue
+                got = "ALL_ATTENTION_FUNCTIONS" in source
+                break
+        _ROUTES[cls] = got
+    return got
+
+
+def window_of_mask(mask: Any, seq_len: int) -> int | None:
+    """The sliding window a 4D additive mask applies (keys a query sees, itself included), or ``None`` when
+    every query sees all earlier keys (also when ``mask`` is not a ``[B, H, L, L]`` tensor)."""
+    if not isinstance(mask, Tensor) or mask.dim() != 4 or mask.shape[-1] != seq_len or seq_len < 2:
+        return None
+    block = mask[0, 0, -seq_len:, :].detach()
+    if block.dtype == torch.bool:
+        seen = block
+    else:
+        seen = block > torch.finfo(block.dtype).min / 2
+    counts = seen.sum(-1)
+    widest = int(counts.max())
+    full = torch.arange(1, seq_len + 1, device=counts.device)
+    return None if bool((counts >= full).all()) else widest
 
 
 def _attention(
@@ -96,6 +151,8 @@ def _attention(
     """``ess_capture``: the module's own eager attention, recording ``P`` for captured modules."""
     out, probs = _eager_of(module)(module, query, key, value, attention_mask, *args, **kwargs)
     for adapter, sink, name in _ACTIVE.get(id(module), ()):
+        adapter._routed += 1
+        adapter.window = window_of_mask(attention_mask, query.shape[-2])
         view = adapter._view(name, query, key, value, out, probs, kwargs)
         if adapter.check and adapter.checked_error is None:
             adapter._check(name, view, (module, query, key, value, attention_mask, *args), kwargs)
@@ -117,16 +174,34 @@ def _swapped(config: Any) -> contextlib.AbstractContextManager:
     return swapped_attribute(config, _implementation_attr(config), lambda _: IMPLEMENTATION)
 
 
+def kv_cache_state(seq_len: int, window: int | None, kv_heads: int, head_dim: int) -> StateSize:
+    """Softmax attention's state: the KV cache ``2 * min(L, window) * kv_heads * head_dim``; per operator
+    (query head) ``L // 2`` (full) or ``min(window - 1, L // 2)``; multiplicity ``head_dim``."""
+    span = seq_len if window is None else min(window, seq_len)
+    per_op = seq_len // 2 if window is None else min(window - 1, seq_len // 2)
+    return StateSize(total=2 * span * kv_heads * head_dim, per_operator=per_op, multiplicity=head_dim)
+
+
+def _configured_window(module: nn.Module, config: Any) -> int | None:
+    """The window the module or its config names (a first guess: the capture reads it from the mask)."""
+    if hasattr(module, "sliding_window"):
+        window = module.sliding_window
+    else:
+        window = getattr(config, "sliding_window", None)
+    return int(window) if isinstance(window, int) and window > 0 else None
+
+
 class HFAttentionAdapter(AdaptedLayer):
     """A transformers softmax-attention module (``LlamaAttention``, ``GPT2Attention``, ...).
 
-    ``window``: the sliding window (tokens a query sees, itself included) or ``None``; derived by the
-    registry from the module (``sliding_window``) or its config. State size: the KV cache
-    ``2 * min(L, window) * n_kv_heads * head_dim``; per operator (query head) ``L // 2`` (full) or
-    ``window - 1``; multiplicity ``head_dim`` (value channels per head).
+    ``window``: the sliding window (tokens a query sees, itself included) or ``None``: read from the mask
+    at each capture; before the first one, the module's or its config's ``sliding_window`` (what the
+    monitor's first TSS uses). State size: the KV cache ``2 * min(L, window) * n_kv_heads * head_dim``; per
+    operator (query head) ``L // 2`` (full) or ``window - 1``; multiplicity ``head_dim`` (value channels
+    per head).
     """
 
-    def __init__(self, module: nn.Module, window: int | None = None, check: bool = True) -> None:
+    def __init__(self, module: nn.Module, check: bool = True) -> None:
         super().__init__(module, check)
         if getattr(module, "is_cross_attention", False):
             raise CaptureError(f"{type(module).__name__} is cross-attention: not a causal operator")
@@ -134,21 +209,19 @@ class HFAttentionAdapter(AdaptedLayer):
         if config is None:
             raise CaptureError(f"{type(module).__name__} has no .config: cannot route its attention")
         self.config = config
-        self.window = int(window) if window else None
+        self.window = _configured_window(module, config)
+        self._routed = 0  # calls of the attention interface for this module (confirms the routing)
         heads = getattr(config, "num_attention_heads", None) or getattr(module, "num_heads", None)
         self.num_heads = int(heads)
         self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
         self.head_dim = int(getattr(module, "head_dim", None) or config.hidden_size // self.num_heads)
-        self.kind = "sliding_window_attention" if self.window else "softmax_attention"
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "sliding_window_attention" if self.window else "softmax_attention"
 
     def state_size(self, seq_len: int) -> StateSize:
-        span = seq_len if self.window is None else min(self.window, seq_len)
-        per_op = seq_len // 2 if self.window is None else min(self.window - 1, seq_len // 2)
-        return StateSize(
-            total=2 * span * self.num_kv_heads * self.head_dim,
-            per_operator=per_op,
-            multiplicity=self.head_dim,
-        )
+        return kv_cache_state(seq_len, self.window, self.num_kv_heads, self.head_dim)
 
     @contextlib.contextmanager
     def _capture(self, sink: MutableMapping[str, OperatorView], name: str) -> Iterator[None]:
@@ -156,14 +229,31 @@ class HFAttentionAdapter(AdaptedLayer):
         key = id(self.module)
         entry = (self, sink, name)
         _ACTIVE.setdefault(key, []).append(entry)  # nested captures (two sinks) each get the view
+        handles = [
+            self.module.register_forward_pre_hook(self._before),
+            self.module.register_forward_hook(lambda m, args, out: self._after(name, m)),
+        ]
         try:
             with _swapped(self.config):
                 yield
         finally:
+            for h in handles:
+                h.remove()
             entries = _ACTIVE.get(key, [])
             entries[:] = [e for e in entries if e is not entry]
             if not entries:
                 _ACTIVE.pop(key, None)
+
+    def _before(self, module: nn.Module, args: tuple) -> None:
+        self._calls_before = self._routed
+
+    def _after(self, name: str, module: nn.Module) -> None:
+        if self._routed == getattr(self, "_calls_before", self._routed - 1):
+            raise CaptureError(
+                f"layer {name!r} ({type(module).__name__}): its forward did not call transformers' attention "
+                "interface, so its attention cannot be captured; it is not measured (report it, or measure "
+                "a layer that implements ess_train's protocol)"
+            )
 
     # ----------------------------------------------------------------------------------------- capture
     def _refuse(self, name: str, query: Tensor, key: Tensor, kwargs: dict[str, Any]) -> None:
@@ -180,12 +270,6 @@ class HFAttentionAdapter(AdaptedLayer):
             raise CaptureError(
                 f"layer {name!r} ({cls}): position ids restart inside a row (packed sequences); "
                 "ESS capture needs one sequence per row"
-            )
-        passed = kwargs.get("sliding_window")
-        if (passed or None) != self.window:
-            raise CaptureError(
-                f"layer {name!r} ({cls}): the model passes sliding_window={passed} but the adapter derived "
-                f"{self.window} from the config; refusing to guess the layer's state size"
             )
 
     def _view(
@@ -237,6 +321,6 @@ class HFAttentionAdapter(AdaptedLayer):
         leak = float(probs.detach().abs().masked_select(outside).max())
         if leak > 0:
             raise CaptureError(
-                f"layer {name!r} ({type(self.module).__name__}): attention reaches beyond its sliding window "
-                f"of {self.window} (weight {leak:.3g}); the window derived from the config is wrong"
+                f"layer {name!r} ({type(self.module).__name__}): attention reaches beyond the sliding window "
+                f"of {self.window} its mask applies (weight {leak:.3g})"
             )

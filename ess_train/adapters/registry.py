@@ -1,10 +1,14 @@
-"""Which module classes are adapted, by exact class, and the transformers versions supported.
+"""Which modules are adapted, and the transformers versions supported.
 
-Dispatch is by the exact class (``type(module).__module__`` and ``__qualname__``): a subclass or a
-look-alike (FalconMamba's mixer has Mamba's parameter names plus norms) never inherits an adapter, and a
-class not listed is never guessed (where it mixes along time, ``analyze`` lists it as not measured: found
-by :mod:`ess_train.analysis.mixing_probe`, not by its name). Nothing here imports transformers: a module
-of a transformers class can only exist once transformers is imported.
+Attention by mechanism: a transformers module that dispatches through the attention interface
+(:func:`~ess_train.adapters.hf_attention.routes_through_interface`) is adapted whatever its class, and
+the capture confirms it (a forward that did not call the interface, or an operator that does not
+reproduce the layer's output, is refused by name). Every other mixer by its exact class
+(``type(module).__module__`` and ``__qualname__``, :data:`ADAPTERS`): a subclass or a look-alike
+(FalconMamba's mixer has Mamba's parameter names plus norms) never inherits an adapter, and a class not
+listed is never guessed (where it mixes along time, ``analyze`` lists it as not measured: found by
+:mod:`ess_train.analysis.mixing_probe`, not by its name). Nothing here imports transformers: a module of a
+transformers class can only exist once transformers is imported.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from torch import nn
 
 from ess_train.adapters.base import AdaptedLayer, CaptureError
 from ess_train.adapters.fla_layers import FLA_LAYERS, FLAAdapter
-from ess_train.adapters.hf_attention import HFAttentionAdapter
+from ess_train.adapters.hf_attention import HFAttentionAdapter, routes_through_interface
+from ess_train.adapters.hf_bloom import BloomAttentionAdapter
 from ess_train.adapters.hf_gated_deltanet import GatedDeltaNetAdapter
 from ess_train.adapters.hf_lfm2 import Lfm2ShortConvAdapter
 from ess_train.adapters.hf_mamba import FalconMambaAdapter, JambaMambaAdapter, MambaAdapter
@@ -35,37 +40,20 @@ __all__ = [
 #: oldest transformers accepted (the attention and mask interfaces and the 5.x mixer signatures)
 MIN_TRANSFORMERS = (5, 24)
 #: versions the adapters' tests ran on
-TESTED_TRANSFORMERS = ("5.24.0",)
-
-
-def _attention(window: str | None) -> Callable[[nn.Module, bool], AdaptedLayer]:
-    """An attention adapter factory; ``window``: where the sliding window lives (module / config / none)."""
-
-    def make(module: nn.Module, check: bool) -> AdaptedLayer:
-        size = None
-        if window == "module":
-            size = getattr(module, "sliding_window", None)
-        elif window == "config":
-            size = getattr(module.config, "sliding_window", None)
-        return HFAttentionAdapter(module, window=size, check=check)
-
-    return make
+TESTED_TRANSFORMERS = ("5.24.0", "5.25.0")
 
 
 _HF = "transformers.models"
 #: "module.qualname" -> factory(module, check) -> AdaptedLayer
 ADAPTERS: dict[str, Callable[[nn.Module, bool], AdaptedLayer]] = {
-    f"{_HF}.llama.modeling_llama.LlamaAttention": _attention(None),
-    f"{_HF}.mistral.modeling_mistral.MistralAttention": _attention("config"),
-    f"{_HF}.gpt2.modeling_gpt2.GPT2Attention": _attention(None),
-    f"{_HF}.qwen2.modeling_qwen2.Qwen2Attention": _attention("module"),
-    f"{_HF}.qwen3.modeling_qwen3.Qwen3Attention": _attention("module"),
+    # an attention that computes its own softmax (ALiBi) instead of calling the interface
+    f"{_HF}.bloom.modeling_bloom.BloomAttention": lambda m, check: BloomAttentionAdapter(m, check),
     f"{_HF}.mamba.modeling_mamba.MambaMixer": lambda m, check: MambaAdapter(m, check),
     f"{_HF}.falcon_mamba.modeling_falcon_mamba.FalconMambaMixer": lambda m, check: FalconMambaAdapter(
         m, check
     ),
     f"{_HF}.mamba2.modeling_mamba2.Mamba2Mixer": lambda m, check: Mamba2Adapter(m, check),
-    # the hybrids' own mixers (their attention layers are adapted like the others')
+    # the hybrids' own mixers (their attention layers are found by mechanism, as every attention)
     f"{_HF}.jamba.modeling_jamba.JambaMambaMixer": lambda m, check: JambaMambaAdapter(m, check),
     f"{_HF}.bamba.modeling_bamba.BambaMixer": lambda m, check: Mamba2Adapter(m, check),
     f"{_HF}.granitemoehybrid.modeling_granitemoehybrid.GraniteMoeHybridMambaLayer": lambda m, check: (
@@ -77,7 +65,6 @@ ADAPTERS: dict[str, Callable[[nn.Module, bool], AdaptedLayer]] = {
     f"{_HF}.recurrent_gemma.modeling_recurrent_gemma.RecurrentGemmaRecurrentBlock": lambda m, check: (
         RecurrentGemmaBlockAdapter(m, check)
     ),
-    f"{_HF}.qwen3_next.modeling_qwen3_next.Qwen3NextAttention": _attention("module"),
     f"{_HF}.qwen3_next.modeling_qwen3_next.Qwen3NextGatedDeltaNet": lambda m, check: GatedDeltaNetAdapter(
         m, check
     ),
@@ -94,11 +81,11 @@ def _key(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def register_attention_class(cls: type, window: str | None = None) -> None:
-    """Adapt another transformers attention class through the attention interface (at your own risk: the
-    exactness check at first capture still guards it). ``window``: ``"module"`` (its ``sliding_window``
-    attribute), ``"config"`` (``config.sliding_window``) or ``None``."""
-    ADAPTERS[_key(cls)] = _attention(window)
+def register_attention_class(cls: type) -> None:
+    """Adapt an attention class that calls transformers' attention interface but is not found by
+    :func:`~ess_train.adapters.hf_attention.routes_through_interface` (its forward names the interface
+    elsewhere); the capture-time routing check and the exactness check at first capture still guard it."""
+    ADAPTERS[_key(cls)] = HFAttentionAdapter
 
 
 def require_transformers() -> str:
@@ -121,13 +108,16 @@ def require_transformers() -> str:
 
 
 def adapt(module: nn.Module, check: bool = True) -> AdaptedLayer | None:
-    """The adapter of ``module``'s exact class, or ``None`` when the class is not known.
+    """The adapter of ``module``: by mechanism for attention, by exact class otherwise; ``None`` when
+    neither applies (or the instance is not causal self-attention: GPT-2's cross-attention).
 
     The returned object's type is named after the module's class (``LlamaAttention``), so that reports
     and ESSMonitor's layer kinds show the model's own class names.
     """
     cls = type(module)
     factory = ADAPTERS.get(_key(cls))
+    if factory is None and routes_through_interface(cls):
+        factory = HFAttentionAdapter
     if factory is None:
         return None
     if cls.__module__.startswith("transformers."):

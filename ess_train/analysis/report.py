@@ -26,6 +26,7 @@ from ess_train.measure.layers import find_layers
 from ess_train.measure.loop import MeasurementSettings, measure_model
 from ess_train.measure.positions import resolve_positions
 from ess_train.measure.probe import eval_mode
+from ess_train.models.protocol import layer_name
 
 __all__ = ["LayerReport", "ESSReport", "UnsupportedModelError", "analyze", "context_length"]
 
@@ -149,12 +150,14 @@ def _not_measured(
     """What is not measured, from structure (:mod:`ess_train.analysis.mixing_probe`): modules that mix along
     time and are not covered by a measured layer, and instances of adapted classes that were refused (a
     GPT-2 attention used as cross-attention)."""
+    from ess_train.adapters.hf_attention import routes_through_interface
     from ess_train.adapters.registry import ADAPTERS
 
     out = unmeasured_mixing(model, found, run, seq_len, length)
     for name, module in model.named_modules():
         cls = type(module)
-        if name in found or name in out or f"{cls.__module__}.{cls.__qualname__}" not in ADAPTERS:
+        known = f"{cls.__module__}.{cls.__qualname__}" in ADAPTERS or routes_through_interface(cls)
+        if name in found or name in out or not known:
             continue
         if any(name.startswith(f + ".") for f in found if f) or any(name.startswith(f + ".") for f in out):
             continue
@@ -268,14 +271,13 @@ def analyze(
     )
     seconds = time.perf_counter() - start
     reports: dict[str, LayerReport] = {}
-    for name, layer in layers.items():
-        result = done.results[name]
+    for name, result in done.results.items():  # the layers, then later call sites (name#2, ...)
+        layer = layers[layer_name(name)]
         stats, size = result.stats, result.size
         if stats is None or size is None:  # not called by the forward, or a non-finite operator
             why = "not called by the forward" if size is None else "; ".join(m for _, m in result.notes)
             not_measured[name] = f"{_cls(layer)}: {why}"
             continue
-        operators = result.operators
         reports[name] = LayerReport(
             name=name,
             cls=_cls(layer),
@@ -290,7 +292,7 @@ def analyze(
             tss=int(size.total),
             per_operator=int(size.per_operator),
             multiplicity=int(size.multiplicity),
-            operators=int(operators),
+            operators=int(result.operators),
             exactness_error=getattr(layer, "checked_error", None),
         )
     return ESSReport(

@@ -32,7 +32,7 @@ from ess_train.measure.planning import plan_for_training
 from ess_train.measure.positions import PositionSpec
 from ess_train.measure.probe import eval_mode, probe_views
 from ess_train.measure.stats import LayerESS, layer_ess, view_rows
-from ess_train.models.protocol import OperatorView, StateSize, capture_operators
+from ess_train.models.protocol import OperatorView, StateSize, capture_operators, layer_name
 
 __all__ = ["MeasurementSettings", "LayerResult", "Measurement", "measure_layer", "measure_model"]
 
@@ -82,7 +82,8 @@ class LayerResult:
 class Measurement:
     """What :func:`measure_model` found.
 
-    ``results``: per layer, in the order of ``layers`` (empty when the measurement was skipped);
+    ``results``: per layer, in the order of ``layers``, then a layer's later call sites in the forward
+    (``name#2``, ...: ``ess_train.models.protocol.call_site``; empty when the measurement was skipped);
     ``plan``: the plan it measured with; ``new_plan``: made by this measurement (``shapes`` then holds the
     layers' shapes, for describing it); ``failures``: the ranks that failed (every rank then skips);
     ``error``: this process's own error where it failed; ``computed``: the layers this process computed.
@@ -171,7 +172,7 @@ class _ReducingSink(dict):
         self.shapes[name] = LayerShape.of(view.op)
         self.results[name] = measure_layer(
             name,
-            self.layers[name],
+            self.layers[layer_name(name)],
             view,
             choice or self.settings.default_choice(),
             self.settings,
@@ -237,6 +238,7 @@ def measure_model(
             name: sink.results.get(name) or measure_layer(name, layer, None, missing, settings)
             for name, layer in layers.items()
         }
+        results.update({key: got for key, got in sink.results.items() if key not in results})  # call sites
         out = Measurement(results=results, plan=plan, computed=list(sink.results))
         if plan is None and cost_plan:  # explicit positions: the plan only reports what they cost
             out.plan = _plan(module, inputs, sink.shapes, settings, trainer, forward_fn)
@@ -269,21 +271,22 @@ def measure_model(
 
     def one(name: str) -> LayerResult:
         choice = plan.layers.get(name) or settings.default_choice()
-        got = measure_layer(name, layers[name], views.get(name), choice, settings, kv_pairs)
+        got = measure_layer(name, layers[layer_name(name)], views.get(name), choice, settings, kv_pairs)
         computed.append(name)
         if progress is not None:
             progress(name)
         return got
 
     costs = {name: choice.cost for name, choice in plan.layers.items()}
-    found, failures, error = ranks.split(list(layers), costs, one)
+    keys = [*layers, *(key for key in views if key not in layers)]  # (later call sites of a layer: name#2)
+    found, failures, error = ranks.split(keys, costs, one)
     views.clear()
     if error is not None and not ranks.active:
         raise error
     out = Measurement(plan=plan, new_plan=new_plan, shapes=shapes, failures=failures, error=error)
     out.computed = computed
     if not failures:
-        out.results = {name: found[name] for name in layers}
+        out.results = {name: found[name] for name in keys}
     return out
 
 

@@ -18,7 +18,7 @@ from ess_train.ess import Operator, RecurrentOperator
 from ess_train.measure.positions import PositionSpec, position_bounds, resolve_positions
 from ess_train.measure.stats import compute_copy, entropy_profiles, layer_utilization, no_autocast
 from ess_train.measure.warning import ESSWarning
-from ess_train.models.protocol import OperatorView
+from ess_train.models.protocol import OperatorView, layer_name
 
 __all__ = ["Mode", "MODES", "ess_penalty", "penalty_targets"]
 
@@ -97,7 +97,7 @@ def ess_penalty(
     # floor/ceiling: (layer, operator copy, positions, per-operator bound); ESS of all in batched calls
     jobs: list[tuple[str, Operator, list[int] | None, int]] = []
     for name, view in views.items():
-        if name not in layers:
+        if layer_name(name) not in layers:  # (name#2: a later call site of the layer)
             continue
         op = view.op
         if mode == "decay_identity":
@@ -117,7 +117,7 @@ def ess_penalty(
         evaluated = resolve_positions(positions, seq_len)
         per_op = 0
         if mode == "floor":
-            per_op = int(layers[name].state_size(seq_len).per_operator)
+            per_op = int(layers[layer_name(name)].state_size(seq_len).per_operator)
             if sum(position_bounds(per_op, seq_len, evaluated)) <= 0:
                 warn(
                     f"undefined-utilization:{name}",

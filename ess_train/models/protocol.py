@@ -39,6 +39,8 @@ __all__ = [
     "find_ess_layers",
     "capture_operators",
     "operators_of",
+    "call_site",
+    "layer_name",
 ]
 
 
@@ -167,6 +169,41 @@ def _first_input(args: tuple, kwargs: dict[str, Any]) -> Tensor:
     raise TypeError("the layer was called with no input")
 
 
+def call_site(name: str, call: int) -> str:
+    """The key of layer ``name``'s ``call``-th call (1-based) in one capture: ``name`` for the first call,
+    ``name#2``, ``name#3``, ... after it (a shared or tied module run at several depths, Zamba2's shared
+    transformer block): each call site is measured and reported on its own."""
+    return name if call == 1 else f"{name}#{call}"
+
+
+def layer_name(key: str) -> str:
+    """The layer a captured key belongs to (``call_site``'s inverse: module names never hold ``#``)."""
+    return key.split("#", 1)[0]
+
+
+class _CallSites(MutableMapping):
+    """A sink wrapper that writes a layer's second and later calls in one capture under their own keys."""
+
+    def __init__(self, sink: MutableMapping[str, OperatorView]) -> None:
+        self.sink, self.calls = sink, {}
+
+    def __setitem__(self, name: str, view: OperatorView) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        self.sink[call_site(name, self.calls[name])] = view
+
+    def __getitem__(self, key: str) -> OperatorView:
+        return self.sink[key]
+
+    def __delitem__(self, key: str) -> None:
+        del self.sink[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sink)
+
+    def __len__(self) -> int:
+        return len(self.sink)
+
+
 @contextlib.contextmanager
 def capture_operators(
     layers: dict[str, Any], sink: MutableMapping[str, OperatorView] | None = None
@@ -177,12 +214,15 @@ def capture_operators(
     captured by a forward pre-hook that calls ``layer.operator(input)`` (the first positional argument, or
     the input keyword: ``x``, ``hidden_states``); adapted layers (``ess_train.adapters``) by their own
     ``capture(sink, name)``. Gradients flow through the
-    captured views when the forward runs with grad enabled. The last forward wins for each layer.
-    ``sink``: where views are written (default a new dict; ``ess_train.analyze`` passes one that reduces
-    each view to its ESS as it arrives, so no layer's operator outlives its forward).
+    captured views when the forward runs with grad enabled. A layer called more than once inside the block
+    writes each call under its own key (:func:`call_site`: ``name``, ``name#2``, ...; :func:`layer_name`
+    maps a key back). ``sink``: where views are written (default a new dict; the measurement loop passes
+    one that reduces each view to its ESS as it arrives, so no layer's operator outlives its forward); the
+    block yields ``sink``.
     """
     if sink is None:
         sink = {}
+    target, sink = sink, _CallSites(sink)
     handles = []
     with contextlib.ExitStack() as stack:
         try:
@@ -198,7 +238,7 @@ def capture_operators(
                         sink[_name] = module.operator(_first_input(args, kwargs))
 
                     handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-            yield sink
+            yield target
         finally:
             for handle in handles:
                 handle.remove()
