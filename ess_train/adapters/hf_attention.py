@@ -174,12 +174,19 @@ def _swapped(config: Any) -> contextlib.AbstractContextManager:
     return swapped_attribute(config, _implementation_attr(config), lambda _: IMPLEMENTATION)
 
 
-def kv_cache_state(seq_len: int, window: int | None, kv_heads: int, head_dim: int) -> StateSize:
+def kv_cache_state(
+    seq_len: int, window: int | None, kv_heads: int, head_dim: int, query_heads: int | None = None
+) -> StateSize:
     """Softmax attention's state: the KV cache ``2 * min(L, window) * kv_heads * head_dim``; per operator
-    (query head) ``L // 2`` (full) or ``min(window - 1, L // 2)``; multiplicity ``head_dim``."""
+    (query head) ``L // 2`` (full) or ``min(window - 1, L // 2)``; multiplicity ``head_dim``; with grouped
+    queries (``query_heads > kv_heads``) ``kv_heads`` states, each read by ``query_heads / kv_heads``
+    query heads."""
     span = seq_len if window is None else min(window, seq_len)
     per_op = seq_len // 2 if window is None else min(window - 1, seq_len // 2)
-    return StateSize(total=2 * span * kv_heads * head_dim, per_operator=per_op, multiplicity=head_dim)
+    states = kv_heads if query_heads is not None and query_heads > kv_heads else None
+    return StateSize(
+        total=2 * span * kv_heads * head_dim, per_operator=per_op, multiplicity=head_dim, states=states
+    )
 
 
 def _configured_window(module: nn.Module, config: Any) -> int | None:
@@ -221,7 +228,7 @@ class HFAttentionAdapter(AdaptedLayer):
         return "sliding_window_attention" if self.window else "softmax_attention"
 
     def state_size(self, seq_len: int) -> StateSize:
-        return kv_cache_state(seq_len, self.window, self.num_kv_heads, self.head_dim)
+        return kv_cache_state(seq_len, self.window, self.num_kv_heads, self.head_dim, self.num_heads)
 
     @contextlib.contextmanager
     def _capture(self, sink: MutableMapping[str, OperatorView], name: str) -> Iterator[None]:

@@ -12,7 +12,9 @@ Public entry points take an operator (``DenseOperator``, ``RecurrentOperator``, 
 Gramian path for a ``RecurrentOperator`` (``O(L N^3)``) and the dense path for a ``DenseOperator``
 (one ``svdvals`` per position, ``O(L^4)``); ``method="dense"`` on a ``RecurrentOperator``
 materializes ``T``. Float64 operators are computed in float64; all others in float32 (float16/bfloat16
-upcast, results cast back to the operator's dtype), with float64 where float32 would square round-off:
+upcast, and their results returned in float32: the operator is what the model computes, its ESS is not
+rounded to half precision; the tolerance threshold is float32's), with float64 where float32 would square
+round-off:
 the Gramian path's sums and eigenproblems (:data:`GRAMIAN_ACCUMULATE`) and the Gram matrices of float32
 dense blocks (``ess_train.ess.dense_svd``), so float32 results are as exact as a float32 SVD (issue 14).
 """
@@ -186,7 +188,7 @@ def _svals(
         s = dense_hankel_singular_values(T, positions=uniq, K=K, chunk_elements=budget)
     if uniq.numel() != pos.numel() or not torch.equal(uniq, pos):
         s = s[:, inverse.to(s.device)]
-    return s.reshape(*batch, pos.numel(), K), op.dtype
+    return s.reshape(*batch, pos.numel(), K), cd  # (half precision: float32 results, not rounded back)
 
 
 def hankel_singular_values(
@@ -203,7 +205,8 @@ def hankel_singular_values(
     (default all; a bare int is refused: it means a count of positions elsewhere in the product);
     ``chunk_elements`` bounds intermediate tensors (default :data:`DEFAULT_CHUNK_ELEMENTS` on CPU,
     :data:`DEFAULT_CHUNK_ELEMENTS_ACCELERATOR` elsewhere; one position at least) and does
-    not change results. Differentiable; returned in the operator's dtype.
+    not change results. Differentiable; returned in the compute dtype (the operator's; float32 for
+    float16/bfloat16).
     """
     s, dtype = _svals(op, positions, method, chunk_elements)
     return s.to(dtype)
@@ -234,7 +237,8 @@ def entropy_ess(
 
     ``exp(-sum_k p_k log p_k)`` with ``p_k = sigma_k / sum_j sigma_j`` (singular values, not their
     squares); 0 where ``H_i = 0`` (so ``ESS_0 = 0``). Differentiable with finite gradients on both
-    paths, also for zero, rank-deficient and degenerate operators. Returned in the operator's dtype.
+    paths, also for zero, rank-deficient and degenerate operators. Returned in the compute dtype (the
+    operator's; float32 for float16/bfloat16, whose ESS is never rounded to half precision).
     """
     s, dtype = _svals(op, positions, method, chunk_elements)
     # evaluated in float64 ([..., P, K]: cheap), so that float32 results keep the singular values' accuracy

@@ -191,7 +191,7 @@ class LayerESS:
     utilization: float
     total: float
     per_kv: float | None
-    row_totals: Tensor  # [batch], multiplicity * sum over operators of avg ESS, for each row
+    row_totals: Tensor  # [batch], multiplicity * states * mean over operators of avg ESS, for each row
 
     def metrics(self) -> dict[str, float]:
         out = {
@@ -236,7 +236,9 @@ def layer_ess(
     L = op.seq_len
     pos = list(range(L)) if positions is None else list(positions)
     profile = ent.mean(dim=(0, 1))
-    row_totals = size.multiplicity * n_ops * ent.mean(-1).mean(-1)
+    # grouped-query attention: a KV head's state counted once (its heads' mean), not once per query head
+    states = size.states or n_ops
+    row_totals = size.multiplicity * states * ent.mean(-1).mean(-1)
     per_kv = None
     if kv_pairs is not None:
         kv = kv_pairs.to(row_totals).reshape(-1)

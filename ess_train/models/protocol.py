@@ -71,11 +71,17 @@ class StateSize:
         per_operator: the bound on ``rank(H_i)`` of one operator (what ESS of one operator is compared to).
         multiplicity: how many value channels share one operator: the layer's total ESS is
             ``multiplicity * sum over operators of ESS``.
+        states: how many states the operators share, where fewer than the operators (grouped-query
+            attention: the KV heads, each read by a group of query heads); the total ESS then counts each
+            shared state once, as the mean ESS of the operators that read it:
+            ``multiplicity * states * mean over operators of ESS`` (so total ESS <= TSS; docs/ESS.md).
+            ``None``: one state per operator.
     """
 
     total: int
     per_operator: int
     multiplicity: int = 1
+    states: int | None = None
 
 
 @runtime_checkable

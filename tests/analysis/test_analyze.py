@@ -109,8 +109,8 @@ def test_report_fields_and_json():
     assert len(layer.entropy_ess) == 6 and len(layer.tolerance_ess) == 6
     assert layer.kind == "softmax_attention" and layer.cls == "LlamaAttention"
     assert 0 < layer.utilization <= 1 and layer.tss == 2 * 24 * 2 * 8
-    # total ESS: multiplicity (head_dim) * operators (query heads) * mean ESS over the positions
-    assert math.isclose(layer.total_ess, 8 * 4 * layer.avg_entropy_ess, rel_tol=1e-5)
+    # total ESS: multiplicity (head_dim) * states (2 KV heads, each read by 2 query heads) * mean ESS
+    assert math.isclose(layer.total_ess, 8 * 2 * layer.avg_entropy_ess, rel_tol=1e-5)
     assert layer.exactness_error is not None and layer.exactness_error < 1e-5
     data = json.loads(json.dumps(report.to_dict()))
     assert data["layers"]["model.layers.0.self_attn"]["entropy_ess"] == pytest.approx(layer.entropy_ess)
