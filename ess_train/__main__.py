@@ -4,7 +4,7 @@ import sys
 
 if __name__ == "__main__":
     try:
-        from ess_train.app import main
+        from ess_train.app.main import main
     except KeyboardInterrupt:  # Ctrl-C while the app's libraries are imported: a clean line, not a traceback
         print("ess-train: SIGINT during start-up: stopped before training began.", file=sys.stderr)
         sys.exit(130)

@@ -1,7 +1,7 @@
 """Shared machinery of the studies: run grid points of the Hydra app in-process, collect flat CSV rows.
 
 Each grid point is a list of Hydra overrides (exactly what one would type after ``ess-train``); it is
-composed from ``conf/``, validated, trained by :func:`ess_train.app.train`, and its summary flattened
+composed from ``conf/``, validated, trained by :func:`ess_train.app.training.train`, and its summary flattened
 into one CSV row (overrides, accuracy overall and per slice, ESS and TSS per layer, model totals).
 Rows already present in the CSV (same ``run_id``) are skipped, so an interrupted study resumes.
 Points run in ``workers`` processes with one torch thread each (small models: throughput beats threads).
@@ -56,7 +56,8 @@ def run_point(run_id: str, overrides: Sequence[str], out_dir: str | Path) -> dic
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    from ess_train.app import CONFIG_DIR, train
+    from ess_train.app.main import CONFIG_DIR
+    from ess_train.app.training import train
 
     torch.set_num_threads(int(os.environ.get("ESS_THREADS", "1")))
     run_dir = Path(out_dir) / "runs" / run_id

@@ -27,7 +27,7 @@ def compose_cfg(overrides: list[str], output_dir: str | Path = "/tmp/ess_unused"
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from ess_train.app import CONFIG_DIR
+    from ess_train.app.main import CONFIG_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

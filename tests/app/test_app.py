@@ -13,8 +13,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-from ess_train.app import CONFIG_DIR
-from ess_train.config import ConfigError, validate_config
+from ess_train.app.main import CONFIG_DIR
+from ess_train.app.validation import ConfigError, validate_config
 from tests.wandb_offline import find_run_files, history
 
 ROOT = Path(__file__).resolve().parents[2]

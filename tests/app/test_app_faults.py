@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ess_train import checkpoint_files
-from ess_train.app import train
-from ess_train.checkpoint_files import CheckpointWriteError, check_checkpoint, recorded_step
-from ess_train.config import ConfigError
-from ess_train.interrupt import SIGTERMException, StartupInterrupt
-from ess_train.nonfinite import NonFiniteError, NonFiniteWarning
+from ess_train.app import checkpoint_files
+from ess_train.app.checkpoint_files import CheckpointWriteError, check_checkpoint, recorded_step
+from ess_train.app.interrupt import SIGTERMException, StartupInterrupt
+from ess_train.app.nonfinite import NonFiniteError, NonFiniteWarning
+from ess_train.app.training import train
+from ess_train.app.validation import ConfigError
 from tests import fault_probes
 from tests.app.test_app import ROOT, _compose
 
@@ -273,7 +273,7 @@ def test_a_second_live_run_into_the_same_directory_is_refused(tmp_path, caplog):
         [
             sys.executable,
             "-c",
-            "import sys, time; from ess_train.runlock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "import sys, time; from ess_train.app.runlock import RunLock; RunLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(120)",
             str(run),
         ],

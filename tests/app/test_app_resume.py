@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ess_train.app import format_summary, train
-from ess_train.interrupt import SIGTERMException
+from ess_train.app.interrupt import SIGTERMException
+from ess_train.app.training import format_summary, train
 from tests.app.test_app import TINY, _compose, _run_app
 from tests.wandb_offline import find_run_files, history
 

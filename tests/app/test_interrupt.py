@@ -8,8 +8,8 @@ import signal
 import pytest
 import torch
 
-from ess_train.interrupt import GracefulStop, SIGTERMException
-from ess_train.progress import StepProgressBar, format_duration
+from ess_train.app.interrupt import GracefulStop, SIGTERMException
+from ess_train.app.progress import StepProgressBar, format_duration
 from tests.signal_at import SignalAt
 from tests.toy_modules import ToyDataModule, ToyLM, make_trainer
 
@@ -61,10 +61,10 @@ def test_step_progress_counts_steps_toward_max_steps_across_epochs(caplog):
     bar = StepProgressBar(line_every=0.25, interactive=False)
     dm = ToyDataModule()  # a few batches per epoch, so 12 steps span several epochs
     trainer = make_trainer(None, [bar], max_steps=12, enable_progress_bar=True)
-    with caplog.at_level(logging.INFO, logger="ess_train.progress"):
+    with caplog.at_level(logging.INFO, logger="ess_train.app.progress"):
         trainer.fit(ToyLM(), dm)
     assert trainer.current_epoch >= 1
-    lines = [r.getMessage() for r in caplog.records if r.name == "ess_train.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "ess_train.app.progress"]
     steps = [int(line.split()[1].split("/")[0]) for line in lines]
     assert all(line.split()[1].endswith("/12") for line in lines)
     assert steps == sorted(steps) and steps[-1] == 12 and len(steps) <= 6

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 
-from ess_train.loggers import CSVLogger, WandbLogger
+from ess_train.app.loggers import CSVLogger, WandbLogger
 
 
 def _rows(logger: CSVLogger) -> list[dict[str, str]]:

@@ -62,7 +62,7 @@ def test_a_wheel_carries_the_configs_and_runs_from_another_directory(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(site))  # the installed wheel, not the source tree
     code = (
         "import ess_train, sys; print(ess_train.__file__); sys.argv = ['ess-train', '--cfg', 'job']; "
-        "from ess_train.app import main; main()"
+        "from ess_train.app.main import main; main()"
     )
     run = subprocess.run(
         [sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300

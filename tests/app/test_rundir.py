@@ -9,8 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ess_train.checkpoint_files import write_checkpoint_file
-from ess_train.rundir import check_resume_argument, latest_checkpoint, plan_resume, save_run_file
+from ess_train.app.checkpoint_files import write_checkpoint_file
+from ess_train.app.rundir import check_resume_argument, latest_checkpoint, plan_resume, save_run_file
 
 
 def _cfg(output_dir: Path, resume="auto", **extra):

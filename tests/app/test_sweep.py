@@ -1,4 +1,5 @@
-"""The sweep table (ess_train.sweep): synthetic sweep directories, the CLI, and real tiny multiruns."""
+"""The sweep table (ess_train.app.sweep_summary, sweep_callback): synthetic sweep directories, the CLI, and
+real tiny multiruns."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from ess_train.sweep import (
+from ess_train.app.sweep_callback import SweepSummary
+from ess_train.app.sweep_summary import (
     BASIC_SWEEPER,
     CSV_NAME,
     ERROR_NAME,
     MD_NAME,
-    SweepSummary,
     format_markdown,
     main,
     summarize_sweep,
@@ -261,3 +262,18 @@ def test_real_multirun_with_a_failed_job_still_gets_its_table(tmp_path: Path) ->
     assert (sweep / "0" / ERROR_NAME).is_file() and (sweep / "1" / "summary.json").is_file()
     assert proc.stdout.count(f"## Sweep {sweep}") == 1  # printed once, after the last job
     assert "2 jobs: 1 failed, 1 ok" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_sweep_point_with_a_config_error_fails_alone(tmp_path: Path) -> None:
+    """Issue 25, finding 5: an unknown mixer in one point aborted the whole sweep (sys.exit inside the job)
+    and the table called that job "not started". Now it is failed with its one-line message, the other
+    point runs, and the sweep exits non-zero."""
+    sweep = tmp_path / "sweep"
+    proc = _run_app([*TINY, "model.mixer=glaa,gla", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert proc.returncode != 0
+    rows = _csv_rows(sweep / CSV_NAME)
+    assert [(r["status"], r["model.mixer"]) for r in rows] == [("failed", "glaa"), ("ok", "gla")]
+    assert rows[0]["error"].startswith("ConfigError: model: unknown mixer 'glaa'")
+    assert "\n" not in rows[0]["error"] and float(rows[1]["val_acc"]) >= 0
+    assert "ess-train: configuration error: model: unknown mixer 'glaa'" in proc.stderr

@@ -24,8 +24,8 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def test_experiment_configs_compose() -> None:
     from hydra import compose, initialize_config_dir
 
-    from ess_train.app import CONFIG_DIR
-    from ess_train.config import validate_config
+    from ess_train.app.main import CONFIG_DIR
+    from ess_train.app.validation import validate_config
 
     for name, overrides in (
         ("mqar_ess", next(iter(mqar_run.points().values()))),

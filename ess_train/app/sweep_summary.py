@@ -3,13 +3,14 @@
 Each job of ``ess-train -m ...`` writes ``<sweep dir>/<job.num>/summary.json``. This module puts them
 side by side, as ``sweep_summary.csv`` and ``sweep_summary.md`` in the sweep directory:
 
-* :class:`SweepSummary`, a Hydra callback (registered in ``conf/config.yaml`` under ``hydra.callbacks``),
-  writes the table at the end of a multirun and prints it. It reads the jobs' summaries from disk, so it
+* :class:`~ess_train.app.sweep_callback.SweepSummary`, a Hydra callback (registered in
+  ``conf/config.yaml`` under ``hydra.callbacks``), writes the table at the end of a multirun and prints it.
+  It reads the jobs' summaries from disk, so it
   works the same with the basic launcher and the submitit launchers (local or SLURM), whose jobs run in
   other processes. It also rewrites the table, without printing it, each time a job ends: Hydra does not
   call ``on_multirun_end`` when a job failed, and the table of a sweep that stopped part-way is still there.
 * :func:`summarize_sweep` / :func:`write_sweep_summary` do the same from Python, and
-  ``python -m ess_train.sweep <sweep dir>`` rebuilds the table of an existing sweep.
+  ``python -m ess_train.app.sweep_summary <sweep dir>`` rebuilds the table of an existing sweep.
 
 Every job of the sweep gets a row; ``status`` says what became of it:
 
@@ -40,16 +41,13 @@ import os
 import re
 import sys
 import tempfile
-import traceback
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 __all__ = [
-    "SweepSummary",
     "summarize_sweep",
     "write_sweep_summary",
     "format_markdown",
@@ -57,6 +55,7 @@ __all__ = [
     "CSV_NAME",
     "MD_NAME",
     "ERROR_NAME",
+    "expected_jobs",
 ]
 
 log = logging.getLogger(__name__)
@@ -103,7 +102,7 @@ def _job_num(job_dir: Path) -> int | None:
     return int(job_dir.name) if job_dir.name.isdigit() else None
 
 
-def _expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
+def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
     """Every job's task overrides, in job order, from the sweep's multirun.yaml (basic sweeper only)."""
     path = sweep_dir / "multirun.yaml"
     if not path.is_file():
@@ -169,7 +168,7 @@ def _collect(sweep_dir: Path) -> list[dict[str, Any]]:
         num = _job_num(job_dir)
         record = _read_job(job_dir, num)
         found[num if num is not None else f"dir:{job_dir.name}"] = record
-    expected = _expected_jobs(sweep_dir) or []
+    expected = expected_jobs(sweep_dir) or []
     for num, overrides in enumerate(expected):
         if num not in found:
             found[num] = {
@@ -400,110 +399,12 @@ def write_sweep_summary(sweep_dir: str | os.PathLike[str], *, print_table: bool 
     return {"rows": rows, "csv": csv_path, "md": md_path, "markdown": markdown}
 
 
-# ---------------------------------------------------------------------------------------------- callback
-
-
-def _is_multirun(config: DictConfig) -> bool:
-    mode = OmegaConf.select(config, "hydra.mode", default=None)
-    return getattr(mode, "name", str(mode)).endswith("MULTIRUN")
-
-
-class SweepSummary(Callback):
-    """Hydra callback: the table of every job of a multirun, in the sweep directory and on the console.
-
-    Register it in ``conf/config.yaml``::
-
-        hydra:
-          callbacks:
-            sweep_summary:
-              _target_: ess_train.sweep.SweepSummary
-
-    ``on_multirun_end`` (in the launching process) writes ``sweep_summary.csv``/``.md`` and prints the
-    table. ``on_job_end`` (in the job's process: the launching one for the basic launcher, a submitit
-    worker otherwise) records a failed job's error in ``<job dir>/job_error.txt`` and, if
-    ``update_each_job``, rewrites the table (without printing it), so that a sweep with a failed job,
-    after which Hydra skips ``on_multirun_end``, still has its table; with the basic launcher, the last
-    job of such a sweep prints it.
-    Single runs (not ``-m``) are left alone. Errors are logged, never raised.
-    """
-
-    def __init__(self, update_each_job: bool = True, print_table: bool = True) -> None:
-        self.update_each_job = update_each_job
-        self.print_table = print_table
-        self._sweep_dir: str | None = None
-        self._launcher_pid: int | None = None
-        self._failed = False  # a job of this process failed (basic launcher)
-
-    def _resolve_sweep_dir(self, config: DictConfig) -> Path:
-        if self._sweep_dir is not None:
-            return Path(self._sweep_dir)
-        return Path(str(config.hydra.sweep.dir)).absolute()
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # resolved once, before any job: the launcher sees the same ${now:...} (OmegaConf caches it), and
-        # the absolute path travels with this object to submitit workers
-        self._sweep_dir = str(Path(str(config.hydra.sweep.dir)).absolute())
-        self._launcher_pid = os.getpid()
-
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # a job started again in the same directory (a requeued SLURM job, resume=auto) is not failed (yet)
-        out = OmegaConf.select(config, "hydra.runtime.output_dir", default=None)
-        if out and _is_multirun(config):
-            try:
-                (Path(out) / ERROR_NAME).unlink(missing_ok=True)
-            except OSError as err:
-                log.warning("SweepSummary.on_job_start: %s", err)
-
-    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
-        if not _is_multirun(config):
-            return
-        try:
-            failed = getattr(getattr(job_return, "status", None), "name", "") == "FAILED"
-            if failed:
-                self._record_error(config, getattr(job_return, "_return_value", None))
-            if not self.update_each_job:
-                return
-            sweep_dir = self._resolve_sweep_dir(config)
-            in_launcher = os.getpid() == self._launcher_pid  # the basic launcher: jobs one after another
-            self._failed = self._failed or (failed and in_launcher)
-            # the basic launcher runs every job of the batch, then raises at the first failed one and never
-            # calls on_multirun_end: after a failure, print the table when the last job is done
-            expected = _expected_jobs(sweep_dir) if self._failed else None
-            num = OmegaConf.select(config, "hydra.job.num", default=None)
-            last = expected is not None and num == len(expected) - 1
-            result = write_sweep_summary(sweep_dir, print_table=self.print_table and last)
-            if failed and in_launcher:
-                log.warning(
-                    "job %s failed; Hydra will not call on_multirun_end, the sweep table is kept up to date "
-                    "in %s",
-                    num,
-                    result["md"],
-                )
-        except Exception as err:  # a summary must never take a job down
-            log.warning("SweepSummary.on_job_end: %s: %s", type(err).__name__, err)
-
-    @staticmethod
-    def _record_error(config: DictConfig, err: Any) -> None:
-        out = OmegaConf.select(config, "hydra.runtime.output_dir", default=None)
-        if out and isinstance(err, BaseException):
-            text = "".join([f"{type(err).__name__}: {err}\n\n", *traceback.format_exception(err)])
-            Path(out).mkdir(parents=True, exist_ok=True)
-            (Path(out) / ERROR_NAME).write_text(text)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            result = write_sweep_summary(self._resolve_sweep_dir(config), print_table=self.print_table)
-            log.info("sweep summary: %s, %s", result["csv"], result["md"])
-        except Exception as err:
-            log.warning("SweepSummary.on_multirun_end: %s: %s", type(err).__name__, err)
-
-
 # ---------------------------------------------------------------------------------------------- CLI
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ess_train.sweep",
+        prog="python -m ess_train.app.sweep_summary",
         description="(Re)build sweep_summary.csv/.md of an ess-train multirun directory and print the table.",
     )
     parser.add_argument("sweep_dir", nargs="+", type=Path, help="a multirun directory (hydra.sweep.dir)")

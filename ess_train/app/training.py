@@ -1,10 +1,9 @@
-"""The Hydra app: ``ess-train`` / ``python -m ess_train``.
+"""One training run of the app from a composed config: :func:`train` (what ``ess-train`` runs per job).
 
-Composes ``conf/`` (model, task, trainer, logger, callbacks, checkpoint, experiment), validates every key
-before anything is built, trains with checkpoints in the run directory (and a clean stop on SIGTERM or
-Ctrl-C), and prints a summary: accuracy (overall and per slice), ESS per layer, and where the checkpoint,
-the offline W&B run and the plots are. ``resume=<run dir>`` continues a run (see :mod:`ess_train.rundir`).
-A configuration error prints one line and exits with status 2 (``HYDRA_FULL_ERROR=1`` for the traceback).
+Validates every key before anything is built, trains with checkpoints in the run directory (and a clean
+stop on SIGTERM or Ctrl-C), and returns (and prints) a summary: accuracy (overall and per slice), ESS per
+layer, and where the checkpoint, the offline W&B run and the plots are. ``resume=<run dir>`` continues a
+run (see :mod:`ess_train.app.rundir`). The command line around it is :mod:`ess_train.app.main`.
 """
 
 from __future__ import annotations
@@ -13,53 +12,42 @@ import errno
 import json
 import logging
 import math
-import os
 import signal
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ess_train.callbacks import ESSMonitor
-from ess_train.checkpoint_files import CheckpointWriteError, recorded_step, write_text_atomically
-from ess_train.checkpointing import AtomicCheckpointIO
-from ess_train.config import ConfigError, validate_config
-from ess_train.interrupt import GracefulStop, SIGTERMException
-from ess_train.lit import SequenceLM
-from ess_train.nonfinite import NonFiniteError, NonFiniteGuard, NonFiniteWarning
-from ess_train.progress import StepProgressBar
-from ess_train.rundir import (
+from ess_train.app.checkpoint_files import CheckpointWriteError, recorded_step, write_text_atomically
+from ess_train.app.checkpointing import AtomicCheckpointIO
+from ess_train.app.interrupt import GracefulStop, SIGTERMException
+from ess_train.app.nonfinite import NonFiniteError, NonFiniteGuard, NonFiniteWarning
+from ess_train.app.progress import StepProgressBar
+from ess_train.app.rundir import (
     CHECKPOINT_DIR,
     LAST_CHECKPOINT,
-    check_resume_argument,
     latest_checkpoint,
-    output_subdir_resolver,
     plan_resume,
-    run_dir_resolver,
+    register_resolvers,
     save_run_file,
     target_dir,
 )
-from ess_train.runlock import RunDirectoryBusy, RunLock, is_launching_process
+from ess_train.app.runlock import RunDirectoryBusy, RunLock, is_launching_process
+from ess_train.app.validation import ConfigError, validate_config
+from ess_train.callbacks import ESSMonitor
+from ess_train.lit import SequenceLM
 
-__all__ = ["main", "train", "format_summary"]
-
-INTERRUPTED_AT_START_UP = "ess-train: SIGINT during start-up: stopped before training began."
+__all__ = ["train", "format_summary"]
 
 log = logging.getLogger(__name__)
 
-#: the configs: ``ess_train/conf`` links the repository's ``conf/`` (a wheel carries a copy, so that
-#: ``pip install .`` runs ``ess-train`` from any directory)
-CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
-OmegaConf.register_new_resolver("ess_run_dir", run_dir_resolver, replace=True)
-OmegaConf.register_new_resolver("ess_output_subdir", output_subdir_resolver, replace=True)
+register_resolvers()
 
 # Third-party warnings a user of the app cannot act on (filtered here, never in a user's own Trainer):
 # - conf/hydra/launcher/submitit_{local,slurm}.yaml keep the plugin's names on purpose, so Hydra validates
@@ -127,7 +115,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     Raises :class:`ConfigError` for an unusable configuration (a run directory another live run holds
     included), :class:`SIGTERMException` (after writing the checkpoint, summary and plots) when a signal
-    stopped the run, :class:`ess_train.interrupt.StartupInterrupt` for a signal before training began,
+    stopped the run, :class:`ess_train.app.interrupt.StartupInterrupt` for a signal before training began,
     :class:`CheckpointWriteError` when a checkpoint could not be written (a full disk: the summary says
     so) and, in strict mode, :class:`NonFiniteError` when training diverged.
     """
@@ -350,34 +338,3 @@ def format_summary(summary: dict[str, Any]) -> str:
 def _exit_status(signal_name: str | None) -> int:
     """128 + the signal's number, as a shell reports a process a signal ended (143 for SIGTERM)."""
     return 128 + int(getattr(signal, signal_name or "SIGTERM", signal.SIGTERM))
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def _hydra_main(cfg: DictConfig) -> float:
-    """The Hydra task: returns validation accuracy (for Hydra's sweepers)."""
-    try:
-        return float(train(cfg)["val_acc"])
-    except ConfigError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"ess-train: configuration error: {err}", file=sys.stderr)
-        print("  (set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
-    except (NonFiniteError, CheckpointWriteError) as err:  # the summary is written; the message says why
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"ess-train: training stopped: {err}", file=sys.stderr)
-        sys.exit(1)
-
-
-def main() -> None:
-    """Console entry point (``ess-train``, ``python -m ess_train``)."""
-    problem = check_resume_argument(sys.argv[1:])
-    if problem is not None:
-        print(f"ess-train: configuration error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        _hydra_main()
-    except KeyboardInterrupt:  # Ctrl-C before the app's own handler was installed (start-up)
-        print(INTERRUPTED_AT_START_UP, file=sys.stderr)
-        sys.exit(130)

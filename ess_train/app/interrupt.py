@@ -36,7 +36,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ess_train.checkpoint_files import CheckpointWriteError
+from ess_train.app.checkpoint_files import CheckpointWriteError
 
 __all__ = ["GracefulStop", "SIGTERMException", "StartupInterrupt"]
 

@@ -2,7 +2,7 @@
 
 - :class:`AtomicCheckpointIO` (a ``TorchCheckpointIO``, the trainer's ``plugins``): every file Lightning
   writes (``ModelCheckpoint``'s, the signal handler's, SLURM's ``hpc_ckpt``) goes through
-  :func:`ess_train.checkpoint_files.write_checkpoint_file`: a temporary file in the same directory, fsync,
+  :func:`ess_train.app.checkpoint_files.write_checkpoint_file`: a temporary file in the same directory, fsync,
   rename, and a sidecar ``<file>.json`` with its step and sha256. Lightning's own writer stages the file in
   ``$TMPDIR`` and copies it when that is another filesystem, which a full disk truncates.
 - :class:`RunCheckpoint` (a ``ModelCheckpoint``): ``last.ckpt`` at every validation and at the end of
@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
-from ess_train.checkpoint_files import remove_checkpoint_file, write_checkpoint_file
+from ess_train.app.checkpoint_files import remove_checkpoint_file, write_checkpoint_file
 
 __all__ = ["AtomicCheckpointIO", "RunCheckpoint"]
 
@@ -33,7 +33,7 @@ __all__ = ["AtomicCheckpointIO", "RunCheckpoint"]
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` writing local files atomically in their own directory, with a sha256 sidecar.
 
-    A failed write raises :class:`ess_train.checkpoint_files.CheckpointWriteError` (an ``OSError``) and
+    A failed write raises :class:`ess_train.app.checkpoint_files.CheckpointWriteError` (an ``OSError``) and
     leaves the previous file as it was. Remote paths (``s3://``...) go to Lightning's writer.
     """
 

@@ -6,8 +6,8 @@
       .hydra/          Hydra's composed config and overrides of the first start (.hydra/resume-*/ later)
       run.json         the first start's resolved config and the logger's run id/version (what resume uses)
       checkpoints/     last.ckpt (every validation, and on SIGTERM/SIGINT), best-*.ckpt (best val/acc),
-                       each with a sidecar <file>.json (step, size, sha256: ess_train/checkpoint_files.py)
-      .ess_train.lock  held while a process runs in the directory (ess_train/runlock.py)
+                       each with a sidecar <file>.json (step, size, sha256: ess_train/app/checkpoint_files.py)
+      .ess_train.lock  held while a process runs in the directory (ess_train/app/runlock.py)
       summary.json     plots/     wandb/ (offline W&B run)     ess_train.log
 
 ``resume`` (a top-level config key) is ``auto`` (default: continue when the run directory already holds a
@@ -16,7 +16,7 @@ directory (``ess-train resume=outputs/2026-12-02/10-00-00``: continue that run i
 config, its logger run (same W&B id) and its ESS history; overrides given with it, such as
 ``trainer.max_steps=4000``, are applied on top). The checkpoint continued from is the newest intact one by
 the step it holds, whatever its name; newer ones that fail their checksum or do not load are named and
-skipped (:func:`ess_train.checkpoint_files.choose_checkpoint`).
+skipped (:func:`ess_train.app.checkpoint_files.choose_checkpoint`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ess_train.checkpoint_files import NoIntactCheckpoint, choose_checkpoint
+from ess_train.app.checkpoint_files import NoIntactCheckpoint, choose_checkpoint
 
 __all__ = [
     "RUN_FILE",
@@ -43,6 +43,7 @@ __all__ = [
     "check_resume_argument",
     "run_dir_resolver",
     "output_subdir_resolver",
+    "register_resolvers",
 ]
 
 RUN_FILE = "run.json"
@@ -53,6 +54,13 @@ _NO_RESUME = (None, "", "null", "none", "never", False)
 
 def _is_dir_value(resume: Any) -> bool:
     return resume not in _NO_RESUME and str(resume) != "auto"
+
+
+def register_resolvers() -> None:
+    """The resolvers ``conf/config.yaml`` uses (``ess_run_dir``, ``ess_output_subdir``), registered before
+    any config is composed (the command line, ``train``, tests)."""
+    OmegaConf.register_new_resolver("ess_run_dir", run_dir_resolver, replace=True)
+    OmegaConf.register_new_resolver("ess_output_subdir", output_subdir_resolver, replace=True)
 
 
 def run_dir_resolver(resume: Any, default: str) -> str:
@@ -88,7 +96,7 @@ def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint a resume continues from: the newest intact one by recorded step, else None.
 
-    Raises :class:`ess_train.checkpoint_files.NoIntactCheckpoint` when there are checkpoints and none is
+    Raises :class:`ess_train.app.checkpoint_files.NoIntactCheckpoint` when there are checkpoints and none is
     intact.
     """
     chosen, _ = choose_checkpoint(checkpoint_candidates(run_dir))
