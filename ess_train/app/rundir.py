@@ -74,15 +74,24 @@ def output_subdir_resolver(resume: Any, stamp: str) -> str:
 
 
 def check_resume_argument(argv: list[str]) -> str | None:
-    """The problem with a ``resume=<dir>`` command-line argument whose directory does not exist, else None.
+    """The problem with a ``resume=<dir>`` command-line argument (no such directory, or not a run: no
+    ``run.json``), else None.
 
-    Checked before Hydra starts: Hydra would create that directory as the run directory.
+    Checked before Hydra starts: Hydra would create that directory as the run directory and write its
+    ``.hydra/`` and log file there, into a directory that is not a run.
     """
     for arg in argv:
         if arg.startswith("resume="):
             value = arg.split("=", 1)[1]
-            if _is_dir_value(value) and not Path(value).is_dir():
+            if not _is_dir_value(value):
+                continue
+            if not Path(value).is_dir():
                 return f"resume={value}: no such run directory"
+            if not (Path(value) / RUN_FILE).is_file():
+                return (
+                    f"resume={value}: not an ess-train run directory (no {RUN_FILE}; runs started before "
+                    "checkpoints were on by default can be continued with ckpt_path=<file.ckpt>)"
+                )
     return None
 
 

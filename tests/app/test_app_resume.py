@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,11 +148,23 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(tmp_path, uninterrup
                 )
 
 
-def test_resume_of_a_directory_that_is_not_a_run_is_a_config_error(tmp_path):
-    proc = _run_app([f"resume={tmp_path}"], cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2
-    assert "not an ess-train run directory" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_resume_of_a_directory_that_is_not_a_run_is_refused_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Issue 25, finding 10: the refusal used to come after Hydra had written .hydra/ and ess_train.log into
+    the directory; it comes before Hydra starts now."""
+    from ess_train.app.main import main
+
+    not_a_run = tmp_path / "papers"
+    not_a_run.mkdir()
+    (not_a_run / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["ess-train", f"resume={not_a_run}", "optim.lr=0.1"])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "not an ess-train run directory" in err and "Traceback" not in err
+    assert sorted(p.name for p in not_a_run.iterdir()) == ["notes.txt"]  # nothing written
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_a_resumed_csv_run_continues_its_metrics_file(tmp_path):

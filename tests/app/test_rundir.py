@@ -110,6 +110,8 @@ def test_errors_name_the_problem(tmp_path):
         check_resume_argument([f"resume={tmp_path}/missing"])
         == f"resume={tmp_path}/missing: no such run directory"
     )
+    assert "not an ess-train run directory" in check_resume_argument([f"resume={tmp_path}"])
+    (tmp_path / "run.json").write_text("{}")
     assert check_resume_argument(["resume=auto", "resume=null", f"resume={tmp_path}"]) is None
 
 
