@@ -90,6 +90,25 @@ class SequenceLM(pl.LightningModule):
             for name in acc.slice_names:
                 self.log(f"val/acc/{name}", report[f"accuracy/{name}"], rank_zero_only=True)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run's ``lr`` and ``weight_decay`` win over the optimizer state the checkpoint holds
+        (``ess-train resume=<dir> optim.lr=...``: restored as saved, the new values would be silently
+        ignored): each parameter group's and the schedule's base rate become ``lr``, the current rate is
+        rescaled with them, and the decayed group gets ``weight_decay``."""
+        hp = self.hparams
+        for state in checkpoint.get("optimizer_states", []):
+            for i, group in enumerate(state.get("param_groups", [])):
+                base = group.get("initial_lr", group.get("lr"))
+                if base and "lr" in group:
+                    group["lr"] = group["lr"] * hp.lr / base
+                if "initial_lr" in group:
+                    group["initial_lr"] = hp.lr
+                if i == 0:  # (configure_optimizers: group 0 decays, group 1 holds the 1-d parameters)
+                    group["weight_decay"] = hp.weight_decay
+        for scheduler in checkpoint.get("lr_schedulers", []):
+            if "base_lrs" in scheduler:
+                scheduler["base_lrs"] = [hp.lr for _ in scheduler["base_lrs"]]
+
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
         for p in self.model.parameters():

@@ -149,6 +149,21 @@ def _override_keys(overrides: list[str]) -> list[str]:
     return keys
 
 
+#: what a resumed start may not change: the checkpoint holds the model it trained, and the data it saw
+#: follow from the task and the seed (a new start in a new directory can change them)
+FIXED_ON_RESUME = ("model", "task", "seed")
+
+
+def _refuse_fixed(keys: list[str], resume: Any) -> None:
+    fixed = [k for k in keys if k.split(".", 1)[0] in FIXED_ON_RESUME]
+    if fixed:
+        raise ValueError(
+            f"resume={resume}: {', '.join(fixed)} cannot change when a run continues (its checkpoint holds "
+            "the model it trained and the data order it saw); start a new run instead (resume=null, "
+            "another directory). What may change: trainer.*, optim.*, callbacks.*, logger.*, checkpoint.*"
+        )
+
+
 def plan_resume(cfg: DictConfig, overrides: list[str]) -> ResumePlan:
     """Decide, from ``cfg.resume`` and the run directory, whether this start continues an earlier one.
 
@@ -189,8 +204,13 @@ def plan_resume(cfg: DictConfig, overrides: list[str]) -> ResumePlan:
         else OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     )
     first_dir = str(config.get("output_dir") or "")  # before overrides: an output_dir= one must not hide it
-    # this start's command-line overrides win over the saved values (e.g. trainer.max_steps=4000)
-    for key in _override_keys(overrides):
+    # this start's command-line overrides win over the saved values (e.g. trainer.max_steps=4000, optim.lr:
+    # SequenceLM.on_load_checkpoint puts the new values into the optimizer state the checkpoint restores),
+    # except for what the checkpoint fixes
+    keys = _override_keys(overrides)
+    if "config" in saved:
+        _refuse_fixed([k for k in keys if _changes(saved["config"], cfg, k)], resume)
+    for key in keys:
         value = OmegaConf.select(cfg, key, throw_on_missing=False)
         if OmegaConf.is_config(value):
             value = OmegaConf.to_container(value, resolve=True)
@@ -201,6 +221,19 @@ def plan_resume(cfg: DictConfig, overrides: list[str]) -> ResumePlan:
     config.ckpt_path = str(checkpoint)
     step = None if chosen is None else chosen.step
     return ResumePlan(config, checkpoint, saved.get("logger_version"), run_dir, step, tuple(skipped))
+
+
+def _changes(saved: dict[str, Any], cfg: DictConfig, key: str) -> bool:
+    """Whether the override of ``key`` gives another value than the run was started with."""
+    node: Any = saved
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return True
+        node = node[part]
+    value = OmegaConf.select(cfg, key, throw_on_missing=False)
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    return value != node
 
 
 def _rebase(node: Any, old: str, new: str) -> None:

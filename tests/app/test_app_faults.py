@@ -295,3 +295,19 @@ def test_a_second_live_run_into_the_same_directory_is_refused(tmp_path, caplog):
     assert summary["resumed_from"] == str(_ckpt(run)) and summary["steps"] == 6
     note = f"took over the lock of a run that is gone (pid {holder.pid}"
     assert any(note in r.message for r in caplog.records)
+
+
+def test_overrides_given_with_resume_are_applied_or_refused_by_name(tmp_path):
+    """Finding 10: optim.lr=... with resume= was silently ignored (the optimizer state the checkpoint
+    restores kept the old rate); a model change was not refused."""
+    run = tmp_path / "run"
+    _train(run)  # 9 steps at lr 3e-3
+    with pytest.raises(ConfigError, match=r"model\.d_model cannot change when a run continues"):
+        train(_compose([f"resume={run}", "model.d_model=32"]))
+    train(_compose([f"resume={run}", "trainer.max_steps=12", "optim.lr=0.02", "optim.weight_decay=0.0"]))
+    state = torch.load(_ckpt(run), map_location="cpu", weights_only=False)
+    assert state["global_step"] == 12
+    decay, no_decay = state["optimizer_states"][0]["param_groups"]
+    assert decay["initial_lr"] == no_decay["initial_lr"] == 0.02 and decay["weight_decay"] == 0.0
+    assert state["lr_schedulers"][0]["base_lrs"] == [0.02, 0.02]
+    assert state["hyper_parameters"]["lr"] == 0.02
