@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import os
+from collections.abc import Mapping
 from typing import Any
 
+from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -13,17 +16,57 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 __all__ = ["WandbLogger", "CSVLogger"]
 
 
-class WandbLogger(_LightningWandbLogger):
-    """Lightning's ``WandbLogger``, without the ``anonymous`` argument that wandb >= 0.19 ignores.
+#: ``WANDB_MODE`` values that mean online (wandb's own spellings)
+_ONLINE_MODES = ("online", "run")
 
-    Lightning always passes ``anonymous`` to ``wandb.init`` (``None`` unless asked), and wandb then prints
-    "The anonymous setting has no effect" at every run; it is only dropped when not asked for.
+
+def resolve_offline(offline: bool | None) -> bool:
+    """``offline`` when given; else the environment's ``WANDB_MODE`` (online/run: False; disabled: False,
+    so that wandb itself disables the run), else True (the app's default: no account, no network)."""
+    if offline is not None:
+        return bool(offline)
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    return mode not in (*_ONLINE_MODES, "disabled")
+
+
+class WandbLogger(_LightningWandbLogger):
+    """Lightning's ``WandbLogger`` as the app uses it.
+
+    - ``offline=None`` (the app's config) follows ``WANDB_MODE`` from the environment (``online`` syncs
+      live), else offline; an explicit ``logger.offline=true/false`` wins over the environment.
+    - ``init_timeout`` (seconds, online only): how long ``wandb.init`` may wait for the server, so that a
+      bad API key or an unreachable server fails within seconds with wandb's message, not after minutes.
+    - W&B's own step (``_step``) is the trainer step, so that a resumed run's rows continue the step axis
+      of the run it resumes (one W&B run id) instead of starting again at 0, where W&B would draw the two
+      segments on top of each other (or drop the rows whose step went back).
+    - without the ``anonymous`` argument that wandb >= 0.19 ignores (Lightning always passes it, and wandb
+      then prints "The anonymous setting has no effect" at every run).
     """
 
-    def __init__(self, *args: Any, anonymous: bool | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, anonymous=anonymous, **kwargs)
+    def __init__(
+        self,
+        *args: Any,
+        offline: bool | None = None,
+        init_timeout: float = 20.0,
+        anonymous: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not init_timeout > 0:
+            raise ValueError(f"init_timeout must be > 0 seconds, got {init_timeout!r}")
+        offline = resolve_offline(offline)
+        if not offline and "settings" not in kwargs:
+            import wandb
+
+            kwargs["settings"] = wandb.Settings(init_timeout=float(init_timeout))
+        super().__init__(*args, offline=offline, anonymous=anonymous, **kwargs)
         if not anonymous:
             self._wandb_init.pop("anonymous", None)
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        if step is None or self._wandb_init.get("sync_tensorboard"):
+            return super().log_metrics(metrics, step)
+        metrics = _add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR)
+        self.experiment.log(dict(metrics, **{"trainer/global_step": step}), step=int(step))
 
 
 class _AppendingWriter(ExperimentWriter):

@@ -61,7 +61,7 @@ def test_default_config_composes_and_validates() -> None:
     validate_config(cfg)
     assert cfg.model._target_ == "ess_train.models.SequenceModel"
     assert cfg.task._target_ == "ess_train.tasks.MQARDataModule"
-    assert cfg.logger.offline is True  # W&B offline unless asked
+    assert cfg.logger.offline is None  # W&B offline unless asked (logger.offline or WANDB_MODE=online)
 
 
 @pytest.mark.parametrize(

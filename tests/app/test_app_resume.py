@@ -136,6 +136,18 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(tmp_path, uninterrup
     # one W&B run (the same id in both offline run directories) with the metrics of the uninterrupted run
     ids = {f.parent.name.rsplit("-", 1)[-1] for f in find_run_files(run_dir)}
     assert len(find_run_files(run_dir)) == 2 and len(ids) == 1
+    # W&B's own step axis is the trainer's: the resumed segment continues it (it used to restart at 0)
+    segments = [
+        [r["_step"] for r in history(f) if "trainer/global_step" in r] for f in find_run_files(run_dir)
+    ]
+    assert all(
+        r["_step"] == r["trainer/global_step"]
+        for f in find_run_files(run_dir)
+        for r in history(f)
+        if "trainer/global_step" in r
+    )
+    first, second = sorted(segments, key=min)
+    assert max(first) < STOP_AT <= min(second) + 1
     rows_full, rows = _rows_by_step(uninterrupted), _rows_by_step(run_dir)
     assert sorted(rows) == sorted(rows_full)
     for step, row in rows_full.items():
