@@ -28,6 +28,11 @@ __all__ = [
     "suggest",
     "unknown_keys_message",
     "check_keywords",
+    "check_optional_positive_int",
+    "check_non_negative_float",
+    "check_patterns",
+    "check_position_spec",
+    "check_callable",
 ]
 
 
@@ -89,6 +94,66 @@ def check_open_unit(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
         raise ValueError(f"{name} must be a number in the open interval (0, 1), got {value!r}")
     return float(value)
+
+
+def check_optional_positive_int(name: str, value: Any) -> int | None:
+    """``None`` (no cap) or a positive int."""
+    return None if value is None else check_positive_int(name, value)
+
+
+def check_non_negative_float(name: str, value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_patterns(name: str, value: Any) -> list[str] | None:
+    """``None`` or ``fnmatch`` patterns: a list of strings, or one string (one pattern, not its letters)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    try:
+        patterns = list(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a pattern or a list of patterns, got {value!r}") from None
+    if not all(isinstance(v, str) for v in patterns):
+        raise ValueError(f"{name} must hold strings (fnmatch patterns), got {patterns!r}")
+    return patterns or None
+
+
+def check_position_spec(name: str, value: Any, auto: bool = False) -> Any:
+    """A positions argument: ``None`` or ``"all"`` (all), a positive int count, a list of ints >= 0
+    (``"auto"`` too where ``auto``)."""
+    if value is None or (auto and value in ("auto", "all")):  # (the monitor's check_limits reads "all")
+        return value
+    if value == "all":
+        return None
+    if isinstance(value, str) or isinstance(value, bool) or isinstance(value, float):
+        allowed = (
+            "None, 'auto', a positive int or a list of ints"
+            if auto
+            else "None, a positive int or a list of ints"
+        )
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    if isinstance(value, int):
+        return check_positive_int(name, value)
+    items = list(value)
+    if not items or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in items):
+        raise ValueError(f"{name} must be a non-empty list of ints >= 0, got {items!r}")
+    return items
+
+
+def check_callable(name: str, value: Any) -> Any:
+    """``None`` or a callable."""
+    if value is not None and not callable(value):
+        raise ValueError(f"{name} must be callable (or None), got {type(value).__name__} {value!r}")
+    return value
 
 
 # --------------------------------------------------------------------------- keyword names

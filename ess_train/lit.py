@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ess_train.checks import check_float, check_int, check_non_negative_float, check_positive_float
 from ess_train.tasks.metrics import SliceAccuracy, answer_accuracy
 
 __all__ = ["SequenceLM"]
@@ -40,10 +41,13 @@ class SequenceLM(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
     ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        check_positive_float("lr", lr)
+        check_non_negative_float("weight_decay", weight_decay)
+        check_int("warmup_steps", warmup_steps, low=0)
+        if len(tuple(betas)) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        for i, beta in enumerate(betas):
+            check_float(f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
         self.model = model
         self.save_hyperparameters(ignore=["model"])
         self._val_accuracy: SliceAccuracy | None = None

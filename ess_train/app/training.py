@@ -14,12 +14,14 @@ import logging
 import math
 import signal
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -106,6 +108,20 @@ def _build_checkpointing(node: DictConfig | None) -> pl.Callback | None:
     return instantiate(node)
 
 
+def _built(path: str, make: Callable[[], Any]) -> Any:
+    """``make()``, with a constructor's refusal of a value (``ValueError``/``TypeError``, also wrapped by
+    Hydra's instantiate) raised as a :class:`ConfigError` naming the config group, before training."""
+    try:
+        return make()
+    except (InstantiationException, ValueError, TypeError) as err:
+        root: BaseException = err
+        while isinstance(root, InstantiationException) and root.__cause__ is not None:
+            root = root.__cause__
+        if isinstance(root, ConfigError):
+            raise root from err
+        raise ConfigError(f"{path}: {root}") from err
+
+
 def _task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
@@ -152,10 +168,14 @@ def _train(cfg: DictConfig, stopper: GracefulStop) -> dict[str, Any]:
         log.info(f"Resuming {plan.run_dir} from {plan.checkpoint} (step {plan.checkpoint_step})")
     out_dir = plan.run_dir
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule = instantiate(cfg.task)
-    model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
-    module = SequenceLM(model, **OmegaConf.to_container(cfg.optim, resolve=True))
-    callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
+    datamodule = _built("task", lambda: instantiate(cfg.task))
+    model = _built("model", lambda: instantiate(cfg.model, vocab_size=datamodule.vocab_size))
+    module = _built("optim", lambda: SequenceLM(model, **OmegaConf.to_container(cfg.optim, resolve=True)))
+    callbacks = [
+        _built(f"callbacks.{key}", lambda node=node: instantiate(node))
+        for key, node in (cfg.callbacks or {}).items()
+        if node is not None
+    ]
     # strict mode (the ESS monitor's `strict`): a diverged run exits non-zero
     guard = NonFiniteGuard(strict=any(getattr(cb, "strict", False) is True for cb in callbacks))
     callbacks.append(guard)
@@ -175,8 +195,10 @@ def _train(cfg: DictConfig, stopper: GracefulStop) -> dict[str, Any]:
         trainer_overrides["enable_checkpointing"] = False
     if cfg.trainer.get("plugins") is None:  # checkpoints written atomically, with a checksum
         trainer_overrides["plugins"] = [AtomicCheckpointIO()]
-    logger = _build_logger(cfg.logger, plan.logger_version)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **trainer_overrides)
+    logger = _built("logger", lambda: _build_logger(cfg.logger, plan.logger_version))
+    trainer: pl.Trainer = _built(
+        "trainer", lambda: instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **trainer_overrides)
+    )
     if logger and hasattr(logger, "log_hyperparams") and not plan.resuming:
         hparams = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         logger.log_hyperparams(OmegaConf.to_container(hparams, resolve=True))

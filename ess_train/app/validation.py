@@ -8,14 +8,23 @@ the keys the app knows, and raises :class:`ConfigError` naming the full key path
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ess_train.checks import accepted_keywords, unknown_keys_message
+from ess_train.checks import (
+    accepted_keywords,
+    check_bool,
+    check_choice,
+    check_int,
+    check_non_negative_float,
+    check_positive_float,
+    unknown_keys_message,
+)
 
-__all__ = ["ConfigError", "validate_config", "TOP_LEVEL_KEYS"]
+__all__ = ["ConfigError", "validate_config", "check_values", "TOP_LEVEL_KEYS"]
 
 TOP_LEVEL_KEYS = frozenset(
     {
@@ -88,8 +97,90 @@ def _validate_node(node: Any, path: str, group: str) -> None:
         _validate_node(node._get_node(key), f"{path}.{key}" if path else str(key), group)
 
 
+#: what Lightning's Trainer accepts for these (the app's own check: Lightning takes some silently, e.g.
+#: max_steps=0, or fails mid-run with an unnamed error, e.g. val_check_interval=0)
+_ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
+_PRECISIONS = (
+    "64",
+    "32",
+    "16",
+    "bf16",
+    "transformer-engine",
+    "transformer-engine-float16",
+    "16-mixed",
+    "bf16-mixed",
+    "32-true",
+    "64-true",
+    "16-true",
+    "bf16-true",
+)
+
+
+def _check_value(key: str, check: Callable[[Any], Any], value: Any) -> None:
+    try:
+        check(value)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{key}: {err}") from err
+
+
+def _positive_or_unit(name: str, value: Any) -> None:
+    """val_check_interval: a number of batches (int >= 1) or a fraction of an epoch in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be an int number of steps >= 1 or a fraction in (0, 1], got {value!r}")
+    if isinstance(value, int) and value < 1 or isinstance(value, float) and not 0 < value <= 1:
+        raise ValueError(f"{name} must be an int number of steps >= 1 or a fraction in (0, 1], got {value!r}")
+
+
+def _devices(value: Any) -> None:
+    """trainer.devices: ``"auto"``, a count >= 1 (``-1``: all), or a list of device indices."""
+    if value == "auto" or value == -1 or isinstance(value, (list, ListConfig)):
+        return
+    check_int("trainer.devices", value, low=1)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Values the app reads itself or hands to Lightning, checked by name before anything is built (the
+    model's, the task's and the callbacks' own arguments are checked by their constructors, which the app
+    calls before training, naming the key)."""
+    trainer = cfg.get("trainer") or {}
+    checks: dict[str, Callable[[Any], Any]] = {
+        "trainer.max_steps": lambda v: check_int("trainer.max_steps", v, low=1),
+        "trainer.val_check_interval": lambda v: _positive_or_unit("trainer.val_check_interval", v),
+        "trainer.log_every_n_steps": lambda v: check_int("trainer.log_every_n_steps", v, low=1),
+        "trainer.accumulate_grad_batches": lambda v: check_int("trainer.accumulate_grad_batches", v, low=1),
+        "trainer.gradient_clip_val": lambda v: (
+            v is None or check_non_negative_float("trainer.gradient_clip_val", v)
+        ),
+        "trainer.accelerator": lambda v: check_choice("trainer.accelerator", str(v), _ACCELERATORS),
+        "trainer.precision": lambda v: v is None or check_choice("trainer.precision", str(v), _PRECISIONS),
+        "trainer.devices": _devices,
+    }
+    for key, check in checks.items():
+        name = key.split(".", 1)[1]
+        if name in trainer and trainer.get(name) is not None:
+            _check_value(key, check, trainer.get(name))
+    if "seed" in cfg:
+        _check_value("seed", lambda v: check_int("seed", v, low=0), cfg.get("seed"))
+    if "save_plots" in cfg:
+        _check_value("save_plots", lambda v: check_bool("save_plots", v), cfg.get("save_plots"))
+    optim = cfg.get("optim") or {}
+    if "lr" in optim:
+        _check_value("optim.lr", lambda v: check_positive_float("lr", v), optim.get("lr"))
+    if "weight_decay" in optim:
+        _check_value(
+            "optim.weight_decay",
+            lambda v: check_non_negative_float("weight_decay", v),
+            optim.get("weight_decay"),
+        )
+    if "warmup_steps" in optim:
+        _check_value(
+            "optim.warmup_steps", lambda v: check_int("warmup_steps", v, low=0), optim.get("warmup_steps")
+        )
+
+
 def validate_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` for any unknown key in ``cfg`` (the app's composed config)."""
+    """Raise :class:`ConfigError` for any unknown key in ``cfg`` (the app's composed config), and for the
+    values :func:`check_values` knows."""
     for key in cfg:
         if str(key) not in TOP_LEVEL_KEYS:
             message = unknown_keys_message([str(key)], TOP_LEVEL_KEYS - {"hydra"}, "at top level")
@@ -122,3 +213,4 @@ def validate_config(cfg: DictConfig) -> None:
                 OmegaConf.to_container(value, resolve=True)
         except Exception as err:
             raise ConfigError(f"{key}: cannot resolve: {err}") from err
+    check_values(cfg)

@@ -18,7 +18,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from ess_train.callbacks.lightning_glue import log_to_loggers
-from ess_train.checks import check_keywords
+from ess_train.checks import (
+    check_callable,
+    check_float,
+    check_int,
+    check_keywords,
+    check_optional_positive_int,
+    check_patterns,
+    check_position_spec,
+    check_positive_float,
+    check_positive_int,
+)
 from ess_train.measure import ESSWarning, LayerESS, PositionSpec, fetch_probe, probe_from_batch
 from ess_train.measure.layers import find_layers
 from ess_train.measure.loop import MeasurementSettings, measure_model
@@ -82,20 +92,23 @@ class ESSInitializer(Callback):
         super().__init__()
         if metric not in ("utilization", "ess", "total"):
             raise ValueError(f"metric must be 'utilization', 'ess' or 'total', got {metric!r}")
-        if max_trials < 1:
-            raise ValueError(f"max_trials must be >= 1, got {max_trials}")
+        if metric_target is not None:
+            if metric == "utilization":
+                check_float("metric_target", metric_target, 0.0, 1.0, low_open=True)
+            else:
+                check_positive_float("metric_target", metric_target)
         self.metric = metric
         self.metric_target = metric_target
-        self.probe_size = probe_size
-        self.include = list(include) if include else None
-        self.exclude = list(exclude) if exclude else None
+        self.probe_size = check_positive_int("probe_size", probe_size)
+        self.include = check_patterns("include", include)
+        self.exclude = check_patterns("exclude", exclude)
         self.search_space = search_space
-        self.max_trials = max_trials
-        self.seed = seed
-        self.positions = positions
+        self.max_trials = check_positive_int("max_trials", max_trials)
+        self.seed = check_int("seed", seed, low=0)
+        self.positions = check_position_spec("positions", positions)
         self.input_key = input_key
-        self.max_operators = max_operators
-        self.forward_fn = forward_fn
+        self.max_operators = check_optional_positive_int("max_operators", max_operators)
+        self.forward_fn = check_callable("forward_fn", forward_fn)
         self._probe = (
             probe_from_batch(probe_batch, probe_size, input_key) if probe_batch is not None else None
         )

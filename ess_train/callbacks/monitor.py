@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -22,6 +23,15 @@ from ess_train.callbacks.lightning_glue import (
     sharding_strategy,
 )
 from ess_train.callbacks.media import log_heatmaps, log_profiles, stream_record
+from ess_train.checks import (
+    check_bool,
+    check_callable,
+    check_float,
+    check_non_negative_float,
+    check_patterns,
+    check_position_spec,
+    check_positive_int,
+)
 from ess_train.measure import (
     ESSHistory,
     ESSWarning,
@@ -157,22 +167,40 @@ class ESSMonitor(Callback):
         super().__init__()
         self.distributed = check_distributed(distributed)
         positions = check_limits(
-            positions, budget, min_positions, max_positions, max_rows, max_operators, max_profiles
+            check_position_spec("positions", positions, auto=True),
+            budget,
+            min_positions,
+            max_positions,
+            max_rows,
+            max_operators,
+            max_profiles,
         )
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        if probe_size < 1:
-            raise ValueError(f"probe_size must be >= 1, got {probe_size}")
-        if not 0 <= collapse_threshold <= saturation_threshold:
+        every_n_steps = check_positive_int("every_n_steps", every_n_steps)
+        probe_size = check_positive_int("probe_size", probe_size)
+        check_float("collapse_threshold", collapse_threshold, 0.0, 1.0)
+        check_float("saturation_threshold", saturation_threshold, 0.0, 1.0)
+        if not collapse_threshold <= saturation_threshold:
             raise ValueError(
                 f"need 0 <= collapse_threshold <= saturation_threshold, got {collapse_threshold}, "
                 f"{saturation_threshold}"
             )
+        if tolerance_rtol is not None:
+            check_float("tolerance_rtol", tolerance_rtol, 0.0, 1.0, low_open=True, high_open=True)
+        check_non_negative_float("tolerance_atol", tolerance_atol)
+        if budget is not None:
+            check_float("budget", budget, 0.0, 1.0, low_open=True)
+        check_bool("strict", strict)
+        check_bool("log_heatmap", log_heatmap)
+        if not isinstance(input_key, str):
+            raise ValueError(f"input_key must be a str (the batch key of the token ids), got {input_key!r}")
+        check_callable("forward_fn", forward_fn)
+        if history_file is not None and not isinstance(history_file, (str, os.PathLike)):
+            raise ValueError(f"history_file must be a file name (or None), got {history_file!r}")
         self.every_n_steps = every_n_steps
         self.probe_size = probe_size
         self.positions = positions
-        self.include = list(include) if include else None
-        self.exclude = list(exclude) if exclude else None
+        self.include = check_patterns("include", include)
+        self.exclude = check_patterns("exclude", exclude)
         self.collapse_threshold = collapse_threshold
         self.saturation_threshold = saturation_threshold
         self.strict = strict

@@ -12,6 +12,16 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
+from ess_train.checks import (
+    check_bool,
+    check_int,
+    check_non_negative_float,
+    check_optional_positive_int,
+    check_patterns,
+    check_position_spec,
+    check_positive_float,
+    check_positive_int,
+)
 from ess_train.measure import ESSWarning, Mode, PositionSpec, ess_penalty, resolve_positions
 from ess_train.measure.cost import BUDGET_FLOOR_FLOPS, LayerShape, layer_cost
 from ess_train.measure.layers import find_layers
@@ -83,22 +93,20 @@ class ESSRegularizer(Callback):
     ) -> None:
         super().__init__()
         min_utilization, max_ess = penalty_targets(mode, min_utilization, max_ess)
-        if weight < 0:
-            raise ValueError(f"weight must be >= 0, got {weight}")
-        if every_n_steps < 1 or warmup_steps < 0:
-            raise ValueError("every_n_steps must be >= 1 and warmup_steps >= 0")
-        self.weight = weight
+        self.weight = check_non_negative_float("weight", weight)
+        if max_ess is not None:
+            check_positive_float("max_ess", max_ess)
         self.mode = mode
         self.min_utilization = min_utilization
         self.max_ess = max_ess
-        self.include = list(include) if include else None
-        self.exclude = list(exclude) if exclude else None
-        self.every_n_steps = every_n_steps
-        self.positions = positions
-        self.batch_rows = batch_rows
-        self.max_operators = max_operators
-        self.warmup_steps = warmup_steps
-        self.log = log
+        self.include = check_patterns("include", include)
+        self.exclude = check_patterns("exclude", exclude)
+        self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
+        self.positions = check_position_spec("positions", positions)
+        self.batch_rows = check_optional_positive_int("batch_rows", batch_rows)
+        self.max_operators = check_optional_positive_int("max_operators", max_operators)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, low=0)
+        self.log = check_bool("log", log)
         self.layers: dict[str, nn.Module] = {}
         #: schedule state (saved in checkpoints): global step of the last regularized step, calls made.
         self.step = 0
