@@ -122,8 +122,8 @@ def delimiter_figure(report: DelimiterReport) -> Any:
     """Per-layer aligned profiles (entropy solid, tolerance dashed) against the offset from the delimiter."""
     from matplotlib.figure import Figure
 
-    from ess_train.analysis.plots import kind_colour
-    from ess_train.plots import DPI, FIGSIZE, LABEL_SIZE, LEGEND_SIZE, TICK_SIZE, TITLE_SIZE
+    from ess_train.analysis.report_figures import kind_colour
+    from ess_train.plots.style import DPI, FIGSIZE, LABEL_SIZE, LEGEND_SIZE, TICK_SIZE, TITLE_SIZE
 
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     ax = fig.add_subplot(1, 1, 1)

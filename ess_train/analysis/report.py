@@ -111,7 +111,7 @@ class ESSReport:
 
     def plot(self, directory: str | Path) -> list[Path]:
         """Write the ESS profiles (entropy and tolerance) and per-layer utilization as PNG files."""
-        from ess_train.analysis.plots import save_report_plots
+        from ess_train.analysis.report_figures import save_report_plots
 
         return save_report_plots(self, directory)
 

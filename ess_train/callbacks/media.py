@@ -21,7 +21,15 @@ from ess_train.measure.records import append_record, measurement_record
 
 log = logging.getLogger(__name__)
 
-__all__ = ["media_loggers", "log_profiles", "log_heatmaps", "render_heatmap", "record_path", "stream_record"]
+__all__ = [
+    "media_loggers",
+    "log_profiles",
+    "log_heatmaps",
+    "log_overviews",
+    "render_heatmap",
+    "record_path",
+    "stream_record",
+]
 
 
 def render_heatmap(
@@ -51,10 +59,19 @@ def media_loggers(trainer: pl.Trainer, told: set[str]) -> tuple[list[WandbLogger
     return wandb_loggers, tb_loggers
 
 
+def _many_layers(history: ESSHistory) -> bool:
+    """More layers than ``ess_train.plots.PER_LAYER_UP_TO``: one overview per metric, not a panel per
+    layer."""
+    from ess_train.plots import PER_LAYER_UP_TO
+
+    return len(history.layers) > PER_LAYER_UP_TO
+
+
 def log_profiles(trainer: pl.Trainer, history: ESSHistory, step: int, told: set[str]) -> None:
-    """W&B line plot of the entropy- (and tolerance-) ESS profile of every layer measured at ``step``."""
+    """W&B line plot of the entropy- (and tolerance-) ESS profile of every layer measured at ``step`` (for
+    models with few layers; deeper ones get the overviews of :func:`log_heatmaps`)."""
     wandb_loggers, _ = media_loggers(trainer, told)
-    if not wandb_loggers:
+    if not wandb_loggers or _many_layers(history):
         return
     import wandb
 
@@ -82,9 +99,13 @@ def log_profiles(trainer: pl.Trainer, history: ESSHistory, step: int, told: set[
 
 
 def log_heatmaps(trainer: pl.Trainer, history: ESSHistory, told: set[str]) -> None:
-    """Position x step heatmap of every layer: a TensorBoard image and a W&B image."""
+    """Position x step heatmap of every layer, as a TensorBoard image and a W&B image; beyond
+    ``PER_LAYER_UP_TO`` layers, one overview per metric instead (:func:`log_overviews`)."""
     wandb_loggers, tb_loggers = media_loggers(trainer, told)
     if not (wandb_loggers or tb_loggers):
+        return
+    if _many_layers(history):
+        log_overviews(trainer, history, wandb_loggers, tb_loggers)
         return
     from ess_train.plots import layer_label
 
@@ -109,6 +130,32 @@ def log_heatmaps(trainer: pl.Trainer, history: ESSHistory, told: set[str]) -> No
     log.debug(
         f"ESSMonitor: logged ESS heatmaps for {len(history.layers)} layer(s) at step {trainer.global_step}"
     )
+
+
+def log_overviews(
+    trainer: pl.Trainer,
+    history: ESSHistory,
+    wandb_loggers: list[WandbLogger],
+    tb_loggers: list[TensorBoardLogger],
+) -> dict[str, Any]:
+    """One image per metric for all layers (``ess/overview/<metric>_layers``: layers x steps heatmaps of
+    utilization and entropy-ESS; ``ess/overview/<metric>``: every layer's line), whatever the depth: the
+    number of media keys does not grow with the layers. Returns the images by key."""
+    from ess_train.plots import figure_to_rgb, overview_figures
+
+    data = {name: dict(hist) for name, hist in history.layers.items()}
+    figures = overview_figures(data, layer_kinds=history.layer_kinds)
+    images = {f"ess/overview/{stem}": figure_to_rgb(fig) for stem, fig in figures.items()}
+    step = logger_step(trainer)
+    for logger in tb_loggers:
+        for key, image in images.items():
+            logger.experiment.add_image(key, image, step, dataformats="HWC")
+    if wandb_loggers:
+        import wandb
+
+        for logger in wandb_loggers:
+            logger.log_metrics({key: wandb.Image(image) for key, image in images.items()}, step=step)
+    return images
 
 
 def record_path(trainer: pl.Trainer, history_file: str | None) -> Path | None:

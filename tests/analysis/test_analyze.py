@@ -128,7 +128,12 @@ def test_positions_list_and_all():
 def test_plots_are_written(tmp_path):
     report = ess_train.analyze(model("mamba2", layers=1), tokens(length=16), positions=4)
     paths = report.plot(tmp_path)
-    assert [p.name for p in paths] == ["ess_profiles.png", "ess_utilization.png"]
+    assert [p.name for p in paths] == [
+        "ess_profiles.png",
+        "ess_utilization.png",
+        "ess_utilization_layers.png",
+        "ess_entropy_layers.png",
+    ]
     assert all(p.stat().st_size > 1000 for p in paths)
 
 

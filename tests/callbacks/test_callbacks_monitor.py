@@ -84,6 +84,9 @@ def test_metrics_logged_to_csv_and_callback_metrics(tmp_path, device):
         "layers.1_heatmap.png",
         "layers.1_profile.png",
         "utilization.png",
+        "utilization_layers.png",
+        "entropy_layers.png",
+        "entropy.png",
     }
     assert all(p.stat().st_size > 1000 for p in paths)
     summary = monitor.summary()

@@ -90,6 +90,9 @@ def test_save_history_plots_files_sizes_and_labels(tmp_path):
         f"{GLA}_heatmap.png",
         f"{GLA}_profile.png",
         "utilization.png",
+        "utilization_layers.png",
+        "entropy_layers.png",
+        "entropy.png",
     }
     for p in paths:
         image = imread(p)
@@ -191,7 +194,7 @@ def test_single_step_or_position(tmp_path, n_steps, n_pos):
     image = render_heatmap(GLA, hist["steps"], hist["positions"], hist["profiles"])
     assert image.shape[1] >= MIN_W
     paths = save_history_plots(tmp_path, {GLA: hist}, layer_kinds=KINDS, tss=TSS)
-    assert len(paths) == 3 and all(p.stat().st_size > 10_000 for p in paths)
+    assert len(paths) == 6 and all(p.stat().st_size > 10_000 for p in paths)  # heatmap, profile, 4 overviews
 
 
 def test_nan_steps_tolerated(tmp_path):
@@ -212,7 +215,7 @@ def test_nan_steps_tolerated(tmp_path):
     all_nan = dict(hist)
     all_nan["profiles"] = [list(nan_row) for _ in hist["steps"]]
     paths = save_history_plots(tmp_path, {GLA: hist, CONV: all_nan})
-    assert len(paths) == 5
+    assert len(paths) == 8  # 2 per layer, 4 overviews
     assert "no finite ESS" in all_text(profile_figure(CONV, all_nan))
 
 
@@ -295,3 +298,47 @@ def test_monitor_records_layer_kinds_through_a_resume_and_logs_a_large_heatmap(t
     fig = utilization_figure(resumed.history, {n: layer_label(n, k) for n, k in resumed.layer_kinds.items()})
     assert all("(ToyRecurrence)" in t.get_text() for t in fig.axes[0].get_legend().get_texts())
     assert {p.name for p in paths} >= {"layers.0_heatmap.png", "utilization.png"}
+
+
+# ------------------------------------------------------------------------------------------ many layers
+def test_a_24_layer_history_gets_one_overview_per_metric(tmp_path):
+    """Issue 22: real models have 24-80 layers; one panel per layer does not scale. The overview's array is
+    the history's values, layers x steps, and the number of files does not grow with the layers."""
+    from ess_train.plots import layer_matrix
+
+    history = {f"model.blocks.{i}.mixer": make_hist(seed=i, n_steps=6) for i in range(24)}
+    kinds = {name: "GatedLinearAttention" for name in history}
+    paths = save_history_plots(tmp_path, history, layer_kinds=kinds, collapse_threshold=0.05)
+    assert sorted(p.name for p in paths) == sorted(
+        ["utilization_layers.png", "entropy_layers.png", "utilization.png", "entropy.png"]
+    )
+    layers, steps, values = layer_matrix(history, "utilization")
+    assert values.shape == (24, 6) and layers == list(history)
+    first = history["model.blocks.0.mixer"]
+    assert values[0].tolist() == pytest.approx(first["utilization"])
+    from ess_train.plots import overview_figures
+
+    figures = overview_figures(history, layer_kinds=kinds)
+    heat = figures["utilization_layers"]
+    assert heat.heatmap_values.shape == (24, 6)
+    assert len(heat.axes[0].get_yticklabels()) == 24  # every layer named (thinned only beyond 40)
+    lines = figures["utilization"]
+    assert len(lines.axes[0].lines) == 24 and lines.axes[0].get_legend() is None  # a colour bar instead
+    for p in paths:
+        assert imread(p).std() > 0.05
+
+
+def test_a_report_of_24_layers_gets_layers_by_positions_heatmaps(tmp_path):
+    from ess_train import analyze
+    from ess_train.analysis.report_figures import position_utilization, report_layers_figure
+    from tests.hf_models import model, tokens
+
+    report = analyze(model("llama", layers=24), tokens(batch=1, length=24), positions=6)
+    assert len(report.layers) == 24
+    fig = report_layers_figure(report, "utilization")
+    layer = report.layers["model.layers.3.self_attn"]
+    assert fig.heatmap_values.shape == (24, len(layer.positions))
+    assert fig.heatmap_values[3].tolist() == pytest.approx(
+        position_utilization(layer, 24).tolist(), nan_ok=True
+    )
+    assert {p.name for p in report.plot(tmp_path)} >= {"ess_utilization_layers.png", "ess_entropy_layers.png"}

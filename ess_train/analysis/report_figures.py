@@ -15,9 +15,26 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from ess_train.plots import DPI, FIGSIZE, LABEL_SIZE, LEGEND_SIZE, TICK_SIZE, TITLE_SIZE, save_figure
+from ess_train.measure.positions import position_bounds
+from ess_train.plots.overview import layers_heatmap
+from ess_train.plots.style import (
+    DPI,
+    FIGSIZE,
+    LABEL_SIZE,
+    LEGEND_SIZE,
+    TICK_SIZE,
+    TITLE_SIZE,
+    layer_label,
+    save_figure,
+)
 
-__all__ = ["report_profile_figure", "report_utilization_figure", "save_report_plots"]
+__all__ = [
+    "report_profile_figure",
+    "report_utilization_figure",
+    "report_layers_figure",
+    "position_utilization",
+    "save_report_plots",
+]
 
 _KIND_COLOURS = {
     "softmax_attention": "tab:blue",
@@ -80,11 +97,48 @@ def report_utilization_figure(report: Any) -> Figure:
     return fig
 
 
+def position_utilization(layer: Any, seq_len: int) -> np.ndarray:
+    """A layer report's utilization at each evaluated position: ``ESS_i / b_i`` with the rank bound
+    ``b_i = min(per_operator, i, L - i)`` (NaN where ``b_i = 0``)."""
+    bounds = np.asarray(position_bounds(layer.per_operator, seq_len, layer.positions), dtype=float)
+    ess = np.asarray(layer.entropy_ess, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(bounds > 0, ess / np.where(bounds > 0, bounds, 1.0), np.nan)
+
+
+def report_layers_figure(report: Any, metric: str = "utilization") -> Figure:
+    """Layers x positions heatmap of a report: per-position ``utilization`` (default, on [0, 1]) or
+    ``entropy`` (entropy-ESS): one figure however many layers the model has."""
+    rows = list(report.layers.values())
+    positions = sorted({p for r in rows for p in r.positions})
+    values = np.full((len(rows), len(positions)), np.nan)
+    where = {p: j for j, p in enumerate(positions)}
+    for i, r in enumerate(rows):
+        row = (
+            position_utilization(r, report.seq_len) if metric == "utilization" else np.asarray(r.entropy_ess)
+        )
+        for p, v in zip(r.positions, row, strict=True):
+            values[i, where[p]] = v
+    labels = [layer_label(r.name, r.cls) for r in rows]
+    return layers_heatmap(
+        values,
+        positions,
+        labels,
+        title=f"{report.model}: {metric} by layer and position (L = {report.seq_len})",
+        xlabel="position i",
+        metric=metric,
+        unit_range=metric == "utilization",
+    )
+
+
 def save_report_plots(report: Any, directory: str | Path) -> list[Path]:
-    """``ess_profiles.png`` and ``ess_utilization.png`` in ``directory`` (created)."""
+    """``ess_profiles.png``, ``ess_utilization.png`` (one bar per layer) and the layers x positions heatmaps
+    ``ess_utilization_layers.png`` and ``ess_entropy_layers.png`` in ``directory`` (created)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     return [
         save_figure(report_profile_figure(report), directory / "ess_profiles.png"),
         save_figure(report_utilization_figure(report), directory / "ess_utilization.png"),
+        save_figure(report_layers_figure(report, "utilization"), directory / "ess_utilization_layers.png"),
+        save_figure(report_layers_figure(report, "entropy"), directory / "ess_entropy_layers.png"),
     ]

@@ -1,159 +1,37 @@
-"""Figures of an ESS history (matplotlib + numpy only; no Lightning, no torch).
-
-The functions take plain data, as :class:`ess_train.callbacks.ESSMonitor` keeps it: per layer a history dict
-with ``steps``, ``positions``, ``profiles`` (one entropy-ESS-by-position list per step),
-``tolerance_profiles`` (same, tolerance-ESS; of the steps ``profile_steps`` where given, a thinned history)
-and ``utilization`` (one number per step); optionally the
-layer's theoretical state size (``tss``: ``total``, ``per_operator``, ``seq_len``) and a display label,
-e.g. ``"model.blocks.1.mixer (GatedLinearAttention)"`` from :func:`layer_label`.
-
-- :func:`heatmap_figure` / :func:`render_heatmap`: entropy-ESS by position (y) and training step (x), with
-  robust colour limits (:func:`robust_limits`), as a Figure or an RGB ``uint8`` array (for loggers);
-- :func:`profile_figure`: ESS-by-position profiles of the first, a few intermediate and the last step;
-- :func:`utilization_figure`: state utilization (ESS over the per-operator rank bound) of every layer
-  against the training step, on ``[0, 1]``;
-- :func:`save_history_plots`: all of them as PNG files.
-
-NaN entries (steps where a layer was missing) are tolerated everywhere: grey cells in the heatmap, gaps in
-the utilization lines, skipped profiles.
-"""
+"""Figures of one layer's (or a few layers') ESS history: the position x step heatmap, ESS-by-position
+profiles, and every layer's utilization against the step (matplotlib + numpy only)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
 
-__all__ = [
-    "FIGSIZE",
-    "DPI",
-    "layer_label",
-    "robust_limits",
-    "heatmap_figure",
-    "render_heatmap",
-    "profile_figure",
-    "utilization_figure",
-    "save_figure",
-    "save_history_plots",
-    "profile_steps",
-    "plot_stem",
-]
+from ess_train.plots.style import (
+    DPI,
+    FIGSIZE,
+    LABEL_SIZE,
+    LEGEND_SIZE,
+    MISSING_COLOUR,
+    TICK_SIZE,
+    as_matrix,
+    cell_edges,
+    figure_to_rgb,
+    format_value,
+    int_locator,
+    layer_label,
+    profile_steps,
+    robust_limits,
+    set_titles,
+    style_axes,
+    subtitle,
+)
 
-#: default figure size (inches) and resolution: 1100 x 605 pixels.
-FIGSIZE = (10.0, 5.5)
-DPI = 110
-
-TITLE_SIZE = 14
-LABEL_SIZE = 12.5
-TICK_SIZE = 11
-LEGEND_SIZE = 11
-MISSING_COLOUR = "0.82"  # heatmap background: cells with no (finite) measurement
-
-
-def layer_label(name: str, kind: str | None = None) -> str:
-    """``"name (Kind)"``, e.g. ``"model.blocks.1.mixer (GatedLinearAttention)"``; ``name`` without a kind."""
-    name = name or "model"
-    return f"{name} ({kind})" if kind else name
-
-
-def plot_stem(name: str) -> str:
-    """File-name stem of a layer's plots (``/`` replaced; the root module is ``model``)."""
-    return name.replace("/", "_") or "model"
-
-
-def robust_limits(
-    values: Any, lower: float = 2.0, upper: float = 98.0, fence: float = 1.5
-) -> tuple[float, float]:
-    """Colour limits ``(vmin, vmax)`` that a few outlying entries do not set.
-
-    ``vmin`` is the ``lower`` percentile of the finite values; ``vmax`` is the ``upper`` percentile, capped at
-    the upper Tukey fence ``Q3 + fence * IQR``: a block of steps that stands far above the rest (typically
-    the first measurements, at initialization, before the ESS of a layer collapses) is clipped even when
-    it holds more than ``100 - upper`` percent of the entries, which a percentile alone would not clip.
-    Data spread evenly over its range is not clipped by the fence; a limit within 1 % of the range from the
-    data's extreme snaps to that extreme (no invisible clipping). Returns ``(0, 1)`` when nothing is
-    finite and widens a degenerate range so that ``vmin < vmax``.
-    """
-    arr = np.asarray(values, dtype=float).ravel()
-    arr = arr[np.isfinite(arr)]
-    if arr.size == 0:
-        return 0.0, 1.0
-    lo, q1, q3, hi = np.percentile(arr, [lower, 25.0, 75.0, upper])
-    if fence is not None:
-        hi = min(hi, q3 + fence * (q3 - q1))
-    lo, hi = float(lo), float(hi)
-    # a clip by under 1 % of the colour range changes nothing visible: show the data's own extreme instead
-    # (so that the colour bar does not claim clipping where there is none to see)
-    span = hi - lo
-    if float(arr.max()) - hi <= 0.01 * span:
-        hi = float(arr.max())
-    if lo - float(arr.min()) <= 0.01 * span:
-        lo = float(arr.min())
-    if not hi > lo:
-        # constant data, or a fence at the lower limit: fall back to the full range, then to +-0.5
-        lo, hi = float(arr.min()), float(arr.max())
-        if not hi > lo:
-            pad = 0.5 if lo == 0 else 0.05 * abs(lo)
-            lo, hi = lo - pad, hi + pad
-    return lo, hi
-
-
-def _edges(centres: np.ndarray) -> np.ndarray:
-    """Cell edges around sorted centres (midpoints; a single centre gets a cell of width 1)."""
-    if centres.size == 1:
-        return np.array([centres[0] - 0.5, centres[0] + 0.5])
-    mid = (centres[1:] + centres[:-1]) / 2
-    return np.concatenate([[2 * centres[0] - mid[0]], mid, [2 * centres[-1] - mid[-1]]])
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.2f}" if abs(value) < 100 else f"{value:.4g}"
-
-
-def _int_locator() -> MaxNLocator:
-    """Integer ticks at round values (0, 50, 100, ...), also when the view holds a single integer."""
-    return MaxNLocator(integer=True, min_n_ticks=1, steps=[1, 2, 2.5, 5, 10])
-
-
-def _style(ax: Any) -> None:
-    ax.tick_params(labelsize=TICK_SIZE)
-    ax.grid(True, alpha=0.25, linewidth=0.6)
-
-
-def _titles(fig: Figure, title: str, subtitle: str) -> None:
-    """Title and subtitle centred over the whole figure (a long layer label never gets cut)."""
-    fig.suptitle(f"{title}\n{subtitle}", fontsize=TITLE_SIZE)
-
-
-def _subtitle(label: str, tss: Mapping[str, Any] | None) -> str:
-    if not tss:
-        return label
-    parts = [label]
-    if "per_operator" in tss:
-        parts.append(f"rank bound per operator {int(tss['per_operator'])}")
-    if "total" in tss:
-        parts.append(f"TSS {int(tss['total'])}")
-    return "  |  ".join(parts)
-
-
-def profile_steps(hist: Mapping[str, Any]) -> list[int]:
-    """The steps of a history's ``profiles``: ``profile_steps`` (a thinned history keeps fewer profiles than
-    scalars, ``ess_train.measure.history``), else ``steps``."""
-    kept = hist.get("profile_steps")
-    return list(kept) if kept is not None else list(hist.get("steps", []))
-
-
-def _as_matrix(profiles: Sequence[Sequence[float]], width: int) -> np.ndarray:
-    """``[steps, width]`` float array; rows of another length (e.g. from an old history) become NaN."""
-    rows = [list(p) if len(p) == width else [math.nan] * width for p in profiles]
-    return np.asarray(rows, dtype=float).reshape(len(rows), width)
+__all__ = ["heatmap_figure", "render_heatmap", "profile_figure", "utilization_figure", "rank_bound_profile"]
 
 
 def heatmap_figure(
@@ -176,7 +54,7 @@ def heatmap_figure(
     label = label or layer_label(name)
     x = np.asarray(steps, dtype=float)
     y = np.asarray(positions, dtype=float)
-    data = _as_matrix(profiles, len(y))[: len(x)]  # [steps, positions]
+    data = as_matrix(profiles, len(y))[: len(x)]  # [steps, positions]
     x = x[: len(data)]
     if len(y) == 0:  # nothing to show: one grey cell
         y, data = np.zeros(1), np.full((len(x), 1), math.nan)
@@ -196,8 +74,8 @@ def heatmap_figure(
     above = bool(finite.size and finite.max() > vmax)
     extend = {(False, False): "neither", (True, False): "min", (False, True): "max", (True, True): "both"}
     mesh = ax.pcolormesh(
-        _edges(x),
-        _edges(y),
+        cell_edges(x),
+        cell_edges(y),
         np.ma.masked_invalid(data.T),
         cmap="viridis",
         vmin=vmin,
@@ -208,8 +86,8 @@ def heatmap_figure(
     cbar = fig.colorbar(mesh, ax=ax, extend=extend[(below, above)], pad=0.02)
     if below or above:
         cbar_label = (
-            f"entropy-ESS (colour clipped to [{_fmt(vmin)}, {_fmt(vmax)}];\n"
-            f"data range {_fmt(finite.min())} to {_fmt(finite.max())})"
+            f"entropy-ESS (colour clipped to [{format_value(vmin)}, {format_value(vmax)}];\n"
+            f"data range {format_value(finite.min())} to {format_value(finite.max())})"
         )
     else:
         cbar_label = "entropy-ESS"
@@ -217,21 +95,14 @@ def heatmap_figure(
     cbar.ax.tick_params(labelsize=TICK_SIZE)
     ax.set_xlabel("training step", fontsize=LABEL_SIZE)
     ax.set_ylabel("position i", fontsize=LABEL_SIZE)
-    ax.xaxis.set_major_locator(_int_locator())  # steps and positions are integers
-    ax.yaxis.set_major_locator(_int_locator())
+    ax.xaxis.set_major_locator(int_locator())  # steps and positions are integers
+    ax.yaxis.set_major_locator(int_locator())
     ax.tick_params(labelsize=TICK_SIZE)
     title = "Entropy-ESS by position over training"
     if finite.size < data.size:
         title += " (grey: not measured / NaN)"
-    _titles(fig, title, _subtitle(label, tss))
+    set_titles(fig, title, subtitle(label, tss))
     return fig
-
-
-def figure_to_rgb(fig: Figure) -> np.ndarray:
-    """Render a figure to an RGB ``uint8`` array ``[H, W, 3]``."""
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def render_heatmap(
@@ -303,12 +174,12 @@ def profile_figure(
     label = label or layer_label(name)
     positions = list(hist.get("positions", []))
     steps = np.asarray(profile_steps(hist), dtype=float)
-    prof = _as_matrix(hist.get("profiles", []), len(positions))[: len(steps)]
-    tol = _as_matrix(hist.get("tolerance_profiles", []), len(positions))[: len(steps)]
+    prof = as_matrix(hist.get("profiles", []), len(positions))[: len(steps)]
+    tol = as_matrix(hist.get("tolerance_profiles", []), len(positions))[: len(steps)]
 
     fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
-    _style(ax)
+    style_axes(ax)
     x = np.asarray(positions, dtype=float)
     finite_rows = np.flatnonzero(np.isfinite(prof).any(axis=1)) if prof.size else np.array([], dtype=int)
     # candidates in step order
@@ -368,11 +239,11 @@ def profile_figure(
     ax.set_ylim(bottom=0)
     if len(x):
         ax.set_xlim(x.min() - 0.5, x.max() + 0.5) if len(x) == 1 else ax.set_xlim(x.min(), x.max())
-    ax.xaxis.set_major_locator(_int_locator())
+    ax.xaxis.set_major_locator(int_locator())
     ax.set_xlabel("position i", fontsize=LABEL_SIZE)
     ax.set_ylabel("ESS (mean over operators and probe rows)", fontsize=LABEL_SIZE)
     shown = f"{len(chosen)} of {len(finite_rows)} measurements" if chosen else "no measurement"
-    _titles(fig, f"ESS by position ({shown})", _subtitle(label, tss))
+    set_titles(fig, f"ESS by position ({shown})", subtitle(label, tss))
     legend = ax.legend(
         handles=handles + style_handles,
         loc="upper left",
@@ -407,7 +278,7 @@ def utilization_figure(
     tss = tss or {}
     fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
-    _style(ax)
+    style_axes(ax)
     ax.set_ylim(0.0, 1.0)
     if collapse_threshold is not None and 0 < collapse_threshold < 1:
         ax.axhspan(0.0, collapse_threshold, color="tab:red", alpha=0.07, linewidth=0)
@@ -448,10 +319,10 @@ def utilization_figure(
         ax.plot(steps, util, marker="o", markersize=4.5, linewidth=2.0, label=text, clip_on=not inside)
     if top > 1.0:  # above the bound: not expected (utilization <= 1), shown rather than hidden
         ax.set_ylim(0.0, 1.05 * top)
-    ax.xaxis.set_major_locator(_int_locator())
+    ax.xaxis.set_major_locator(int_locator())
     ax.set_xlabel("training step", fontsize=LABEL_SIZE)
     ax.set_ylabel("state utilization\n(ESS / rank bound)", fontsize=LABEL_SIZE)
-    _titles(
+    set_titles(
         fig,
         "State utilization over training",
         r"utilization = $\Sigma_i\,\mathrm{ESS}_i\;/\;\Sigma_i\,\min(N, i, L-i)$,  "
@@ -482,54 +353,3 @@ def utilization_figure(
         ncol=2,
     )
     return fig
-
-
-def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` as PNG at its own size and resolution (no tight cropping)."""
-    path = Path(path)
-    FigureCanvasAgg(fig).print_png(str(path))
-    return path
-
-
-def save_history_plots(
-    directory: str | Path,
-    history: Mapping[str, Mapping[str, Any]],
-    *,
-    layer_kinds: Mapping[str, str] | None = None,
-    tss: Mapping[str, Mapping[str, Any]] | None = None,
-    collapse_threshold: float | None = None,
-    saturation_threshold: float | None = None,
-) -> list[Path]:
-    """Write, per layer with data, ``<layer>_heatmap.png`` and ``<layer>_profile.png``, plus
-    ``utilization.png`` (all layers) into ``directory``. Returns the paths written."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    kinds = dict(layer_kinds or {})
-    tss = dict(tss or {})
-    labels = {name: layer_label(name, kinds.get(name)) for name in history}
-    paths: list[Path] = []
-    for name, hist in history.items():
-        if not hist.get("steps") or not hist.get("positions"):
-            continue
-        stem = plot_stem(name)
-        fig = heatmap_figure(
-            name,
-            profile_steps(hist),
-            hist["positions"],
-            hist["profiles"],
-            label=labels[name],
-            tss=tss.get(name),
-        )
-        paths.append(save_figure(fig, out / f"{stem}_heatmap.png"))
-        fig = profile_figure(name, hist, label=labels[name], tss=tss.get(name))
-        paths.append(save_figure(fig, out / f"{stem}_profile.png"))
-    if history:
-        fig = utilization_figure(
-            history,
-            labels,
-            tss=tss,
-            collapse_threshold=collapse_threshold,
-            saturation_threshold=saturation_threshold,
-        )
-        paths.append(save_figure(fig, out / "utilization.png"))
-    return paths
