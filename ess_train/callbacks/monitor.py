@@ -7,13 +7,10 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from ess_train.callbacks.lightning_glue import (
@@ -23,6 +20,7 @@ from ess_train.callbacks.lightning_glue import (
     sharding_strategy,
 )
 from ess_train.callbacks.media import log_heatmaps, log_profiles, stream_record
+from ess_train.callbacks.monitor_record import MonitorRecord
 from ess_train.checks import (
     check_bool,
     check_callable,
@@ -34,17 +32,13 @@ from ess_train.checks import (
 )
 from ess_train.measure import (
     ESSHistory,
-    ESSWarning,
     LayerESS,
-    LayerHistory,
-    LayerTSS,
     PositionSpec,
-    Totals,
     fetch_probe,
     kv_pairs_for,
     probe_from_batch,
 )
-from ess_train.measure.cost import LayerShape, MeasurementPlan, check_limits, plan_of_positions
+from ess_train.measure.cost import MeasurementPlan, check_limits
 from ess_train.measure.distributed import Ranks, describe_error
 from ess_train.measure.history import MAX_PROFILES
 from ess_train.measure.layers import find_layers
@@ -62,7 +56,7 @@ _FLAGS = {
 }
 
 
-class ESSMonitor(Callback):
+class ESSMonitor(MonitorRecord):
     """Log the effective state-size (ESS) of every protocol layer of any LightningModule.
 
     On a fixed probe batch (``probe_batch``, or the first ``probe_size`` rows of the validation data, else
@@ -235,33 +229,6 @@ class ESSMonitor(Callback):
         #: per layer, how many measurements of it this process computed (under "split": its share only).
         self.measured_here: dict[str, int] = {}
 
-    # ------------------------------------------------------------------------------- history (plain data)
-    @property
-    def history(self) -> dict[str, LayerHistory]:  # mappings: steps, positions, profiles, ...
-        return self.ess_history.layers
-
-    @property
-    def totals(self) -> Totals:  # steps, total, per_kv
-        return self.ess_history.totals
-
-    @property
-    def tss(self) -> dict[str, LayerTSS]:  # total, per_operator, multiplicity, seq_len
-        return self.ess_history.tss
-
-    @property
-    def flags(self) -> dict[str, list[str]]:  # "collapse", "saturation"
-        return self.ess_history.flags
-
-    @property
-    def layer_kinds(self) -> dict[str, str]:
-        """Class name of each layer found (``"GatedLinearAttention"``), for plot labels; checkpointed."""
-        return self.ess_history.layer_kinds
-
-    @layer_kinds.setter
-    def layer_kinds(self, kinds: dict[str, str]) -> None:
-        self.ess_history.layer_kinds = dict(kinds)
-
-    # ------------------------------------------------------------------------------------------ lightning
     @property
     def state_key(self) -> str:
         positions = None if self.positions == "auto" else self.positions  # (the key of earlier versions)
@@ -328,34 +295,6 @@ class ESSMonitor(Callback):
         if self.log_heatmap and not self._disabled and trainer.is_global_zero:
             self._guarded(trainer, lambda: log_heatmaps(trainer, self.ess_history, self._warned))
 
-    def state_dict(self) -> dict[str, Any]:
-        """The history's state (``ess_train.measure.history``: ``version``, ``history``, ``scalars``,
-        ``profiles``, ``totals``, ``tss``, ``flags``, ``layer_kinds``) plus ``probe``, ``warned`` and ``plan``
-        (what is measured per layer, ``MeasurementPlan.as_dict()``). The same on every rank under ``"split"``
-        (Lightning saves rank 0's), but for rank 0's warnings about its loggers; under ``"rank0"`` only rank
-        0's holds measurements."""
-        probe = None
-        if self._probe is not None:
-            inputs, slice_id = self._probe
-            probe = {"inputs": inputs.cpu(), "slice_id": None if slice_id is None else slice_id.cpu()}
-        plan = None if self.plan is None else self.plan.as_dict()
-        return {**self.ess_history.state_dict(), "probe": probe, "warned": sorted(self._warned), "plan": plan}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        found = dict(self.layer_kinds)  # by this run's setup: these win (older checkpoints have no kinds)
-        self.ess_history.load_state_dict(state_dict)
-        self.layer_kinds = {**self.layer_kinds, **found}
-        self._warned |= set(state_dict.get("warned", []))
-        probe = state_dict.get("probe")
-        if probe is not None:
-            self._probe = (probe["inputs"], probe.get("slice_id"))
-        if state_dict.get("plan") is not None:
-            self.plan = MeasurementPlan.from_dict(state_dict["plan"])
-        elif self.positions == "auto" and any(h.positions for h in self.history.values()):
-            # a checkpoint of a version without plans: keep measuring the positions it has
-            positions = {name: hist.positions for name, hist in self.history.items()}
-            self.plan = plan_of_positions(positions, self.max_operators)
-
     # ------------------------------------------------------------------------------------------- public
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
         """Measure and log now (once per global step; rank 0, or every rank together under ``"split"``).
@@ -366,31 +305,6 @@ class ESSMonitor(Callback):
         if self.ess_history.last_step == step:
             return None
         return self._guarded(trainer, lambda: self._measure(trainer, pl_module, step))
-
-    def summary(self) -> dict[str, Any]:
-        """Latest numbers per layer (with TSS, first utilization and warnings raised), model totals and
-        ``measurement``: the plan (what is measured, its estimated cost and budget in FLOP equivalents) and
-        the time measured in this process (``measured_fraction``: measuring over training time)."""
-        out = self.ess_history.summary()
-        if self.plan is not None:
-            spent = dict(self._seconds)
-            spent["measured_fraction"] = spent["measure"] / spent["train"] if spent["train"] > 0 else None
-            out["measurement"] = {**self.plan.as_dict(), "budget_fraction": self.budget, "seconds": spent}
-        return out
-
-    def save_plots(self, directory: str | Path) -> list[Path]:
-        """Write ``<layer>_heatmap.png``, ``<layer>_profile.png`` per layer and ``utilization.png`` (with the
-        thresholds): ``ess_train.plots.save_history_plots``, layers labelled with their class."""
-        from ess_train.plots import save_history_plots
-
-        return save_history_plots(
-            directory,
-            self.history,
-            layer_kinds=self.layer_kinds,
-            tss=self.tss,
-            collapse_threshold=self.collapse_threshold,
-            saturation_threshold=self.saturation_threshold,
-        )
 
     # ---------------------------------------------------------------------------------------- internals
     def _guarded(self, trainer: pl.Trainer, fn: Callable[[], Any]) -> Any:
@@ -405,12 +319,6 @@ class ESSMonitor(Callback):
                 f"(training continues; pass strict=True to raise): {describe_error(exc)}",
             )
             return None
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key in self._warned:
-            return
-        self._warned.add(key)
-        rank_zero_warn(message, category=ESSWarning)
 
     def _get_probe(self, trainer: pl.Trainer, ranks: Ranks | None = None) -> Probe | None:
         """The probe batch; with active ``ranks`` (a collective) rank 0's, fetched there, on every rank."""
@@ -427,20 +335,6 @@ class ESSMonitor(Callback):
         elif self._probe is None:
             self._probe = fetch_probe(trainer, self.probe_size, self.input_key)
         return self._probe
-
-    def _log_tss(self, trainer: pl.Trainer, probe: Probe | None = None) -> None:
-        if self.tss:  # (once: at fit start, at the first measurement, or from a checkpoint)
-            return
-        probe = probe or self._get_probe(trainer)
-        if probe is None:
-            return
-        seq_len = int(probe[0].shape[1])
-        for name, layer in self.layers.items():
-            self.ess_history.set_tss(name, layer.state_size(seq_len), seq_len)
-        metrics = {f"tss/{name}": float(size.total) for name, size in self.tss.items()}
-        metrics["tss/total"] = float(sum(size.total for size in self.tss.values()))
-        if trainer.is_global_zero:
-            log_to_loggers(trainer, metrics)
 
     def _settle(self, step: int, done: Measurement) -> None:
         """A rank failed (every rank saw the same failures and skips): raise with ``strict``, else warn."""
@@ -524,19 +418,6 @@ class ESSMonitor(Callback):
         self._seconds["measure"] += time.perf_counter() - t0
         self._seconds["measurements"] += 1
         return metrics
-
-    def _announce_plan(self, shapes: dict[str, LayerShape]) -> None:
-        """Say once what the (agreed) plan measures, and warn when even that is over the budget."""
-        assert self.plan is not None
-        fraction = "" if self.budget is None else f" of a {self.budget:.0%} budget"
-        log.info(f"ESSMonitor measures{fraction}: {self.plan.describe(shapes)}")
-        if not self.plan.fits:
-            self._warn_once(
-                "over-budget",
-                "ESSMonitor: even the smallest measurement is over its budget "
-                f"({self.plan.describe(shapes)}); measure less often (every_n_steps), or pass "
-                "positions=/budget= explicitly.",
-            )
 
     def _checked(self, name: str, result: LayerResult, step: int) -> LayerESS | None:
         """Give a layer's warnings and check its utilization against the thresholds (flags: state)."""
