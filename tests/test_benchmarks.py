@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # script -> a line its table must print (a ratio or a rate, measured)
 EXPECTED = {
     "bench_ess.py": r"\|\s+\d+x \|\s+[\d.]+x",  # speed-up over the obvious loop, ratio to the floor
+    "bench_families.py": r"\| bloom \| 2 \| [\d.]+ \| [\d.]+ \| \d+x \|",
     "bench_mixers.py": r"\| gla \| core \(recurrence only\) \|.*\| [\d.]+ \|",
     "bench_callbacks.py": r"ratio \d+\.\d{3}",
     "bench_tasks.py": r"\| mqar \| .* \| [\d.]+ \| [\d,]+ \|",

@@ -17,11 +17,11 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks import tiny_families as hf_families
 from ess_train import analyze
 from ess_train.adapters import CaptureError
 from ess_train.ess import DenseOperator, entropy_ess
 from tests import hf_hybrids
-from tests.adapters import hf_families
 
 transformers = pytest.importorskip("transformers")
 RTOL = 1e-5

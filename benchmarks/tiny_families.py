@@ -1,4 +1,5 @@
-"""Tiny random configs of the attention families measured by mechanism (nothing downloaded).
+"""Tiny random configs of the attention families measured by mechanism (nothing downloaded): the families of
+tests/adapters/test_adapters_attention_families.py and of ``bench_families.py``.
 
 Each family's config has 2 layers, hidden 32, 4 query heads (2 KV heads where the family has grouped
 queries) and the family's own attention variant (sliding windows, softcapping, partial rotary, ALiBi, QK
@@ -9,8 +10,7 @@ that attention is peaked (near-uniform attention would make the exactness checks
 from __future__ import annotations
 
 import torch
-
-transformers = __import__("pytest").importorskip("transformers")
+import transformers
 
 VOCAB = 64
 WINDOW = 8  # the sliding window of the windowed families (tokens a query sees, itself included)
@@ -108,16 +108,28 @@ FAMILIES = sorted(_configs())
 WINDOWED = {"gemma2", "gemma3", "qwen2_moe", "starcoder2"}
 
 
-def config(family: str):
-    return _configs()[family]()
+def config(family: str, max_len: int | None = None):
+    """The family's tiny config; ``max_len``: the longest sequence it allows (default 256)."""
+    cfg = _configs()[family]()
+    if max_len is not None:
+        for key in ("max_position_embeddings", "n_positions"):
+            if hasattr(cfg, key):
+                setattr(cfg, key, max_len)
+    return cfg
 
 
-def model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, implementation: str = "sdpa"):
+def model(
+    family: str,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    implementation: str = "sdpa",
+    max_len: int | None = None,
+):
     """The family's tiny causal LM in eval mode, with peaked attention (projections redrawn at 3x the
     default scale, seeded); ``implementation``: the attention the model runs outside a capture (families
     without sdpa fall back to eager)."""
     torch.manual_seed(seed)
-    cfg = config(family)
+    cfg = config(family, max_len)
     try:
         m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=implementation)
     except ValueError:  # (Gemma 2, BLOOM: no sdpa path in this transformers)
