@@ -155,7 +155,9 @@ def two_sample_p(a: Sequence[float], b: Sequence[float]) -> float:
     pooled = np.asarray([*a, *b], float)
     n, k = len(pooled), len(a)
     if k == 0 or k == n or n > 20:
-        raise ValueError(f"two_sample_p needs two non-empty groups of at most 20 values in all, got {k} + {n - k}")
+        raise ValueError(
+            f"two_sample_p needs two non-empty groups of at most 20 values in all, got {k} + {n - k}"
+        )
     observed = abs(pooled[:k].mean() - pooled[k:].mean())
     total, hits = pooled.sum(), 0
     splits = list(combinations(range(n), k))

@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
         f"MQAR (8 kv pairs): accuracy by layer order (GLA + attention, RoPE, 4 heads), n = {len(rows)}",
         fontsize=9,
     )
-    axes[1].set_title(f"accuracy against the model's ESS per kv pair (final), n = {len(rows)} runs", fontsize=9)
+    axes[1].set_title(
+        f"accuracy against the model's ESS per kv pair (final), n = {len(rows)} runs", fontsize=9
+    )
     axes[1].set_xlabel("ESS per kv pair (sum over layers of total entropy-ESS / kv)")
     for ax in axes:
         ax.axhline(CHANCE, color="k", ls=":", lw=1, label="chance (1/64)")
