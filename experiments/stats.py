@@ -21,6 +21,12 @@ __all__ = [
     "sign_flip_p",
     "spearman_p",
     "interval",
+    "cluster_bootstrap_test",
+    "bootstrap_p",
+    "two_sample_p",
+    "stratified_spearman_p",
+    "block_trend_p",
+    "holm",
 ]
 
 N_BOOT = 2000
@@ -52,6 +58,18 @@ def cluster_bootstrap(
     seed: int = 0,
 ) -> tuple[float, float, float]:
     """``(estimate, low, high)``: ``stat(rows)`` and its 95 % interval, resampling whole clusters of rows."""
+    return cluster_bootstrap_test(stat, rows, cluster, n_boot, seed)[:3]
+
+
+def cluster_bootstrap_test(
+    stat: Callable[[list[dict]], float],
+    rows: Sequence[dict],
+    cluster: Callable[[dict], Hashable],
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> tuple[float, float, float, float]:
+    """:func:`cluster_bootstrap` and the two-sided bootstrap p of the estimate's sign (:func:`bootstrap_p`)
+    from the same draws."""
     groups: dict[Hashable, list[dict]] = {}
     for r in rows:
         groups.setdefault(cluster(r), []).append(r)
@@ -64,7 +82,17 @@ def cluster_bootstrap(
         if not math.isnan(value):
             draws.append(value)
     low, high = interval(draws)
-    return stat(list(rows)), low, high
+    return stat(list(rows)), low, high, bootstrap_p(draws)
+
+
+def bootstrap_p(draws: Sequence[float]) -> float:
+    """Two-sided bootstrap p of "the effect is 0": twice the smaller share of draws on either side of 0
+    (at most 1; ``1 / (n + 1)`` resolution, so a p below it reads as that bound)."""
+    d = np.asarray(draws, float)
+    if len(d) == 0:
+        return math.nan
+    low, high = (np.sum(d <= 0) + 1) / (len(d) + 1), (np.sum(d >= 0) + 1) / (len(d) + 1)
+    return float(min(1.0, 2 * min(low, high)))
 
 
 def paired_difference(
@@ -86,11 +114,16 @@ def interval(draws: Sequence[float]) -> tuple[float, float]:
 
 
 def sign_flip_p(diffs: Sequence[float]) -> float:
-    """Two-sided exact p of a paired sign-flip permutation test of mean ``diffs`` = 0 (all 2^n sign patterns)."""
+    """Two-sided p of a paired sign-flip permutation test of mean ``diffs`` = 0: exact over all 2^n sign
+    patterns for n <= 16, else from ``2 ** 16`` random patterns (fixed seed; the observed one included)."""
     d = np.asarray(diffs, float)
-    if len(d) == 0 or len(d) > 20:
+    if len(d) == 0:
         return math.nan
-    signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * len(d))).reshape(len(d), -1).T
+    if len(d) <= 16:
+        signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * len(d))).reshape(len(d), -1).T
+    else:
+        rng = np.random.default_rng(0)
+        signs = np.vstack([np.ones(len(d)), rng.choice([-1.0, 1.0], (2**16 - 1, len(d)))])
     means = np.abs(signs @ d) / len(d)
     return float(np.mean(means >= abs(d.mean()) - 1e-12))
 
@@ -112,3 +145,73 @@ def spearman_p(xs: Sequence[float], ys: Sequence[float]) -> float:
         total += 1
         hits += (not math.isnan(r)) and abs(r) >= abs(rho) - 1e-12
     return hits / total
+
+
+def two_sample_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided exact permutation p of mean(a) - mean(b) = 0 over every split of the pooled values into
+    groups of ``len(a)`` and ``len(b)`` (at most 20 values in all)."""
+    from itertools import combinations
+
+    pooled = np.asarray([*a, *b], float)
+    n, k = len(pooled), len(a)
+    if k == 0 or k == n or n > 20:
+        raise ValueError(
+            f"two_sample_p needs two non-empty groups of at most 20 values in all, got {k} + {n - k}"
+        )
+    observed = abs(pooled[:k].mean() - pooled[k:].mean())
+    total, hits = pooled.sum(), 0
+    splits = list(combinations(range(n), k))
+    for idx in splits:
+        sa = pooled[list(idx)].sum()
+        hits += abs(sa / k - (total - sa) / (n - k)) >= observed - 1e-12
+    return hits / len(splits)
+
+
+def stratified_spearman_p(
+    xs: Sequence[float], ys: Sequence[float], strata: Sequence[Hashable], n_perm: int = 4000, seed: int = 0
+) -> tuple[float, float]:
+    """``(statistic, p)``: the mean over strata of Spearman(x, y) within each stratum, and its two-sided p
+    from permuting y within strata (``n_perm`` random permutations, the observed one included). Strata with
+    a constant side are left out of the mean (they carry no ranking)."""
+    cells: dict[Hashable, list[int]] = {}
+    for i, s in enumerate(strata):
+        cells.setdefault(s, []).append(i)
+    x, y = np.asarray(xs, float), np.asarray(ys, float)
+    rng = np.random.default_rng(seed)
+    observed, null = [], np.zeros(n_perm - 1)
+    for members in cells.values():
+        if len(members) < 3:
+            continue
+        rx, ry = (rankdata(v[members]) for v in (x, y))
+        rx, ry = rx - rx.mean(), ry - ry.mean()
+        den = float(np.linalg.norm(rx) * np.linalg.norm(ry))
+        if den == 0:
+            continue  # a constant side: no ranking in this stratum
+        observed.append(float(rx @ ry) / den)
+        perms = np.argsort(rng.random((n_perm - 1, len(members))), axis=1)
+        null += ry[perms] @ rx / den
+    if not observed:
+        return math.nan, math.nan
+    stat = float(np.mean(observed))
+    null /= len(observed)
+    return stat, float((1 + np.sum(np.abs(null) >= abs(stat) - 1e-12)) / n_perm)
+
+
+def block_trend_p(
+    doses: Sequence[float], ys: Sequence[float], blocks: Sequence[Hashable], n_perm: int = 4000, seed: int = 0
+) -> tuple[float, float]:
+    """``(statistic, p)`` of a dose trend in a blocked design (every block, e.g. a seed, sees every dose):
+    the mean over blocks of Spearman(dose, y), p from permuting doses within blocks (:func:`stratified_spearman_p`)."""
+    return stratified_spearman_p(ys, doses, blocks, n_perm, seed)
+
+
+def holm(ps: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p values (same order as ``ps``; NaN stays NaN and is not counted)."""
+    valid = [(p, i) for i, p in enumerate(ps) if not math.isnan(p)]
+    m = len(valid)
+    out = [math.nan] * len(ps)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(valid)):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out

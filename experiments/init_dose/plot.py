@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.common import read_rows, write_outputs  # noqa: E402
+from ess_train.measure import position_bounds  # noqa: E402
 from experiments.stats import spearman, spearman_p  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -38,6 +39,13 @@ def slope(tss: list[float], ess: list[float]) -> float:
     if len(set(tss)) < 2:
         return math.nan
     return float(np.polyfit(np.log(tss), np.log(ess), 1)[0])
+
+
+def full_use_ess(tss: float, seq_len: int = 128, d_model: int = 64) -> float:
+    """Total ESS of a fully used layer of TSS ``d_model * N``: every one of its ``d_model`` operators at its
+    rank bound ``min(N, i, L - i)`` at every position (the mean over positions, as total ESS is)."""
+    n = round(tss / d_model)
+    return d_model * sum(position_bounds(n, seq_len, None)) / seq_len
 
 
 def trained_rows(path: Path) -> list[dict]:
@@ -107,6 +115,9 @@ def tables(results: Path, suffix: str = "") -> tuple[str, dict]:
                 for sd in sorted({r["seed"] for r in rs})
                 for by in [[r for r in rs if r["seed"] == sd]]
             ]
+        sizes = sorted({float(r["tss"]) for r in init})
+        seq_len = int(init[0]["seq_len"])
+        summary["full_use_slope"] = slope(sizes, [full_use_ess(t, seq_len) for t in sizes])
         fams = [f for f in NAMES if summary.get(f"init_slope_per_seed/{f}")]
         md += [
             "",
@@ -115,7 +126,9 @@ def tables(results: Path, suffix: str = "") -> tuple[str, dict]:
                 f"{NAMES[f]} {summary[f'init_slope/{f}']:.2f} "
                 f"({min(summary[f'init_slope_per_seed/{f}']):.2f}-{max(summary[f'init_slope_per_seed/{f}']):.2f})"
                 for f in fams
-            ),
+            )
+            + f"; a fully used state (every position at its rank bound min(N, i, L - i)) has slope "
+            f"{summary['full_use_slope']:.3f}",
             "",
         ]
     bound = trained_rows(results / f"bound{suffix}.csv")
@@ -176,7 +189,7 @@ def plot(results: Path, path: Path, suffix: str = "") -> None:
             ax.plot(
                 *zip(*pts), marker="os^"[seed % 3], color=f"C{i}", lw=0.8, label=f"{NAMES[fam]}, seed {seed}"
             )
-    ax.set_title("at initialization: total ESS vs TSS (L = 128)", fontsize=9)
+    ax.set_title(f"at initialization: total ESS vs TSS (L = 128), n = {len(init)} layers", fontsize=9)
     bound = trained_rows(results / f"bound{suffix}.csv")
     ax = axes[1]
     for i, fam in enumerate(NAMES):
@@ -198,10 +211,18 @@ def plot(results: Path, path: Path, suffix: str = "") -> None:
             )
             for r in rs:
                 ax.annotate(f"acc {r['acc']:.2f}", (r["tss"], r["ess"]), fontsize=6)
-    ax.set_title("before (x) and after (o) 1,000 steps of MQAR (16 kv)", fontsize=9)
+    ax.set_title(f"before (x) and after (o) 1,000 steps of MQAR (16 kv), n = {len(bound)} runs", fontsize=9)
+    sizes = sorted({float(r["tss"]) for r in init}) or [64.0 * n for n in (4, 8, 16, 32)]
+    seq_len = int(init[0]["seq_len"]) if init else 128
     for ax in axes[:2]:
-        lims = [64 * 4, 64 * 32]
-        ax.plot(lims, lims, ":", color="grey", label="ESS = TSS")
+        ax.plot(sizes, sizes, ":", color="lightgrey", label="ESS = TSS")
+        ax.plot(
+            sizes,
+            [full_use_ess(t, seq_len) for t in sizes],
+            "--",
+            color="grey",
+            label="full use (rank bound)",
+        )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
         ax.set_xlabel("TSS of the layer (64 N)")
@@ -219,7 +240,7 @@ def plot(results: Path, path: Path, suffix: str = "") -> None:
     ax.axhline(CHANCE_DOSE, color="grey", ls=":", label="chance (1/64)")
     ax.set_xlabel("utilization at initialization")
     ax.set_ylabel("validation accuracy after 1,000 steps")
-    ax.set_title("dose: GLA gate normalizer g, Mamba dt range", fontsize=9)
+    ax.set_title(f"dose: GLA gate normalizer g, Mamba dt range, n = {len(dose)} runs", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

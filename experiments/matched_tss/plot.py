@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 from experiments.common import read_rows, write_outputs  # noqa: E402
-from experiments.stats import cluster_bootstrap, partial_spearman, spearman  # noqa: E402
+from experiments.stats import cluster_bootstrap_test, partial_spearman, spearman  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 LAYER = "blocks.1.mixer"
@@ -97,7 +97,9 @@ def correlations(rows: list[dict]) -> dict:
         "diff_tol_tss": diff("tol_kv"),
         "partial_ess_given_tss": partial,
     }
-    out = {name: cluster_bootstrap(fn, rows, _config) for name, fn in stats.items()}
+    tests = {name: cluster_bootstrap_test(fn, rows, _config) for name, fn in stats.items()}
+    out: dict = {name: t[:3] for name, t in tests.items()}
+    out["p"] = {name: t[3] for name, t in tests.items()}  # two-sided bootstrap p of each estimate's sign
     out["n"] = len(rows)
     return out
 
@@ -225,9 +227,56 @@ def plot_scatter(rows: list[dict], path: Path) -> None:
         plt.Line2D([], [], color="grey", ls=":", label="chance (1/64)"),
     ]
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8)
-    fig.suptitle("Study 1: accuracy against ESS/kv (top) and TSS/kv (bottom) at matched TSS", fontsize=10)
+    fig.suptitle(
+        f"Study 1: accuracy against ESS/kv (top) and TSS/kv (bottom) at matched TSS, n = {len(rows)} runs",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.08, 1, 0.97))
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_pooled(rows: list[dict], path: Path) -> None:
+    """The headline's scatter: accuracy against ESS/kv and TSS/kv, all recurrences pooled over TSS levels."""
+    rec = [r for r in rows if r["family"] != "attention"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharey=True)
+    for ax, (key, label) in zip(axes, [("ess_kv", "ESS per kv pair"), ("tss_kv", "TSS per kv pair")]):
+        rho = spearman([r[key] for r in rec], [r["acc"] for r in rec])
+        for r in rec:
+            m = _marker(r)
+            ax.scatter(r[key], r["acc"], marker=m["marker"], edgecolors=m["color"], facecolors=m["facecolor"])
+        ax.axhline(CHANCE, color="grey", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(f"{label} (recurrence layer)")
+        ax.set_title(f"{label}: Spearman rho {rho:.2f}, n = {len(rec)} runs", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy")
+    handles = [
+        plt.Line2D([], [], color=COLORS[f], marker="o", ls="", label=NAMES[f])
+        for f in NAMES
+        if f != "attention"
+    ]
+    handles += [
+        plt.Line2D(
+            [],
+            [],
+            color="k",
+            marker=_marker({"kv": kv, "seed": 1, "family": "gla"})["marker"],
+            ls="",
+            mfc="none",
+            label=f"kv {kv}",
+        )
+        for kv in sorted({r["kv"] for r in rec})
+    ]
+    handles.append(plt.Line2D([], [], color="grey", ls=":", label="chance (1/64)"))
+    fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=8)
+    levels = "/".join(str(t) for t in sorted({r["tss"] for r in rec}))
+    fig.suptitle(f"Study 1, pooled over TSS {levels} per layer (filled: even seeds, open: odd)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -309,6 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = load(args.results / args.csv)
     md, summary = tables(rows)
     plot_scatter(rows, args.results / "ess_vs_acc.png")
+    plot_pooled(rows, args.results / "pooled.png")
     plot_utilization([r for r in rows], args.results / "utilization.png")
     curves = args.results / args.csv.replace(".csv", "_curves.csv")
     if curves.exists():
