@@ -174,6 +174,7 @@ CONSTRUCTED = [
 ]
 
 
+@pytest.mark.slow  # (builds the task, model and callbacks of each case: ~0.4 s apiece)
 @pytest.mark.parametrize(("override", "message"), CONSTRUCTED)
 def test_bad_values_are_refused_before_training_naming_the_group(
     tmp_path, override: str, message: str
