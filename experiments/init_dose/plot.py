@@ -23,8 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.common import read_rows, write_outputs  # noqa: E402
 from ess_train.measure import position_bounds  # noqa: E402
+from experiments.common import read_rows, write_outputs  # noqa: E402
 from experiments.stats import spearman, spearman_p  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -53,8 +53,9 @@ def layer_kwargs(family: str, n: int) -> dict:
     return {"num_heads": 4, "expand_k": n * 4 / 64, "expand_v": 1.0}
 
 
-def ess_at_init(out_csv: Path, smoke: bool = False) -> Path:
-    """Part ``init``: entropy- and tolerance-ESS of the untrained S6 and GLA layers, one CSV row per layer."""
+def ess_at_init(out_csv: Path, smoke: bool = False, seeds: list[int] | None = None) -> Path:
+    """Part ``init``: entropy- and tolerance-ESS of the untrained S6 and GLA layers, one CSV row per layer
+    (``seeds``: the model seeds, ``INIT_SEEDS`` by default)."""
     import torch
 
     from ess_train.measure import layer_ess
@@ -67,7 +68,7 @@ def ess_at_init(out_csv: Path, smoke: bool = False) -> Path:
     dm.setup("fit")
     inputs = next(iter(dm.val_dataloader()))["inputs"][: 2 if smoke else 16]
     rows = []
-    grid = [("gla", 4, 0)] if smoke else itertools.product(["mamba", "gla"], INIT_STATE_SIZES, INIT_SEEDS)
+    grid = [("gla", 4, 0)] if smoke else itertools.product(["mamba", "gla"], INIT_STATE_SIZES, seeds or INIT_SEEDS)
     for family, n, seed in grid:
         torch.manual_seed(seed)
         model = SequenceModel(

@@ -1,0 +1,157 @@
+"""The registered designs' grids: ``run_id -> overrides`` per design, and the pilot rule of design 2.
+
+Every run goes to one CSV (``results/runs.csv``), so a run two designs share (design 1's GLA runs at the
+floor regime are design 2's unregularized arm) trains once. The registrations (``NN_<name>.json``) say what
+each design tests; this module says which runs it needs. Seed-major order, so that an interrupted queue
+holds whole seeds.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from experiments.matched_tss.run import family_kwargs, hybrid_overrides
+
+__all__ = ["DESIGNS", "points", "floor_kv", "FAMILIES", "KVS", "SEEDS_1", "SEEDS_2"]
+
+FAMILIES = ["gla", "decayed_linear_attention", "linear_attention"]
+TSS = 512  # per layer: 4 heads x d_k 8 x d_v 16, the same for the three families
+KVS = [2, 4, 6, 8]
+SEEDS_1 = list(range(6))
+SEEDS_2 = list(range(24))
+STEPS = 1500
+PILOT_SEEDS = SEEDS_1[:4]
+PILOT_RANGE = (0.3, 0.6)
+GLA_LAYER = "model.blocks.1.mixer"
+FLOOR = [
+    "callbacks=regularized",
+    f"+callbacks.regularizer.include=[{GLA_LAYER}]",
+    "callbacks.regularizer.mode=floor",
+    "callbacks.regularizer.weight=1.0",
+    "+callbacks.regularizer.min_utilization=0.9",
+]
+DECAY_WEIGHTS = [1.0, 4.0, 20.0]
+SEEDS_3 = list(range(6))
+GATE_NORMALIZERS = [1, 2, 4, 8, 16, 64, 256]
+DT_RANGES = [(1e-4, 1e-3), (1e-4, 1e-2), (1e-3, 1e-2), (1e-3, 1e-1), (1e-2, 1e-1), (1e-2, 1.0), (1e-1, 1.0)]
+SEEDS_4 = list(range(4))
+SEEDS_7 = list(range(4, 20))  # seeds 0-3 are the committed pilot (experiments/hybrid_order)
+
+
+def _run(family: str, kv: int, seed: int, extra: Sequence[str] = (), kwargs: str | None = None) -> list[str]:
+    return [
+        *hybrid_overrides(
+            family, kwargs or family_kwargs(family, TSS), [f"task.num_kv_pairs={kv}"], seed, STEPS
+        ),
+        *extra,
+    ]
+
+
+def design_1() -> dict[str, list[str]]:
+    """ESS beyond kv (and collapse / saturation from the same runs): family x kv x 6 seeds at TSS 512."""
+    return {
+        f"{family}_kv{kv}_s{seed}": _run(family, kv, seed)
+        for seed, kv, family in itertools.product(SEEDS_1, KVS, FAMILIES)
+    }
+
+
+def floor_kv(rows: Sequence[dict]) -> int | None:
+    """The registered pilot rule: kv 4 when the unregularized GLA runs of seeds 0-3 at kv 4 average an
+    accuracy in [0.3, 0.6]; otherwise the kv whose pilot mean is nearest 0.45. ``None`` until every pilot
+    run of design 1's GLA cells is in ``rows``."""
+    acc = {r["run_id"]: float(r["val_acc"]) for r in rows if not r.get("error")}
+    means = {}
+    for kv in KVS:
+        ids = [f"gla_kv{kv}_s{s}" for s in PILOT_SEEDS]
+        if not all(i in acc for i in ids):
+            return None
+        means[kv] = sum(acc[i] for i in ids) / len(ids)
+    if PILOT_RANGE[0] <= means[4] <= PILOT_RANGE[1]:
+        return 4
+    return min(KVS, key=lambda kv: abs(means[kv] - sum(PILOT_RANGE) / 2))
+
+
+def design_2(kv: int) -> dict[str, list[str]]:
+    """``floor`` against none on GLA at the pilot's kv: 16 paired seeds (none = design 1's GLA runs)."""
+    out = {}
+    for seed in SEEDS_2:
+        out[f"gla_kv{kv}_s{seed}"] = _run("gla", kv, seed)
+        out[f"floor_kv{kv}_s{seed}"] = _run("gla", kv, seed, FLOOR)
+    return out
+
+
+def design_3(kv: int) -> dict[str, list[str]]:
+    """``decay_identity`` at weights 1, 4, 20 (0.03-1 % of the loss) in design 2's regime, 6 paired seeds."""
+    out = {}
+    for seed in SEEDS_3:
+        out[f"gla_kv{kv}_s{seed}"] = _run("gla", kv, seed)
+        for w in DECAY_WEIGHTS:
+            out[f"decay_w{w:g}_kv{kv}_s{seed}"] = _run(
+                "gla",
+                kv,
+                seed,
+                [
+                    "callbacks=regularized",
+                    f"+callbacks.regularizer.include=[{GLA_LAYER}]",
+                    "callbacks.regularizer.mode=decay_identity",
+                    f"callbacks.regularizer.weight={w:g}",
+                ],
+            )
+    return out
+
+
+def design_4(kv: int) -> dict[str, list[str]]:
+    """Initialization doses in design 2's regime: GLA gate normalizer (7) and Mamba dt range (7), 4 seeds."""
+    out = {}
+    for seed in SEEDS_4:
+        for g in GATE_NORMALIZERS:
+            kw = f"{{num_heads:4,expand_k:0.5,expand_v:1.0,gate_logit_normalizer:{g}}}"
+            out[f"gla_g{g}_kv{kv}_s{seed}"] = _run("gla", kv, seed, kwargs=kw)
+        for lo, hi in DT_RANGES:
+            kw = f"{{d_state:8,expand:1,dt_min:{lo:g},dt_max:{hi:g}}}"
+            out[f"mamba_dt{lo:g}-{hi:g}_kv{kv}_s{seed}"] = _run("mamba", kv, seed, kwargs=kw)
+    return out
+
+
+def design_7() -> dict[str, list[str]]:
+    """Hybrid order from step 0 (16 new seeds per order) and ``floor`` on the attention layer of
+    attention-first (16 paired seeds)."""
+    common = [
+        "model=gla",
+        "+model.mixer_kwargs.attention={num_heads:4,rotary:true}",
+        "task.num_kv_pairs=8",
+        "logger=csv",
+        "save_plots=false",
+        "checkpoint=none",
+    ]
+    out = {}
+    for seed in SEEDS_7:
+        out[f"gla_first_s{seed}"] = [*common, "model.mixer=[gla,attention]", f"seed={seed}"]
+        out[f"attention_first_s{seed}"] = [*common, "model.mixer=[attention,gla]", f"seed={seed}"]
+        out[f"attention_first_floor_s{seed}"] = [
+            *common,
+            "model.mixer=[attention,gla]",
+            f"seed={seed}",
+            "callbacks=regularized",
+            "+callbacks.regularizer.include=[model.blocks.0.mixer]",
+            "callbacks.regularizer.mode=floor",
+            "callbacks.regularizer.weight=1.0",
+            "+callbacks.regularizer.min_utilization=0.9",
+        ]
+    return out
+
+
+DESIGNS = {1: "design_1", 2: "design_2", 3: "design_3", 4: "design_4", 7: "design_7"}
+
+
+def points(design: int, rows: Sequence[dict] = ()) -> dict[str, list[str]]:
+    """The runs of ``design`` (designs 2-4 need design 1's pilot in ``rows``: empty until it is there)."""
+    if design == 1:
+        return design_1()
+    if design == 7:
+        return design_7()
+    kv = floor_kv(rows)
+    if kv is None:
+        return {}
+    return {2: design_2, 3: design_3, 4: design_4}[design](kv)

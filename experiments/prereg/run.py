@@ -1,0 +1,50 @@
+"""Run the registered designs' grids, resumably, into ``experiments/prereg/results/runs.csv``.
+
+Designs run in the order given; a run two designs share trains once. Design 8 (ESS at initialization, no
+training) takes seconds and writes ``results/init.csv``. Designs 2-4 start once design 1's pilot (its GLA
+runs of seeds 0-3) is in the CSV; their kv is the registered pilot rule's (``designs.floor_kv``).
+
+    PYTHONPATH=. .venv/bin/python experiments/prereg/run.py --design 8 1 2 3 4 7 --workers 2
+    PYTHONPATH=. .venv/bin/python experiments/prereg/run.py --design 1 --smoke --out /tmp/smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from experiments.common import gather_curves, read_rows, run_grid
+from experiments.init_dose.run import ess_at_init
+from experiments.matched_tss.run import SMOKE
+from experiments.prereg import designs
+
+HERE = Path(__file__).resolve().parent
+INIT_SEEDS = list(range(3, 15))  # seeds 0-2 are the committed exploratory study's (experiments/init_dose)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--design", type=int, nargs="+", required=True, choices=[*designs.DESIGNS, 8])
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--smoke", action="store_true", help="the first two runs of each design, a few steps")
+    args = parser.parse_args(argv)
+    csv_path = args.out / ("runs_smoke.csv" if args.smoke else "runs.csv")
+    for design in args.design:
+        if design == 8:
+            ess_at_init(args.out / "init.csv", smoke=args.smoke, seeds=INIT_SEEDS)
+            continue
+        points = designs.points(design, read_rows(csv_path))
+        if not points:
+            print(f"design {design}: waiting for design 1's pilot (GLA, seeds 0-3) in {csv_path}")
+            continue
+        if args.smoke:
+            points = {rid: [*ov, *SMOKE] for rid, ov in list(points.items())[:2]}
+        run_grid(points, csv_path, args.out, workers=args.workers)
+    done = [r["run_id"] for r in read_rows(csv_path) if not r.get("error")]
+    gather_curves(args.out / "runs", done, args.out / csv_path.name.replace(".csv", "_curves.csv"))
+    return csv_path
+
+
+if __name__ == "__main__":
+    main()
