@@ -1,0 +1,95 @@
+"""The pre-registrations, the registered tests' computations and the verdict rule (experiments/prereg)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from experiments import verdicts
+from experiments.prereg import analysis, designs, registrations
+from experiments.stats import holm
+
+
+def test_every_registered_test_has_one_computation_and_a_direction():
+    regs = registrations.load()
+    tests = registrations.family(regs)
+    assert [r.design for r in regs] == sorted(r.design for r in regs)
+    assert len({t.id for t in tests}) == len(tests)
+    assert {t.id for t in tests} == set(analysis.TESTS)
+    assert all(t.direction in (1, -1) for t in tests)
+
+
+def test_a_registration_missing_a_key_is_refused(tmp_path):
+    (tmp_path / "01_x.json").write_text('{"design": 1, "name": "x"}')
+    with pytest.raises(ValueError, match="01_x.json: missing keys"):
+        registrations.load(tmp_path)
+
+
+def test_holm_adjusts_step_down_and_keeps_order():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.001, 1.0]) == pytest.approx([0.002, 1.0])
+
+
+def test_the_verdict_rule():
+    done = analysis.Result(estimate=0.4, p=0.001, n=10, done=10, needed=10)
+    assert verdicts.verdict(done, 0.01, 1, "registered") == verdicts.HOLDS
+    assert verdicts.verdict(done, 0.01, -1, "registered") == verdicts.NOT
+    assert verdicts.verdict(done, 0.2, 1, "registered") == verdicts.CANNOT
+    assert verdicts.verdict(analysis.Result(done=3, needed=10), 1.0, 1, "registered") == "pending (3 of 10)"
+    assert verdicts.verdict(done, 0.01, 1, "blocked: no option") == "blocked"
+
+
+def _design_1_rows(ess_of_acc):
+    runs = {}
+    for i, rid in enumerate(designs.design_1()):
+        acc = (i * 7919 % 97) / 97
+        runs[rid] = {
+            "run_id": rid,
+            "val_acc": acc,
+            "ess_total": 10 + ess_of_acc(acc),
+            "ess/blocks.0.mixer/tss": 192,
+            "ess/blocks.1.mixer/tss": 512,
+            "ess/blocks.1.mixer/avg_entropy": ess_of_acc(acc),
+            "ess/blocks.1.mixer/utilization": 0.3 if "linear_attention_" not in rid[:17] else 0.9,
+            "ess/blocks.1.mixer/initial_utilization": 0.6,
+        }
+    return analysis.Data(runs, [], {})
+
+
+def test_design_1_tests_decide_on_complete_data_and_wait_on_partial():
+    tracking = analysis.compute(_design_1_rows(lambda a: 1 + 5 * a))
+    assert tracking["beyond_kv"].estimate == pytest.approx(1.0)
+    assert tracking["beyond_kv"].p < 0.05 / 17
+    assert tracking["collapse"].estimate < 0 and tracking["collapse"].p < 1e-3
+    assert tracking["linear_attention_fills"].estimate > 0
+    unrelated = analysis.compute(_design_1_rows(lambda a: (a * 31) % 1))
+    assert abs(unrelated["beyond_kv"].estimate) < 0.5
+    partial = _design_1_rows(lambda a: a)
+    partial.runs.pop("gla_kv2_s0")
+    res = analysis.beyond_kv(partial)
+    assert res.pending and math.isnan(res.p) and (res.done, res.needed) == (71, 72)
+
+
+def test_the_pilot_rule_places_design_2():
+    rows = [
+        {"run_id": f"gla_kv{kv}_s{s}", "val_acc": acc}
+        for kv, acc in [(2, 0.7), (4, 0.45), (6, 0.1), (8, 0.05)]
+        for s in range(4)
+    ]
+    assert designs.floor_kv(rows) == 4
+    rows = [{**r, "val_acc": 0.9 if r["run_id"].startswith("gla_kv4") else r["val_acc"]} for r in rows]
+    assert designs.floor_kv(rows) == 2  # kv 4 out of range: the kv whose pilot mean is nearest 0.45
+    assert designs.floor_kv(rows[:-1]) is None
+
+
+def test_registered_designs_smoke(tmp_path):
+    """Design 8 (ESS at initialization) and the first two runs of design 1, a few steps, same code path."""
+    from experiments.common import read_rows
+    from experiments.prereg import run
+
+    csv_path = run.main(["--design", "8", "1", "--smoke", "--out", str(tmp_path)])
+    rows = read_rows(csv_path)
+    assert [r["run_id"] for r in rows] == list(designs.design_1())[:2]
+    assert all(not r.get("error") and float(r["val_acc"]) >= 0 for r in rows)
+    assert read_rows(tmp_path / "init.csv")
