@@ -9,7 +9,7 @@ state size (``tss``: ``total``, ``per_operator``, ``seq_len``) and a display lab
 
 - :mod:`~ess_train.plots.overview`, one figure per metric whatever the depth: a layers x steps heatmap
   (:func:`layers_heatmap`) and a line chart with every layer (:func:`layers_lines`);
-- :mod:`~ess_train.plots.history`, per layer: :func:`heatmap_figure` / :func:`render_heatmap` (entropy-ESS
+- :mod:`~ess_train.plots.per_layer`, per layer: :func:`heatmap_figure` / :func:`render_heatmap` (entropy-ESS
   by position and step, robust colour limits), :func:`profile_figure` (ESS by position at a few steps), and
   :func:`utilization_figure` (every layer's utilization against the step, with a legend);
 - :func:`save_history_plots`: the overviews, plus the per-layer figures for small models, as PNG files.
@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ess_train.plots.history import (
+from ess_train.plots.per_layer import (
     heatmap_figure,
     profile_figure,
     rank_bound_profile,
