@@ -58,9 +58,12 @@ def student_model(d_k: int, vocab_size: int, seed: int):
     )
 
 
-def distill_one(args: tuple[str, str, list[str], int, int, int, bool]) -> dict[str, Any]:
-    """One student from one teacher (a pool worker): its row, or a row with ``error``."""
-    run_id, teacher_dir, overrides, d_k, seed, steps, smoke = args
+def distill_one(args: tuple) -> dict[str, Any]:
+    """One student from one teacher (a pool worker): its row, or a row with ``error``. ``args``: run id,
+    teacher run directory, teacher overrides, student d_k, seed, steps, smoke, and optionally the teacher's
+    measured mixer (``"gla"`` by default)."""
+    run_id, teacher_dir, overrides, d_k, seed, steps, smoke = args[:7]
+    teacher_mixer = args[7] if len(args) > 7 else "gla"
     try:
         import torch
 
@@ -70,7 +73,7 @@ def distill_one(args: tuple[str, str, list[str], int, int, int, bool]) -> dict[s
         start = time.time()
         teacher, dm = load_trained(overrides, teacher_dir)
         probe = next(iter(dm.val_dataloader()))["inputs"][:PROBE_ROWS]
-        t_ess = model_ess(teacher, probe, num_positions=probe.shape[1])
+        t_ess = model_ess(teacher, probe, num_positions=probe.shape[1], mixer=teacher_mixer)
         st = student_model(d_k, dm.vocab_size, seed)
         losses = distill(st, teacher, dm, steps=steps, kl_weight=1.0, ce_weight=0.0)
         ev = evaluate(st, teacher, dm, max_batches=2 if smoke else None)

@@ -109,7 +109,7 @@ def distill(
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         lrs.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

@@ -68,7 +68,11 @@ def ess_at_init(out_csv: Path, smoke: bool = False, seeds: list[int] | None = No
     dm.setup("fit")
     inputs = next(iter(dm.val_dataloader()))["inputs"][: 2 if smoke else 16]
     rows = []
-    grid = [("gla", 4, 0)] if smoke else itertools.product(["mamba", "gla"], INIT_STATE_SIZES, seeds or INIT_SEEDS)
+    grid = (
+        [("gla", 4, 0)]
+        if smoke
+        else itertools.product(["mamba", "gla"], INIT_STATE_SIZES, seeds or INIT_SEEDS)
+    )
     for family, n, seed in grid:
         torch.manual_seed(seed)
         model = SequenceModel(

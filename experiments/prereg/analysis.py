@@ -56,6 +56,7 @@ class Data:
     runs: dict[str, dict]
     init: list[dict]
     curves: dict[tuple[str, str, int], float]
+    students: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def load(cls, results: Path = RESULTS) -> Data:
@@ -64,7 +65,8 @@ class Data:
             (c["run_id"], c["metric"], int(c["step"])): float(c["value"])
             for c in read_rows(results / "runs_curves.csv")
         }
-        return cls(runs, read_rows(results / "init.csv"), curves)
+        students = {r["run_id"]: r for r in read_rows(results / "students.csv") if not r.get("error")}
+        return cls(runs, read_rows(results / "init.csv"), curves, students)
 
 
 def _f(row: dict, key: str) -> float:
@@ -272,6 +274,38 @@ def init_mamba_dt(data: Data) -> Result:
     return _dose_means(data, "mamba_dt")
 
 
+def distill_below_ess(data: Data) -> Result:
+    ids = designs.design_5_students()
+    rows = [data.students[i] for i in ids if i in data.students]
+    if len(rows) < len(ids):
+        return _pending(len(rows), len(ids), "students")
+    gaps, left_out = [], []
+    for tid in designs.design_5_teachers():
+        rs = [r for r in rows if r["run_id"].startswith(f"{tid}_dk")]
+        ess = float(rs[0]["teacher_ess_per_op"])
+        below = [float(r["agreement"]) for r in rs if int(r["d_k"]) < ess]
+        above = [float(r["agreement"]) for r in rs if int(r["d_k"]) > ess]
+        if below and above:
+            gaps.append(np.mean(below) - np.mean(above))
+        else:
+            left_out.append(tid)
+    if not gaps:
+        return Result(
+            done=len(rows), needed=len(ids), evidence="no teacher has students on both sides of its ESS"
+        )
+    g = np.array(gaps)
+    note = f"; left out (no student on one side): {', '.join(left_out)}" if left_out else ""
+    return Result(
+        float(g.mean()),
+        sign_flip_p(g),
+        len(g),
+        len(rows),
+        len(ids),
+        f"agreement below minus above the teacher's ESS per operator {g.mean():+.3f} "
+        f"(teachers {g.min():+.3f} to {g.max():+.3f}), {int(np.sum(g < 0))} of {len(g)} teachers below worse{note}",
+    )
+
+
 def _not_run(reason: str) -> Callable[[Data], Result]:
     def test(data: Data) -> Result:
         return Result(needed=1, evidence=reason)
@@ -380,7 +414,7 @@ TESTS: dict[str, Callable[[Data], Result]] = {
     "decay_identity_trend": decay_identity_trend,
     "init_gla_gate": init_gla_gate,
     "init_mamba_dt": init_mamba_dt,
-    "distill_below_ess": _not_run("not run: needs a distillation runner for three teacher types"),
+    "distill_below_ess": distill_below_ess,
     "delimiter_reset": _not_run("blocked: the zoo's GLA cannot fix its gate at the EOS token"),
     "hybrid_ess_tracks_acc": hybrid_ess_tracks_acc,
     "hybrid_early_ess": hybrid_early_ess,

@@ -36,7 +36,16 @@ SEEDS_3 = list(range(6))
 GATE_NORMALIZERS = [1, 2, 4, 8, 16, 64, 256]
 DT_RANGES = [(1e-4, 1e-3), (1e-4, 1e-2), (1e-3, 1e-2), (1e-3, 1e-1), (1e-2, 1e-1), (1e-2, 1.0), (1e-1, 1.0)]
 SEEDS_4 = list(range(4))
-SEEDS_7 = list(range(4, 20))  # seeds 0-3 are the committed pilot (experiments/hybrid_order)
+SEEDS_7 = list(range(4, 20))
+TEACHERS_5 = {  # teacher type -> (mixer after the short convolution, its kwargs; None: TSS 512 as in design 1)
+    "linear_attention": ("linear_attention", None),
+    "attention_rope": ("attention", "{num_heads:4,rotary:true}"),
+    "gla": ("gla", None),
+}
+SEEDS_5 = list(range(4))
+STUDENT_DKS = [1, 2, 4, 8, 16, 32, 64]
+TEACHER_KV = 4
+STUDENT_STEPS = 1000  # seeds 0-3 are the committed pilot (experiments/hybrid_order)
 
 
 def _run(family: str, kv: int, seed: int, extra: Sequence[str] = (), kwargs: str | None = None) -> list[str]:
@@ -114,6 +123,32 @@ def design_4(kv: int) -> dict[str, list[str]]:
     return out
 
 
+def design_5_teachers() -> dict[str, list[str]]:
+    """Design 5's teachers: 3 types x 4 seeds at kv 4, trained as design 1's runs, their checkpoints kept."""
+    out = {}
+    for seed in SEEDS_5:
+        for name, (mixer, kw) in TEACHERS_5.items():
+            out[f"teacher_{name}_s{seed}"] = hybrid_overrides(
+                mixer,
+                kw or family_kwargs(mixer, TSS),
+                [f"task.num_kv_pairs={TEACHER_KV}"],
+                seed,
+                STEPS,
+                keep_checkpoint=True,
+            )
+    return out
+
+
+def design_5_students() -> dict[str, tuple[str, str, int]]:
+    """``student run id -> (teacher run id, teacher's mixer, student d_k)``: GLA students (4 heads, d_v 16)
+    of every d_k for every teacher, student seed = teacher seed."""
+    return {
+        f"{tid}_dk{d_k}": (tid, TEACHERS_5[tid.split("_", 1)[1].rsplit("_s", 1)[0]][0], d_k)
+        for tid in design_5_teachers()
+        for d_k in STUDENT_DKS
+    }
+
+
 def design_7() -> dict[str, list[str]]:
     """Hybrid order from step 0 (16 new seeds per order) and ``floor`` on the attention layer of
     attention-first (16 paired seeds)."""
@@ -142,15 +177,17 @@ def design_7() -> dict[str, list[str]]:
     return out
 
 
-DESIGNS = {1: "design_1", 2: "design_2", 3: "design_3", 4: "design_4", 7: "design_7"}
+DESIGNS = {1: "design_1", 2: "design_2", 3: "design_3", 4: "design_4", 5: "design_5", 7: "design_7"}
 
 
 def points(design: int, rows: Sequence[dict] = ()) -> dict[str, list[str]]:
-    """The runs of ``design`` (designs 2-4 need design 1's pilot in ``rows``: empty until it is there)."""
+    """The trained runs of ``design`` (design 5: its teachers; designs 2-4 need design 1's pilot in ``rows``: empty until it is there)."""
     if design == 1:
         return design_1()
     if design == 7:
         return design_7()
+    if design == 5:
+        return design_5_teachers()
     kv = floor_kv(rows)
     if kv is None:
         return {}

@@ -2,7 +2,8 @@
 
 A registration is committed before its design's runs (git history shows the order) and holds the design's
 hypothesis, grid, n and why, thresholds and its tests: each with the claim, the statistic, the claimed
-direction (+1 or -1) and the unit of resampling. The verdict table reads them; a test id must have exactly
+direction (+1 or -1) and the unit of resampling. A change after registration is an entry in its
+``amendments`` list (dated, committed before the runs it concerns). The verdict table reads them; a test id must have exactly
 one computation in :mod:`experiments.prereg.analysis`.
 """
 

@@ -1,7 +1,8 @@
 """Run the registered designs' grids, resumably, into ``experiments/prereg/results/runs.csv``.
 
 Designs run in the order given; a run two designs share trains once. Design 8 (ESS at initialization, no
-training) takes seconds and writes ``results/init.csv``. Designs 2-4 start once design 1's pilot (its GLA
+training) takes about a minute and writes ``results/init.csv``; design 5 trains its teachers, then distils
+their students into ``results/students.csv``. Designs 2-4 start once design 1's pilot (its GLA
 runs of seeds 0-3) is in the CSV; their kv is the registered pilot rule's (``designs.floor_kv``).
 
     PYTHONPATH=. .venv/bin/python experiments/prereg/run.py --design 8 1 2 3 4 7 --workers 2
@@ -13,13 +14,37 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from experiments.common import gather_curves, read_rows, run_grid
+from experiments.common import gather_curves, read_rows, run_grid, run_tasks
+from experiments.distill_ess.run import distill_one
 from experiments.init_dose.run import ess_at_init
 from experiments.matched_tss.run import SMOKE
 from experiments.prereg import designs
 
 HERE = Path(__file__).resolve().parent
 INIT_SEEDS = list(range(3, 15))  # seeds 0-2 are the committed exploratory study's (experiments/init_dose)
+
+
+def distill_students(out: Path, teachers: dict[str, list[str]], workers: int, smoke: bool) -> Path:
+    """Design 5's students, distilled from the teachers' checkpoints into ``<out>/students.csv``."""
+    csv_path = out / ("students_smoke.csv" if smoke else "students.csv")
+    tasks = {
+        rid: (
+            rid,
+            str(out / "runs" / tid),
+            teachers[tid],
+            d_k,
+            int(tid.rsplit("_s", 1)[1]),
+            3 if smoke else designs.STUDENT_STEPS,
+            smoke,
+            mixer,
+        )
+        for rid, (tid, mixer, d_k) in designs.design_5_students().items()
+        if tid in teachers
+    }
+    if smoke:
+        tasks = dict(list(tasks.items())[:1])
+    run_tasks(distill_one, tasks, csv_path, workers=workers)
+    return csv_path
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -41,6 +66,8 @@ def main(argv: list[str] | None = None) -> Path:
         if args.smoke:
             points = {rid: [*ov, *SMOKE] for rid, ov in list(points.items())[:2]}
         run_grid(points, csv_path, args.out, workers=args.workers)
+        if design == 5:
+            distill_students(args.out, points, args.workers, args.smoke)
     done = [r["run_id"] for r in read_rows(csv_path) if not r.get("error")]
     gather_curves(args.out / "runs", done, args.out / csv_path.name.replace(".csv", "_curves.csv"))
     return csv_path

@@ -71,6 +71,22 @@ def test_design_1_tests_decide_on_complete_data_and_wait_on_partial():
     assert res.pending and math.isnan(res.p) and (res.done, res.needed) == (71, 72)
 
 
+def test_design_5_compares_students_on_both_sides_of_each_teachers_ess():
+    students = {}
+    for rid, (tid, _, d_k) in designs.design_5_students().items():
+        ess = 40.0 if "attention_rope" in tid else 3.0  # RoPE teachers: only d_k 64 above
+        students[rid] = {
+            "run_id": rid,
+            "d_k": d_k,
+            "teacher_ess_per_op": ess,
+            "agreement": 0.5 if d_k < ess else 0.9,
+        }
+    res = analysis.distill_below_ess(analysis.Data({}, [], {}, students))
+    assert res.estimate == pytest.approx(-0.4) and res.n == 12 and res.p < 0.05 / 17
+    students.pop(next(iter(students)))
+    assert analysis.distill_below_ess(analysis.Data({}, [], {}, students)).pending
+
+
 def test_the_pilot_rule_places_design_2():
     rows = [
         {"run_id": f"gla_kv{kv}_s{s}", "val_acc": acc}
