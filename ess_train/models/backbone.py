@@ -20,6 +20,7 @@ from ess_train.checks import check_keywords
 from ess_train.models.mixer_registry import build_mixer, mixer_parameters, resolve_mixer_name
 from ess_train.models.mixers.parts import RMSNorm
 from ess_train.models.protocol import OperatorView, StateSize, find_ess_layers, operators_of
+from ess_train.models.resets import reset_positions
 
 __all__ = ["SequenceModel", "Block", "MLP", "RMSNorm", "build_model"]
 
@@ -146,6 +147,10 @@ class SequenceModel(nn.Module):
         norm_eps: epsilon of the norms.
         init_std: std of the embedding/MLP/head normal init (the MLP output layer is scaled by
             ``1 / sqrt(2 n_layers)``, GPT-2 style).
+        reset_token: a delimiter token id (negative: counted from the end of the vocabulary, ``-1`` = the
+            last id, the delimited-recall task's EOS) at which every layer that supports resets (GLA) shuts
+            its gate: the state after it holds nothing from before (:mod:`ess_train.models.resets`).
+            ``None`` (default): no forced resets.
     """
 
     @staticmethod
@@ -170,6 +175,7 @@ class SequenceModel(nn.Module):
         dropout: float = 0.0,
         norm_eps: float = 1e-5,
         init_std: float = 0.02,
+        reset_token: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers)):
@@ -211,11 +217,30 @@ class SequenceModel(nn.Module):
             )
             for name in self.mixer_names
         )
+        self.reset_token = self._check_reset_token(reset_token, vocab_size)
         self.norm_f = _make_norm(norm, d_model, norm_eps)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         if tie_embeddings:
             self.lm_head.weight = self.embedding.weight
         self._init_weights()
+
+    def _check_reset_token(self, reset_token: int | None, vocab_size: int) -> int | None:
+        if reset_token is None:
+            return None
+        if isinstance(reset_token, bool) or not isinstance(reset_token, int):
+            raise ValueError(f"reset_token must be None or a token id (int), got {reset_token!r}")
+        token = reset_token + vocab_size if reset_token < 0 else reset_token
+        if not 0 <= token < vocab_size:
+            raise ValueError(f"reset_token={reset_token} is outside the vocabulary of {vocab_size} tokens")
+        if not any(getattr(b.mixer, "supports_resets", False) for b in self.blocks):
+            raise ValueError(
+                f"reset_token is set but no layer supports resets (mixers: {', '.join(self.mixer_names)}; "
+                "GLA does)"
+            )
+        return token
+
+    def _resets(self, inputs: Tensor):
+        return reset_positions(None if self.reset_token is None else inputs == self.reset_token)
 
     def _own_modules(self) -> list[nn.Module]:
         """The backbone's modules, mixers excluded."""
@@ -251,8 +276,9 @@ class SequenceModel(nn.Module):
         x = self.embedding(inputs)
         if self.pos_embedding is not None:
             x = x + self.pos_embedding(torch.arange(L, device=inputs.device))
-        for block in self.blocks:
-            x = block(x)
+        with self._resets(inputs):
+            for block in self.blocks:
+                x = block(x)
         return self.lm_head(self.norm_f(x))
 
     # ------------------------------------------------------------------------------------------ ESS
@@ -262,7 +288,8 @@ class SequenceModel(nn.Module):
 
     def ess_operators(self, inputs: Tensor) -> dict[str, OperatorView]:
         """Every layer's :class:`OperatorView` from one forward pass on ``inputs``, keyed by layer name."""
-        return operators_of(self, inputs)
+        with self._resets(inputs):
+            return operators_of(self, inputs)
 
     def state_sizes(self, seq_len: int) -> dict[str, StateSize]:
         """Every layer's theoretical state size at ``seq_len``, keyed by layer name."""

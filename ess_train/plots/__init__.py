@@ -24,19 +24,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ess_train.plots.per_layer import (
-    heatmap_figure,
-    profile_figure,
-    rank_bound_profile,
-    render_heatmap,
-    utilization_figure,
-)
 from ess_train.plots.overview import (
     LEGEND_LAYERS,
     layer_matrix,
     layers_heatmap,
     layers_lines,
     overview_labels,
+)
+from ess_train.plots.per_layer import (
+    heatmap_figure,
+    profile_figure,
+    rank_bound_profile,
+    render_heatmap,
+    utilization_figure,
 )
 from ess_train.plots.style import (
     DPI,

@@ -23,6 +23,7 @@ from ess_train.models.mixers.parts import (
 )
 from ess_train.models.ops import chunk_linear_attention, sub_chunk_for
 from ess_train.models.protocol import ESSMixer, OperatorView, StateSize
+from ess_train.models.resets import RESET_LOG_GATE, current_resets
 
 __all__ = ["GatedLinearAttention"]
 
@@ -41,9 +42,14 @@ class GatedLinearAttention(ESSMixer):
         chunk_size: chunk length of the fast forward (log-space chunked form: nothing overflows).
         norm_eps: epsilon of the per-head output RMSNorm.
 
+    Resets: inside a ``SequenceModel(reset_token=...)`` the gates at the delimiter's positions are shut
+    (log-gate ``RESET_LOG_GATE``): ``supports_resets``.
+
     TSS: ``heads * d_k * d_v``; per operator ``min(d_k, L // 2)``; multiplicity ``d_v``.
     ``init_search_space()``: ``gate_logit_normalizer`` candidates (first = current).
     """
+
+    supports_resets = True
 
     def __init__(
         self,
@@ -131,6 +137,9 @@ class GatedLinearAttention(ESSMixer):
         gk = F.logsigmoid(gk) / self.gate_logit_normalizer
         if self.clamp_min is not None:
             gk = gk.clamp_min(self.clamp_min)
+        resets = current_resets()
+        if resets is not None:
+            gk = gk.masked_fill(resets[:, None, :, None].to(gk.device), RESET_LOG_GATE)
         return {"q": q, "k": k, "v": v, "gk": gk}
 
     def operator(self, x: Tensor) -> OperatorView:
