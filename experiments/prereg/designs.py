@@ -36,6 +36,7 @@ SEEDS_3 = list(range(6))
 GATE_NORMALIZERS = [1, 2, 4, 8, 16, 64, 256]
 DT_RANGES = [(1e-4, 1e-3), (1e-4, 1e-2), (1e-3, 1e-2), (1e-3, 1e-1), (1e-2, 1e-1), (1e-2, 1.0), (1e-1, 1.0)]
 SEEDS_4 = list(range(4))
+SEEDS_6 = list(range(8))
 SEEDS_7 = list(range(4, 20))
 TEACHERS_5 = {  # teacher type -> (mixer after the short convolution, its kwargs; None: TSS 512 as in design 1)
     "linear_attention": ("linear_attention", None),
@@ -149,6 +150,19 @@ def design_5_students() -> dict[str, tuple[str, str, int]]:
     }
 
 
+def design_6() -> dict[str, list[str]]:
+    """Delimited recall (experiments/delimiters' redesigned settings: conv + GLA, 1,000 steps, lr 3e-3), GLA
+    with its gate shut at the EOS (``reset_token=-1``) against the same GLA with a free gate, 8 seeds each."""
+    from experiments.delimiters.run import points as delimiter_points
+
+    free = delimiter_points(False, 1000, SEEDS_6, lr=3e-3, hybrid=True, models=["gla"])
+    out = {}
+    for seed in SEEDS_6:
+        out[f"delim_free_s{seed}"] = free[f"gla_s{seed}"]
+        out[f"delim_reset_s{seed}"] = [*free[f"gla_s{seed}"], "+model.reset_token=-1"]
+    return out
+
+
 def design_7() -> dict[str, list[str]]:
     """Hybrid order from step 0 (16 new seeds per order) and ``floor`` on the attention layer of
     attention-first (16 paired seeds)."""
@@ -177,7 +191,15 @@ def design_7() -> dict[str, list[str]]:
     return out
 
 
-DESIGNS = {1: "design_1", 2: "design_2", 3: "design_3", 4: "design_4", 5: "design_5", 7: "design_7"}
+DESIGNS = {
+    1: "design_1",
+    2: "design_2",
+    3: "design_3",
+    4: "design_4",
+    5: "design_5",
+    6: "design_6",
+    7: "design_7",
+}
 
 
 def points(design: int, rows: Sequence[dict] = ()) -> dict[str, list[str]]:
@@ -188,6 +210,8 @@ def points(design: int, rows: Sequence[dict] = ()) -> dict[str, list[str]]:
         return design_7()
     if design == 5:
         return design_5_teachers()
+    if design == 6:
+        return design_6()
     kv = floor_kv(rows)
     if kv is None:
         return {}

@@ -2,7 +2,7 @@
 
 Designs run in the order given; a run two designs share trains once. Design 8 (ESS at initialization, no
 training) takes about a minute and writes ``results/init.csv``; design 5 trains its teachers, then distils
-their students into ``results/students.csv``. Designs 2-4 start once design 1's pilot (its GLA
+their students into ``results/students.csv``; design 6 adds each run's accuracy by query type. Designs 2-4 start once design 1's pilot (its GLA
 runs of seeds 0-3) is in the CSV; their kv is the registered pilot rule's (``designs.floor_kv``).
 
     PYTHONPATH=. .venv/bin/python experiments/prereg/run.py --design 8 1 2 3 4 7 --workers 2
@@ -22,6 +22,23 @@ from experiments.prereg import designs
 
 HERE = Path(__file__).resolve().parent
 INIT_SEEDS = list(range(3, 15))  # seeds 0-2 are the committed exploratory study's (experiments/init_dose)
+
+
+def train_and_query(args: tuple[str, list[str], str]) -> dict:
+    """Design 6's worker: train one delimited-recall run (its checkpoint kept), then its accuracy by query
+    type (fresh, reused, absent keys) on the validation set; one row, or a row with ``error``."""
+    run_id, overrides, out = args
+    try:
+        from experiments.common import run_point
+        from experiments.delimiters.run import query_type_accuracy
+        from experiments.distillation.distill import load_trained
+
+        row = run_point(run_id, overrides, out)
+        model, dm = load_trained(overrides, Path(out) / "runs" / run_id)
+        row.update(query_type_accuracy(model, dm))
+        return row
+    except Exception as err:  # one failed run must not lose the others
+        return {"run_id": run_id, "overrides": " ".join(overrides), "error": repr(err)[:500]}
 
 
 def distill_students(out: Path, teachers: dict[str, list[str]], workers: int, smoke: bool) -> Path:
@@ -65,6 +82,10 @@ def main(argv: list[str] | None = None) -> Path:
             continue
         if args.smoke:
             points = {rid: [*ov, *SMOKE] for rid, ov in list(points.items())[:2]}
+        if design == 6:
+            tasks = {rid: (rid, ov, str(args.out)) for rid, ov in points.items()}
+            run_tasks(train_and_query, tasks, csv_path, workers=args.workers)
+            continue
         run_grid(points, csv_path, args.out, workers=args.workers)
         if design == 5:
             distill_students(args.out, points, args.workers, args.smoke)

@@ -87,6 +87,12 @@ def test_design_5_compares_students_on_both_sides_of_each_teachers_ess():
     assert analysis.distill_below_ess(analysis.Data({}, [], {}, students)).pending
 
 
+def test_design_6_contrasts_reused_key_accuracy_of_the_two_arms():
+    runs = {rid: {"run_id": rid, "acc_reused": 0.9 if "reset" in rid else 0.6} for rid in designs.design_6()}
+    res = analysis.delimiter_reset(analysis.Data(runs, [], {}))
+    assert res.estimate == pytest.approx(0.3) and res.p < 0.05 / 17 and res.n == 16
+
+
 def test_the_pilot_rule_places_design_2():
     rows = [
         {"run_id": f"gla_kv{kv}_s{s}", "val_acc": acc}
@@ -100,12 +106,14 @@ def test_the_pilot_rule_places_design_2():
 
 
 def test_registered_designs_smoke(tmp_path):
-    """Design 8 (ESS at initialization) and the first two runs of design 1, a few steps, same code path."""
+    """Design 8 (ESS at initialization), the first two runs of designs 1 and 6, a few steps, same code path."""
     from experiments.common import read_rows
     from experiments.prereg import run
 
-    csv_path = run.main(["--design", "8", "1", "--smoke", "--out", str(tmp_path)])
+    csv_path = run.main(["--design", "8", "1", "6", "--smoke", "--out", str(tmp_path)])
     rows = read_rows(csv_path)
-    assert [r["run_id"] for r in rows] == list(designs.design_1())[:2]
+    assert [r["run_id"] for r in rows] == [*list(designs.design_1())[:2], "delim_free_s0", "delim_reset_s0"]
+    assert all(0 <= float(r["acc_reused"]) <= 1 for r in rows[2:])
+    assert "+model.reset_token=-1" in rows[3]["overrides"]
     assert all(not r.get("error") and float(r["val_acc"]) >= 0 for r in rows)
     assert read_rows(tmp_path / "init.csv")
