@@ -193,6 +193,9 @@ def table(s: dict[str, dict], results: dict[str, analysis.Result] | None = None)
         "|---|---|---|---|---|---|",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in registered_rows(results)]
+    figures = sorted((HERE / "prereg" / "results").glob("design*.png"))
+    if figures:
+        lines += ["", "Figures: " + ", ".join(f"[{p.stem}](prereg/results/{p.name})" for p in figures) + "."]
     lines += [
         "",
         "Exploratory studies before the registrations (evidence only, not tested; sections below):",

@@ -105,6 +105,7 @@ def test_the_pilot_rule_places_design_2():
     assert designs.floor_kv(rows[:-1]) is None
 
 
+@pytest.mark.slow
 def test_registered_designs_smoke(tmp_path):
     """Design 8 (ESS at initialization), the first two runs of designs 1 and 6, a few steps, same code path."""
     from experiments.common import read_rows
