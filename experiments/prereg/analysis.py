@@ -1,22 +1,32 @@
 """The registered tests, computed from the registered designs' CSVs: one function per test id.
 
-Each returns a :class:`Result`: the estimate, its p (two-sided, as registered), the n, the runs done of the
-runs needed, and one line of evidence. A test whose runs are not all in yet is ``pending`` (no p): the
-registered n is the n, so a verdict never comes from a partial sample.
+Each returns a :class:`~experiments.prereg.data.Result`: the estimate, its p (two-sided, as registered), the
+n, the runs done of the runs needed, and one line of evidence. A test whose runs are not all in yet is
+``pending`` (no p): the registered n is the n, so a verdict never comes from a partial sample.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from scipy.stats import rankdata
 
-from experiments.common import read_rows
 from experiments.prereg import designs
+from experiments.prereg.data import (
+    LAYER,
+    N_PERM,
+    RESULTS,
+    Data,
+    Result,
+    have,
+    log_ratio,
+    model_tss,
+    paired,
+    pending,
+    value,
+)
 from experiments.stats import (
     bootstrap_p,
     sign_flip_p,
@@ -26,95 +36,17 @@ from experiments.stats import (
     two_sample_p,
 )
 
-__all__ = ["Result", "TESTS", "compute", "Data"]
-
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-LAYER = "blocks.1.mixer"
-N_PERM = 10_000
-
-
-@dataclass
-class Result:
-    """One registered test's outcome (``p`` is NaN while ``pending``)."""
-
-    estimate: float = math.nan
-    p: float = math.nan
-    n: int = 0
-    done: int = 0
-    needed: int = 0
-    evidence: str = ""
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def pending(self) -> bool:
-        return self.done < self.needed or math.isnan(self.p)
-
-
-@dataclass
-class Data:
-    """The registered designs' rows: trained runs by id, ESS-at-init rows, curves by (run, metric, step)."""
-
-    runs: dict[str, dict]
-    init: list[dict]
-    curves: dict[tuple[str, str, int], float]
-    students: dict[str, dict] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, results: Path = RESULTS) -> Data:
-        runs = {r["run_id"]: r for r in read_rows(results / "runs.csv") if not r.get("error")}
-        curves = {
-            (c["run_id"], c["metric"], int(c["step"])): float(c["value"])
-            for c in read_rows(results / "runs_curves.csv")
-        }
-        students = {r["run_id"]: r for r in read_rows(results / "students.csv") if not r.get("error")}
-        return cls(runs, read_rows(results / "init.csv"), curves, students)
-
-
-def _f(row: dict, key: str) -> float:
-    return float(row[key])
-
-
-def _have(data: Data, ids: list[str]) -> list[dict]:
-    return [data.runs[i] for i in ids if i in data.runs]
-
-
-def _pending(done: int, needed: int, what: str = "runs") -> Result:
-    return Result(done=done, needed=needed, evidence=f"running: {done} of {needed} {what}")
-
-
-def _model_tss(row: dict) -> float:
-    return sum(float(v) for k, v in row.items() if k.endswith("/tss") and v not in ("", None))
-
-
-def _log_ratio(row: dict) -> float:
-    return math.log(_f(row, f"ess/{LAYER}/utilization") / _f(row, f"ess/{LAYER}/initial_utilization"))
-
-
-def _paired(data: Data, treated: list[str], control: list[str], key: Callable[[dict], float]) -> Result:
-    t, c = _have(data, treated), _have(data, control)
-    if len(t) < len(treated) or len(c) < len(control):
-        return _pending(len(t) + len(c), len(treated) + len(control))
-    d = np.array([key(a) - key(b) for a, b in zip(t, c)])
-    wins = int(np.sum(d > 0))
-    return Result(
-        float(d.mean()),
-        sign_flip_p(d),
-        len(d),
-        len(t) + len(c),
-        len(treated) + len(control),
-        f"mean difference {d.mean():+.3f} (pairs {d.min():+.3f} to {d.max():+.3f}), {wins} of {len(d)} pairs higher",
-    )
+__all__ = ["Result", "TESTS", "compute", "Data", "RESULTS", "LAYER"]
 
 
 def beyond_kv(data: Data) -> Result:
     ids = list(designs.design_1())
-    rows = _have(data, ids)
+    rows = have(data, ids)
     if len(rows) < len(ids):
-        return _pending(len(rows), len(ids))
+        return pending(len(rows), len(ids))
     cells = [r["run_id"].rsplit("_s", 1)[0] for r in rows]
-    acc = [_f(r, "val_acc") for r in rows]
-    ess = [_f(r, f"ess/{LAYER}/avg_entropy") for r in rows]
+    acc = [value(r, "val_acc") for r in rows]
+    ess = [value(r, f"ess/{LAYER}/avg_entropy") for r in rows]
     stat, p = stratified_spearman_p(acc, ess, cells, n_perm=N_PERM)
     return Result(
         stat,
@@ -137,13 +69,13 @@ def _rank_corr(ranks_a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def ess_vs_tss_per_kv(data: Data) -> Result:
     ids = list(designs.design_1())
-    rows = _have(data, ids)
+    rows = have(data, ids)
     if len(rows) < len(ids):
-        return _pending(len(rows), len(ids))
+        return pending(len(rows), len(ids))
     kv = np.array([int(r["run_id"].split("_kv")[1].split("_")[0]) for r in rows], float)
-    acc = np.array([_f(r, "val_acc") for r in rows])
-    ess = np.array([_f(r, "ess_total") for r in rows]) / kv
-    tss = np.array([_model_tss(r) for r in rows]) / kv
+    acc = np.array([value(r, "val_acc") for r in rows])
+    ess = np.array([value(r, "ess_total") for r in rows]) / kv
+    tss = np.array([model_tss(r) for r in rows]) / kv
     seed_of = [r["run_id"].rsplit("_s", 1)[1] for r in rows]
     seeds = sorted(set(seed_of))
     members = [np.array([i for i, s in enumerate(seed_of) if s == k]) for k in seeds]
@@ -168,10 +100,10 @@ def ess_vs_tss_per_kv(data: Data) -> Result:
 
 def _ratio_test(data: Data, families: list[str], label: str) -> Result:
     ids = [i for i in designs.design_1() if i.rsplit("_kv", 1)[0] in families]
-    rows = _have(data, ids)
+    rows = have(data, ids)
     if len(rows) < len(ids):
-        return _pending(len(rows), len(ids))
-    d = np.array([_log_ratio(r) for r in rows])
+        return pending(len(rows), len(ids))
+    d = np.array([log_ratio(r) for r in rows])
     ratio = np.exp(d)
     return Result(
         float(d.mean()),
@@ -199,27 +131,27 @@ def _regime(data: Data) -> int | None:
 def floor_utilization(data: Data) -> Result:
     kv = _regime(data)
     if kv is None:
-        return _pending(0, 2 * len(designs.SEEDS_2), "runs (waiting for the pilot)")
-    return _paired(
+        return pending(0, 2 * len(designs.SEEDS_2), "runs (waiting for the pilot)")
+    return paired(
         data,
         [f"floor_kv{kv}_s{s}" for s in designs.SEEDS_2],
         [f"gla_kv{kv}_s{s}" for s in designs.SEEDS_2],
-        lambda r: _f(r, f"ess/{LAYER}/utilization"),
+        lambda r: value(r, f"ess/{LAYER}/utilization"),
     )
 
 
 def floor_accuracy(data: Data) -> Result:
     kv = _regime(data)
     if kv is None:
-        return _pending(0, 2 * len(designs.SEEDS_2), "runs (waiting for the pilot)")
-    out = _paired(
+        return pending(0, 2 * len(designs.SEEDS_2), "runs (waiting for the pilot)")
+    out = paired(
         data,
         [f"floor_kv{kv}_s{s}" for s in designs.SEEDS_2],
         [f"gla_kv{kv}_s{s}" for s in designs.SEEDS_2],
-        lambda r: _f(r, "val_acc"),
+        lambda r: value(r, "val_acc"),
     )
     if not out.pending:
-        base = [_f(data.runs[f"gla_kv{kv}_s{s}"], "val_acc") for s in designs.SEEDS_2]
+        base = [value(data.runs[f"gla_kv{kv}_s{s}"], "val_acc") for s in designs.SEEDS_2]
         out.evidence += f"; kv {kv}, unregularized accuracy {min(base):.3f}-{max(base):.3f}"
     return out
 
@@ -228,17 +160,17 @@ def decay_identity_trend(data: Data) -> Result:
     kv = _regime(data)
     needed = len(designs.design_3(kv or 4))
     if kv is None:
-        return _pending(0, needed, "runs (waiting for the pilot)")
+        return pending(0, needed, "runs (waiting for the pilot)")
     ids = designs.design_3(kv)
-    rows = _have(data, list(ids))
+    rows = have(data, list(ids))
     if len(rows) < needed:
-        return _pending(len(rows), needed)
+        return pending(len(rows), needed)
     dose = [
         0.0 if r["run_id"].startswith("gla_") else float(r["run_id"].split("_w")[1].split("_")[0])
         for r in rows
     ]
     seeds = [r["run_id"].rsplit("_s", 1)[1] for r in rows]
-    stat, p = stratified_spearman_p([_f(r, "val_acc") for r in rows], dose, seeds, n_perm=N_PERM)
+    stat, p = stratified_spearman_p([value(r, "val_acc") for r in rows], dose, seeds, n_perm=N_PERM)
     return Result(
         stat, p, len(rows), len(rows), needed, f"mean within-seed Spearman(weight, accuracy) {stat:+.2f}"
     )
@@ -248,16 +180,16 @@ def _dose_means(data: Data, prefix: str) -> Result:
     kv = _regime(data)
     needed = 7 * len(designs.SEEDS_4)
     if kv is None:
-        return _pending(0, needed, "runs (waiting for the pilot)")
+        return pending(0, needed, "runs (waiting for the pilot)")
     ids = [i for i in designs.design_4(kv) if i.startswith(prefix)]
-    rows = _have(data, ids)
+    rows = have(data, ids)
     if len(rows) < len(ids):
-        return _pending(len(rows), len(ids))
+        return pending(len(rows), len(ids))
     doses: dict[str, list[dict]] = {}
     for r in rows:
         doses.setdefault(r["run_id"].rsplit("_kv", 1)[0], []).append(r)
-    util = [np.mean([_f(r, f"ess/{LAYER}/initial_utilization") for r in rs]) for rs in doses.values()]
-    acc = [np.mean([_f(r, "val_acc") for r in rs]) for rs in doses.values()]
+    util = [np.mean([value(r, f"ess/{LAYER}/initial_utilization") for r in rs]) for rs in doses.values()]
+    acc = [np.mean([value(r, "val_acc") for r in rs]) for rs in doses.values()]
     rho = spearman(util, acc)
     return Result(
         rho,
@@ -282,7 +214,7 @@ def distill_below_ess(data: Data) -> Result:
     ids = designs.design_5_students()
     rows = [data.students[i] for i in ids if i in data.students]
     if len(rows) < len(ids):
-        return _pending(len(rows), len(ids), "students")
+        return pending(len(rows), len(ids), "students")
     gaps, left_out = [], []
     for tid in designs.design_5_teachers():
         rs = [r for r in rows if r["run_id"].startswith(f"{tid}_dk")]
@@ -312,11 +244,11 @@ def distill_below_ess(data: Data) -> Result:
 
 def delimiter_reset(data: Data) -> Result:
     ids = designs.design_6()
-    rows = _have(data, list(ids))
+    rows = have(data, list(ids))
     if len(rows) < len(ids):
-        return _pending(len(rows), len(ids))
-    fixed = [_f(r, "acc_reused") for r in rows if r["run_id"].startswith("delim_reset")]
-    free = [_f(r, "acc_reused") for r in rows if r["run_id"].startswith("delim_free")]
+        return pending(len(rows), len(ids))
+    fixed = [value(r, "acc_reused") for r in rows if r["run_id"].startswith("delim_reset")]
+    free = [value(r, "acc_reused") for r in rows if r["run_id"].startswith("delim_free")]
     diff = float(np.mean(fixed) - np.mean(free))
     return Result(
         diff,
@@ -329,23 +261,16 @@ def delimiter_reset(data: Data) -> Result:
     )
 
 
-def _not_run(reason: str) -> Callable[[Data], Result]:
-    def test(data: Data) -> Result:
-        return Result(needed=1, evidence=reason)
-
-    return test
-
-
 def _hybrid_rows(data: Data) -> tuple[list[dict], int]:
     ids = [f"{o}_s{s}" for o in ("gla_first", "attention_first") for s in designs.SEEDS_7]
-    return _have(data, ids), len(ids)
+    return have(data, ids), len(ids)
 
 
 def hybrid_ess_tracks_acc(data: Data) -> Result:
     rows, needed = _hybrid_rows(data)
     if len(rows) < needed:
-        return _pending(len(rows), needed)
-    acc, ess = [_f(r, "val_acc") for r in rows], [_f(r, "ess_per_kv") for r in rows]
+        return pending(len(rows), needed)
+    acc, ess = [value(r, "val_acc") for r in rows], [value(r, "ess_per_kv") for r in rows]
     rho = spearman(acc, ess)
     return Result(
         rho, spearman_p(acc, ess), len(rows), len(rows), needed, f"Spearman(accuracy, ESS per kv) {rho:+.2f}"
@@ -355,13 +280,13 @@ def hybrid_ess_tracks_acc(data: Data) -> Result:
 def hybrid_early_ess(data: Data) -> Result:
     rows, needed = _hybrid_rows(data)
     if len(rows) < needed:
-        return _pending(len(rows), needed)
+        return pending(len(rows), needed)
     step = 200
     early = [data.curves.get((r["run_id"], "ess/per_kv", step), math.nan) for r in rows]
     if any(math.isnan(e) for e in early):
         return Result(needed=needed, done=len(rows), evidence=f"no ESS per kv at step {step} in the curves")
     orders = [r["run_id"].rsplit("_s", 1)[0] for r in rows]
-    stat, p = stratified_spearman_p(early, [_f(r, "val_acc") for r in rows], orders, n_perm=N_PERM)
+    stat, p = stratified_spearman_p(early, [value(r, "val_acc") for r in rows], orders, n_perm=N_PERM)
     return Result(
         stat,
         p,
@@ -373,11 +298,11 @@ def hybrid_early_ess(data: Data) -> Result:
 
 
 def hybrid_floor_attention(data: Data) -> Result:
-    return _paired(
+    return paired(
         data,
         [f"attention_first_floor_s{s}" for s in designs.SEEDS_7],
         [f"attention_first_s{s}" for s in designs.SEEDS_7],
-        lambda r: _f(r, "val_acc"),
+        lambda r: value(r, "val_acc"),
     )
 
 
@@ -401,7 +326,7 @@ def _slope_test(data: Data, diff: Callable[[dict, int], float], label: str) -> R
 
     s = _slopes(data)
     if s is None:
-        return _pending(0, len(INIT_SEEDS), "seeds")
+        return pending(0, len(INIT_SEEDS), "seeds")
     d = np.array([diff(s, seed) for seed in INIT_SEEDS])
     return Result(
         float(d.mean()),

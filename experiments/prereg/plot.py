@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.prereg import designs  # noqa: E402
-from experiments.prereg.analysis import LAYER, RESULTS, Data  # noqa: E402
+from experiments.prereg.data import LAYER, RESULTS, Data  # noqa: E402
 
 __all__ = ["main"]
 KV_COLOURS = {kv: c for kv, c in zip(designs.KVS, ["tab:blue", "tab:green", "tab:orange", "tab:red"])}
