@@ -170,9 +170,35 @@ def decay_identity_trend(data: Data) -> Result:
         for r in rows
     ]
     seeds = [r["run_id"].rsplit("_s", 1)[1] for r in rows]
-    stat, p = stratified_spearman_p([value(r, "val_acc") for r in rows], dose, seeds, n_perm=N_PERM)
+    acc = [value(r, "val_acc") for r in rows]
+    stat, p = stratified_spearman_p(acc, dose, seeds, n_perm=N_PERM)
+    means = {w: np.mean([a for a, d in zip(acc, dose) if d == w]) for w in sorted(set(dose))}
     return Result(
-        stat, p, len(rows), len(rows), needed, f"mean within-seed Spearman(weight, accuracy) {stat:+.2f}"
+        stat,
+        p,
+        len(rows),
+        len(rows),
+        needed,
+        f"mean within-seed Spearman(weight, accuracy) {stat:+.2f}; mean accuracy by weight "
+        + ", ".join(f"{w:g}: {m:.3f}" for w, m in means.items())
+        + _penalty_share(data, [r["run_id"] for r in rows if not r["run_id"].startswith("gla_")]),
+    )
+
+
+def _penalty_share(data: Data, run_ids: list[str]) -> str:
+    """``; weighted penalty / loss at the first logged step a-b`` over ``run_ids`` (``decay_w<weight>_...``;
+    the curves log the unweighted penalty ``ess/reg_loss``), or nothing."""
+    shares = []
+    for rid in run_ids:
+        steps = sorted(s for (r, m, s) in data.curves if r == rid and m == "ess/reg_loss")
+        if steps and (rid, "train/loss", steps[0]) in data.curves:
+            shares.append(
+                data.curves[(rid, "ess/reg_loss", steps[0])] / data.curves[(rid, "train/loss", steps[0])]
+            )
+    return (
+        f"; weighted penalty / loss at the first logged step {min(shares):.2g}-{max(shares):.2g}"
+        if shares
+        else ""
     )
 
 
