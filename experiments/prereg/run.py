@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from experiments.common import gather_curves, read_rows, run_grid, run_tasks
+from experiments.common import gather_curves, read_rows, run_grid, run_tasks, write_rows
 from experiments.distill_ess.run import distill_one
 from experiments.init_dose.run import ess_at_init
 from experiments.matched_tss.run import SMOKE
@@ -89,9 +89,28 @@ def main(argv: list[str] | None = None) -> Path:
         run_grid(points, csv_path, args.out, workers=args.workers)
         if design == 5:
             distill_students(args.out, points, args.workers, args.smoke)
-    done = [r["run_id"] for r in read_rows(csv_path) if not r.get("error")]
-    gather_curves(args.out / "runs", done, args.out / csv_path.name.replace(".csv", "_curves.csv"))
+    write_curves(args.out, csv_path)
     return csv_path
+
+
+# the per-step metrics the registered tests and figures read (the committed curves keep only these)
+CURVE_METRICS = {
+    "ess/per_kv",
+    "ess/total",
+    "ess/reg_loss",
+    "train/loss",
+    "val/acc",
+    "ess/model.blocks.1.mixer/utilization",
+}
+
+
+def write_curves(out: Path, csv_path: Path) -> Path:
+    """The finished runs' curves of ``CURVE_METRICS`` in ``<csv stem>_curves.csv`` beside ``csv_path``."""
+    done = [r["run_id"] for r in read_rows(csv_path) if not r.get("error")]
+    path = csv_path.with_name(csv_path.stem + "_curves.csv")
+    gather_curves(out / "runs", done, path)
+    write_rows(path, [r for r in read_rows(path) if r["metric"] in CURVE_METRICS])
+    return path
 
 
 if __name__ == "__main__":
