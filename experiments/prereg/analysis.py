@@ -48,6 +48,13 @@ def beyond_kv(data: Data) -> Result:
     acc = [value(r, "val_acc") for r in rows]
     ess = [value(r, f"ess/{LAYER}/avg_entropy") for r in rows]
     stat, p = stratified_spearman_p(acc, ess, cells, n_perm=N_PERM)
+    per_family = {}
+    for family in designs.FAMILIES:
+        rhos = []
+        for kv in designs.KVS:
+            members = [i for i, c in enumerate(cells) if c == f"{family}_kv{kv}"]
+            rhos.append(spearman([acc[i] for i in members], [ess[i] for i in members]))
+        per_family[family] = np.nanmean(rhos)
     return Result(
         stat,
         p,
@@ -55,7 +62,9 @@ def beyond_kv(data: Data) -> Result:
         len(rows),
         len(ids),
         f"mean within-cell Spearman(accuracy, ESS) {stat:+.2f} over {len(set(cells))} cells of "
-        f"{len(rows) // len(set(cells))} seeds; accuracy {min(acc):.3f}-{max(acc):.3f}",
+        f"{len(rows) // len(set(cells))} seeds (per family, mean over kv: "
+        + ", ".join(f"{f} {r:+.2f}" for f, r in per_family.items())
+        + f"); accuracy {min(acc):.3f}-{max(acc):.3f}",
     )
 
 
