@@ -25,7 +25,7 @@ from tests import hf_hybrids
 
 transformers = pytest.importorskip("transformers")
 RTOL = 1e-5
-HYBRID_ATTENTION = ["jamba", "bamba", "granitemoehybrid", "falcon_h1", "zamba2", "lfm2"]
+HYBRID_ATTENTION = ["jamba", "bamba", "granitemoehybrid", "falcon_h1", "zamba2", "lfm2", "recurrent_gemma"]
 
 
 def _reference_profiles(eager: nn.Module, ids: torch.Tensor, **kwargs) -> list[torch.Tensor]:
@@ -81,12 +81,23 @@ def test_a_window_that_lives_only_in_the_mask_is_read_from_it() -> None:
 
 
 @pytest.mark.parametrize("family", HYBRID_ATTENTION)
-def test_the_hybrids_attention_layers_are_measured_too(family: str) -> None:
-    m = hf_hybrids.model(family)
-    report = analyze(m, hf_hybrids.tokens(length=20), positions=6)
+def test_the_hybrids_attention_layers_are_exact_against_their_eager_probabilities(family: str) -> None:
+    """The hybrids' attention (Zamba2's shared block at each call site, Falcon-H1's in every layer,
+    RecurrentGemma's local attention) against the same model's eager ``output_attentions``, in call order."""
+    ids = hf_hybrids.tokens(length=20)
+    report = analyze(hf_hybrids.model(family), ids, positions=6)
     attention = [r for r in report.layers.values() if r.kind.endswith("attention")]
     assert attention and not report.not_measured
     assert all(r.exactness_error is not None and r.exactness_error < 1e-5 for r in attention)
+    eager = hf_hybrids.model(family)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        probs = [p for p in eager(ids, output_attentions=True, use_cache=False).attentions if p is not None]
+    assert len(attention) == len(probs)
+    for layer, p in zip(attention, probs, strict=True):
+        ref = entropy_ess(DenseOperator(p.double())).mean(dim=(0, 1))
+        got = torch.tensor(layer.entropy_ess, dtype=torch.float64)
+        torch.testing.assert_close(got, ref[layer.positions], rtol=RTOL, atol=1e-9, msg=layer.name)
 
 
 def test_each_call_site_of_a_module_called_twice_is_its_own_entry() -> None:

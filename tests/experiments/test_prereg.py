@@ -107,7 +107,7 @@ def test_the_pilot_rule_places_design_2():
 
 @pytest.mark.slow
 def test_registered_designs_smoke(tmp_path):
-    """Design 8 (ESS at initialization), the first two runs of designs 1 and 6, a few steps, same code path."""
+    """Design 8 (ESS at initialization), the first two runs of designs 1 and 6: a few steps, same code."""
     from experiments.common import read_rows
     from experiments.prereg import run
 
