@@ -5,7 +5,11 @@ training) takes about a minute and writes ``results/init.csv``; design 5 trains 
 their students into ``results/students.csv``; design 6 adds each run's accuracy by query type. Designs 2-4 start once design 1's pilot (its GLA
 runs of seeds 0-3) is in the CSV; their kv is the registered pilot rule's (``designs.floor_kv``).
 
-    PYTHONPATH=. .venv/bin/python experiments/prereg/run.py --design 8 1 2 3 4 7 --workers 2
+Resumable across machines: the CSVs under ``results/`` are committed, the run directories are not, so a
+later run trains only what is missing (and design 5's teachers again where their checkpoints are gone while
+students remain); the curves of runs whose logs are gone stay as committed.
+
+    PYTHONPATH=. .venv/bin/python experiments/prereg/run.py --design 8 1 6 2 3 4 7 5 --workers 2
     PYTHONPATH=. .venv/bin/python experiments/prereg/run.py --design 1 --smoke --out /tmp/smoke
 """
 
@@ -39,6 +43,23 @@ def train_and_query(args: tuple[str, list[str], str]) -> dict:
         return row
     except Exception as err:  # one failed run must not lose the others
         return {"run_id": run_id, "overrides": " ".join(overrides), "error": repr(err)[:500]}
+
+
+def retrain_lost_teachers(out: Path, csv_path: Path, teachers: dict[str, list[str]]) -> None:
+    """Drop from ``csv_path`` the teachers whose checkpoint is gone (run directories are not committed)
+    while some of their students are still to distil, so that ``run_grid`` trains them again."""
+    done_students = {r["run_id"] for r in read_rows(out / "students.csv") if not r.get("error")}
+    students = designs.design_5_students()
+    lost = {
+        tid
+        for tid in teachers
+        if not any((out / "runs" / tid / "checkpoints").glob("*.ckpt"))
+        and any(t == tid and rid not in done_students for rid, (t, _, _) in students.items())
+    }
+    rows = read_rows(csv_path)
+    if lost & {r["run_id"] for r in rows}:
+        print(f"design 5: {len(lost)} teachers lost their checkpoints; training them again")
+        write_rows(csv_path, [r for r in rows if r["run_id"] not in lost])
 
 
 def distill_students(out: Path, teachers: dict[str, list[str]], workers: int, smoke: bool) -> Path:
@@ -86,6 +107,8 @@ def main(argv: list[str] | None = None) -> Path:
             tasks = {rid: (rid, ov, str(args.out)) for rid, ov in points.items()}
             run_tasks(train_and_query, tasks, csv_path, workers=args.workers)
             continue
+        if design == 5:
+            retrain_lost_teachers(args.out, csv_path, points)
         run_grid(points, csv_path, args.out, workers=args.workers)
         if design == 5:
             distill_students(args.out, points, args.workers, args.smoke)
@@ -105,11 +128,16 @@ CURVE_METRICS = {
 
 
 def write_curves(out: Path, csv_path: Path) -> Path:
-    """The finished runs' curves of ``CURVE_METRICS`` in ``<csv stem>_curves.csv`` beside ``csv_path``."""
+    """The finished runs' curves of ``CURVE_METRICS`` in ``<csv stem>_curves.csv`` beside ``csv_path``; a run
+    whose logs are gone (run directories are not committed) keeps the rows the file already had."""
     done = [r["run_id"] for r in read_rows(csv_path) if not r.get("error")]
     path = csv_path.with_name(csv_path.stem + "_curves.csv")
-    gather_curves(out / "runs", done, path)
-    write_rows(path, [r for r in read_rows(path) if r["metric"] in CURVE_METRICS])
+    logged = [rid for rid in done if any((out / "runs" / rid).glob("csv/version_*/metrics.csv"))]
+    kept = [r for r in read_rows(path) if r["run_id"] not in set(logged)]
+    fresh = path.with_suffix(".new.csv")
+    gather_curves(out / "runs", logged, fresh)
+    write_rows(path, kept + [r for r in read_rows(fresh) if r["metric"] in CURVE_METRICS])
+    fresh.unlink()
     return path
 
 
