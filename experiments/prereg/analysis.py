@@ -201,9 +201,9 @@ def _penalty_share(data: Data, run_ids: list[str]) -> str:
     for rid in run_ids:
         steps = sorted(s for (r, m, s) in data.curves if r == rid and m == "ess/reg_loss")
         if steps and (rid, "train/loss", steps[0]) in data.curves:
-            shares.append(
-                data.curves[(rid, "ess/reg_loss", steps[0])] / data.curves[(rid, "train/loss", steps[0])]
-            )
+            weight = float(rid.split("_w", 1)[1].split("_", 1)[0])
+            penalty = weight * data.curves[(rid, "ess/reg_loss", steps[0])]
+            shares.append(penalty / data.curves[(rid, "train/loss", steps[0])])
     return (
         f"; weighted penalty / loss at the first logged step {min(shares):.2g}-{max(shares):.2g}"
         if shares
