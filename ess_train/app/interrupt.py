@@ -76,7 +76,6 @@ class GracefulStop(Callback):
         self._phase = "start"  # start -> fit (on_train_start) -> finish (once fit is over)
         self._outer: dict[int, Any] = {}  # handlers before guard()
         self._self_sent = 0  # SIGTERMs this process sent itself (a Ctrl-C turned into a stop)
-        self._startup_signal: str | None = None  # a start-up signal, kept in case its exception is swallowed
 
     # ------------------------------------------------------------------------- the app's whole run
     @contextmanager
@@ -109,13 +108,11 @@ class GracefulStop(Callback):
             if callable(outer) and outer is not signal.default_int_handler:
                 outer(signum, frame)  # somebody acts on it (submitit bypasses SIGTERM): theirs to decide
                 return
-            if self._startup_signal is None:
-                print(
-                    f"ess-train: {name} during start-up: stopped before training began (nothing to resume).",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            self._startup_signal = name
+            print(
+                f"ess-train: {name} during start-up: stopped before training began (nothing to resume).",
+                file=sys.stderr,
+                flush=True,
+            )
             raise StartupInterrupt(name)
         if self._phase == "fit":  # SIGTERM, after Lightning's own handler (which stops at the step's end)
             if self._self_sent:
@@ -182,17 +179,7 @@ class GracefulStop(Callback):
             handler(_REQUEUE_SIGNAL, None)
 
     # -------------------------------------------------------------------------------------- lightning
-    def check_startup(self) -> None:
-        """Raise :class:`StartupInterrupt` again if a signal came during start-up: the exception its handler
-        raised can land inside library code that swallows it (W&B's init does), and the run must not go on."""
-        if self._startup_signal is not None:
-            raise StartupInterrupt(self._startup_signal)
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.check_startup()
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.check_startup()
         self._phase = "fit"
         self._install()
 

@@ -196,7 +196,6 @@ def _train(cfg: DictConfig, stopper: GracefulStop) -> dict[str, Any]:
     if cfg.trainer.get("plugins") is None:  # checkpoints written atomically, with a checksum
         trainer_overrides["plugins"] = [AtomicCheckpointIO()]
     logger = _built("logger", lambda: _build_logger(cfg.logger, plan.logger_version))
-    stopper.check_startup()  # a signal during W&B's init: its exception may not have reached us
     trainer: pl.Trainer = _built(
         "trainer", lambda: instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **trainer_overrides)
     )
