@@ -77,5 +77,8 @@ def main() -> None:
     try:
         _hydra_main()
     except KeyboardInterrupt:  # Ctrl-C before the app's own handler was installed (start-up)
-        print(INTERRUPTED_AT_START_UP, file=sys.stderr)
-        sys.exit(130)
+        print(INTERRUPTED_AT_START_UP, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # exit here: the interpreter's shutdown after a KeyboardInterrupt in the imports could end the process
+        # by SIGINT instead (status -2, 2 of 7 tries here); nothing has started yet that needs closing
+        os._exit(130)

@@ -238,6 +238,10 @@ def test_sigterm_after_training_is_not_ignored(tmp_path):
     assert summary["steps"] == 9 and recorded_step(_ckpt(run)) == 9
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_start_up_is_a_clean_exit(tmp_path, capfd):
     with pytest.raises(StartupInterrupt) as caught:
@@ -251,6 +255,9 @@ def test_ctrl_c_during_start_up_is_a_clean_exit(tmp_path, capfd):
         env=env,
         stderr=subprocess.PIPE,
         text=True,
+        # SIGINT as a terminal's Ctrl-C finds it: a suite started as a shell's background job hands its
+        # children SIGINT ignored (POSIX), which Python keeps until the app's own handler is in place
+        preexec_fn=_default_sigint,
     )
     try:
         proc.wait(timeout=1.0)
