@@ -342,12 +342,10 @@ def hybrid_floor_attention(data: Data) -> Result:
 
 
 def _slopes(data: Data) -> dict[str, dict[int, float]] | None:
-    from experiments.prereg.run import INIT_SEEDS
-
     by: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for r in data.init:
         by.setdefault((r["family"], int(r["seed"])), []).append((float(r["tss"]), float(r["total_ess"])))
-    if any((f, s) not in by for f in ("mamba", "gla") for s in INIT_SEEDS):
+    if any((f, s) not in by for f in ("mamba", "gla") for s in designs.SEEDS_8):
         return None
     out: dict[str, dict[int, float]] = {"mamba": {}, "gla": {}}
     for (family, seed), pts in by.items():
@@ -357,12 +355,10 @@ def _slopes(data: Data) -> dict[str, dict[int, float]] | None:
 
 
 def _slope_test(data: Data, diff: Callable[[dict, int], float], label: str) -> Result:
-    from experiments.prereg.run import INIT_SEEDS
-
     s = _slopes(data)
     if s is None:
-        return pending(0, len(INIT_SEEDS), "seeds")
-    d = np.array([diff(s, seed) for seed in INIT_SEEDS])
+        return pending(0, len(designs.SEEDS_8), "seeds")
+    d = np.array([diff(s, seed) for seed in designs.SEEDS_8])
     return Result(
         float(d.mean()),
         sign_flip_p(d),

@@ -38,6 +38,7 @@ DT_RANGES = [(1e-4, 1e-3), (1e-4, 1e-2), (1e-3, 1e-2), (1e-3, 1e-1), (1e-2, 1e-1
 SEEDS_4 = list(range(4))
 SEEDS_6 = list(range(8))
 SEEDS_7 = list(range(4, 20))
+SEEDS_8 = list(range(3, 15))  # design 8 (no training); seeds 0-2 are experiments/init_dose's
 TEACHERS_5 = {  # teacher type -> (mixer after the short convolution, its kwargs; None: TSS 512 as in design 1)
     "linear_attention": ("linear_attention", None),
     "attention_rope": ("attention", "{num_heads:4,rotary:true}"),

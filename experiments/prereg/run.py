@@ -25,7 +25,6 @@ from experiments.matched_tss.run import SMOKE
 from experiments.prereg import designs
 
 HERE = Path(__file__).resolve().parent
-INIT_SEEDS = list(range(3, 15))  # seeds 0-2 are the committed exploratory study's (experiments/init_dose)
 
 
 def train_and_query(args: tuple[str, list[str], str]) -> dict:
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> Path:
     csv_path = args.out / ("runs_smoke.csv" if args.smoke else "runs.csv")
     for design in args.design:
         if design == 8:
-            ess_at_init(args.out / "init.csv", smoke=args.smoke, seeds=INIT_SEEDS)
+            ess_at_init(args.out / "init.csv", smoke=args.smoke, seeds=designs.SEEDS_8)
             continue
         points = designs.points(design, read_rows(csv_path))
         if not points:
