@@ -12,7 +12,9 @@ that no verdict is written by hand:
   threshold: ``experiments/prereg/power.md``);
 - **pending** (runs k of n) or **blocked** (with the reason) otherwise.
 
-The exploratory studies that came before the registrations follow as evidence only (no verdicts).
+Under the table, each "cannot tell" gets its follow-up (``experiments/prereg/followup.py``: the n at the
+observed effect, its runs, CPU hours and command). The exploratory studies that came before the
+registrations follow as evidence only (no verdicts).
 
     PYTHONPATH=. .venv/bin/python experiments/verdicts.py            # print the tables
     PYTHONPATH=. .venv/bin/python experiments/verdicts.py --write    # replace them (and the studies' tables
@@ -27,15 +29,26 @@ import math
 import re
 from pathlib import Path
 
-from experiments.prereg import analysis, registrations
-from experiments.stats import holm
+from experiments.prereg import analysis, followup, registrations
+from experiments.prereg.rule import ALPHA, CANNOT, HOLDS, NOT, decisions, verdict
 
-__all__ = ["main", "table", "registered_rows", "exploratory_rows", "render", "verdict", "load"]
+__all__ = [
+    "main",
+    "table",
+    "decisions",
+    "registered_rows",
+    "exploratory_rows",
+    "render",
+    "verdict",
+    "load",
+    "HOLDS",
+    "NOT",
+    "CANNOT",
+]
 
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
 BEGIN, END = "<!-- verdicts:begin -->", "<!-- verdicts:end -->"
-ALPHA = 0.05
 SOURCES = {
     "matched": HERE / "matched_tss" / "results" / "summary.json",
     "regularizers": HERE / "regularizers" / "results" / "summary.json",
@@ -44,18 +57,6 @@ SOURCES = {
     "delimiters": HERE / "delimiters" / "results" / "redesigned" / "summary.json",
     "hybrid": HERE / "hybrid_order" / "results" / "summary.json",
 }
-HOLDS, NOT, CANNOT = "**holds**", "**does not hold**", "**cannot tell at this scale**"
-
-
-def verdict(result: analysis.Result, adjusted_p: float, direction: int, status: str) -> str:
-    """The table's rule (module docstring) for one test."""
-    if status.startswith("blocked"):
-        return "blocked"
-    if result.pending:
-        return f"pending ({result.done} of {result.needed})" if result.needed > 1 else "not run"
-    if adjusted_p < ALPHA:
-        return HOLDS if math.copysign(1, result.estimate) == direction else NOT
-    return CANNOT
 
 
 def _p(p: float) -> str:
@@ -64,15 +65,11 @@ def _p(p: float) -> str:
 
 def registered_rows(results: dict[str, analysis.Result] | None = None) -> list[tuple[str, ...]]:
     """(design, claim, evidence, p, Holm p, verdict) per registered test."""
-    regs = registrations.load()
-    tests = registrations.family(regs)
-    status = {r.design: r.status for r in regs}
     results = results if results is not None else analysis.compute()
-    raw = [results[t.id].p if not results[t.id].pending else 1.0 for t in tests]
-    adjusted = holm(raw)
+    decided = decisions(results)
     out = []
-    for t, adj in zip(tests, adjusted):
-        r = results[t.id]
+    for t in registrations.family():
+        r, (adj, v) = results[t.id], decided[t.id]
         out.append(
             (
                 str(t.design),
@@ -80,7 +77,7 @@ def registered_rows(results: dict[str, analysis.Result] | None = None) -> list[t
                 r.evidence + (f" (n {r.n})" if not r.pending else ""),
                 _p(r.p),
                 "-" if r.pending else _p(adj),
-                verdict(r, adj, t.direction, status[t.design]),
+                v,
             )
         )
     return out
@@ -184,7 +181,10 @@ def exploratory_rows(s: dict[str, dict]) -> list[tuple[str, str, str]]:
     ]
 
 
-def table(s: dict[str, dict], results: dict[str, analysis.Result] | None = None) -> str:
+def table(s: dict[str, dict], data: analysis.Data | None = None) -> str:
+    data = data or analysis.Data.load()
+    results = analysis.compute(data)
+    undecided = [tid for tid, (_, v) in decisions(results).items() if v == CANNOT]
     lines = [
         BEGIN,
         f"Registered tests (Holm over all {len(registrations.family())}; a test not yet run counts with p = 1):",
@@ -193,6 +193,8 @@ def table(s: dict[str, dict], results: dict[str, analysis.Result] | None = None)
         "|---|---|---|---|---|---|",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in registered_rows(results)]
+    follow = followup.rows(data, results, undecided, ALPHA / len(registrations.family()))
+    lines += ["", *follow] if follow else []
     figures = sorted((HERE / "prereg" / "results").glob("design*.png"))
     if figures:
         lines += ["", "Figures: " + ", ".join(f"[{p.stem}](prereg/results/{p.name})" for p in figures) + "."]

@@ -140,11 +140,11 @@ def _regime(data: Data) -> int | None:
 def floor_utilization(data: Data) -> Result:
     kv = _regime(data)
     if kv is None:
-        return pending(0, 2 * len(designs.SEEDS_2), "runs (waiting for the pilot)")
+        return pending(0, 2 * len(data.seeds_of(2)), "runs (waiting for the pilot)")
     return paired(
         data,
-        [f"floor_kv{kv}_s{s}" for s in designs.SEEDS_2],
-        [f"gla_kv{kv}_s{s}" for s in designs.SEEDS_2],
+        [f"floor_kv{kv}_s{s}" for s in data.seeds_of(2)],
+        [f"gla_kv{kv}_s{s}" for s in data.seeds_of(2)],
         lambda r: value(r, f"ess/{LAYER}/utilization"),
     )
 
@@ -152,25 +152,25 @@ def floor_utilization(data: Data) -> Result:
 def floor_accuracy(data: Data) -> Result:
     kv = _regime(data)
     if kv is None:
-        return pending(0, 2 * len(designs.SEEDS_2), "runs (waiting for the pilot)")
+        return pending(0, 2 * len(data.seeds_of(2)), "runs (waiting for the pilot)")
     out = paired(
         data,
-        [f"floor_kv{kv}_s{s}" for s in designs.SEEDS_2],
-        [f"gla_kv{kv}_s{s}" for s in designs.SEEDS_2],
+        [f"floor_kv{kv}_s{s}" for s in data.seeds_of(2)],
+        [f"gla_kv{kv}_s{s}" for s in data.seeds_of(2)],
         lambda r: value(r, "val_acc"),
     )
     if not out.pending:
-        base = [value(data.runs[f"gla_kv{kv}_s{s}"], "val_acc") for s in designs.SEEDS_2]
+        base = [value(data.runs[f"gla_kv{kv}_s{s}"], "val_acc") for s in data.seeds_of(2)]
         out.evidence += f"; kv {kv}, unregularized accuracy {min(base):.3f}-{max(base):.3f}"
     return out
 
 
 def decay_identity_trend(data: Data) -> Result:
     kv = _regime(data)
-    needed = len(designs.design_3(kv or 4))
+    needed = len(designs.design_3(kv or 4, data.seeds_of(3)))
     if kv is None:
         return pending(0, needed, "runs (waiting for the pilot)")
-    ids = designs.design_3(kv)
+    ids = designs.design_3(kv, data.seeds_of(3))
     rows = have(data, list(ids))
     if len(rows) < needed:
         return pending(len(rows), needed)
@@ -182,6 +182,10 @@ def decay_identity_trend(data: Data) -> Result:
     acc = [value(r, "val_acc") for r in rows]
     stat, p = stratified_spearman_p(acc, dose, seeds, n_perm=N_PERM)
     means = {w: np.mean([a for a, d in zip(acc, dose) if d == w]) for w in sorted(set(dose))}
+    per_seed = [
+        spearman([d for d, s in zip(dose, seeds) if s == seed], [a for a, s in zip(acc, seeds) if s == seed])
+        for seed in dict.fromkeys(seeds)
+    ]
     return Result(
         stat,
         p,
@@ -191,6 +195,7 @@ def decay_identity_trend(data: Data) -> Result:
         f"mean within-seed Spearman(weight, accuracy) {stat:+.2f}; mean accuracy by weight "
         + ", ".join(f"{w:g}: {m:.3f}" for w, m in means.items())
         + _penalty_share(data, [r["run_id"] for r in rows if not r["run_id"].startswith("gla_")]),
+        {"kind": "mean", "units": per_seed, "per_seed": 1},
     )
 
 
@@ -278,7 +283,7 @@ def distill_below_ess(data: Data) -> Result:
 
 
 def delimiter_reset(data: Data) -> Result:
-    ids = designs.design_6()
+    ids = designs.design_6(data.seeds_of(6))
     rows = have(data, list(ids))
     if len(rows) < len(ids):
         return pending(len(rows), len(ids))
@@ -293,11 +298,12 @@ def delimiter_reset(data: Data) -> Result:
         len(ids),
         f"accuracy on reused keys: reset {min(fixed):.3f}-{max(fixed):.3f}, free {min(free):.3f}-{max(free):.3f}, "
         f"difference of means {diff:+.3f}",
+        {"kind": "two_sample", "groups": [fixed, free], "per_seed": 1},
     )
 
 
 def _hybrid_rows(data: Data) -> tuple[list[dict], int]:
-    ids = [f"{o}_s{s}" for o in ("gla_first", "attention_first") for s in designs.SEEDS_7]
+    ids = [f"{o}_s{s}" for o in ("gla_first", "attention_first") for s in data.seeds_of(7)]
     return have(data, ids), len(ids)
 
 
@@ -308,7 +314,13 @@ def hybrid_ess_tracks_acc(data: Data) -> Result:
     acc, ess = [value(r, "val_acc") for r in rows], [value(r, "ess_per_kv") for r in rows]
     rho = spearman(acc, ess)
     return Result(
-        rho, spearman_p(acc, ess), len(rows), len(rows), needed, f"Spearman(accuracy, ESS per kv) {rho:+.2f}"
+        rho,
+        spearman_p(acc, ess),
+        len(rows),
+        len(rows),
+        needed,
+        f"Spearman(accuracy, ESS per kv) {rho:+.2f}",
+        {"kind": "correlation", "rho": rho, "n": len(rows), "per_seed": 2},
     )
 
 
@@ -329,14 +341,15 @@ def hybrid_early_ess(data: Data) -> Result:
         len(rows),
         needed,
         f"mean within-order Spearman(ESS per kv at step {step}, accuracy) {stat:+.2f}",
+        {"kind": "correlation", "rho": stat, "n": len(rows) // 2, "per_seed": 1},
     )
 
 
 def hybrid_floor_attention(data: Data) -> Result:
     return paired(
         data,
-        [f"attention_first_floor_s{s}" for s in designs.SEEDS_7],
-        [f"attention_first_s{s}" for s in designs.SEEDS_7],
+        [f"attention_first_floor_s{s}" for s in data.seeds_of(7)],
+        [f"attention_first_s{s}" for s in data.seeds_of(7)],
         lambda r: value(r, "val_acc"),
     )
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.common import read_rows
+from experiments.prereg import designs
 from experiments.stats import sign_flip_p
 
 __all__ = ["Result", "Data", "RESULTS", "LAYER", "N_PERM"]
@@ -31,6 +32,9 @@ class Result:
     done: int = 0
     needed: int = 0
     evidence: str = ""
+    # what a follow-up's size is computed from (experiments.prereg.followup): {"kind": "mean", "units": [...]}
+    # (one value per resampled unit), {"kind": "two_sample", "groups": [[...], [...]]} or {"kind":
+    # "correlation", "rho": r, "n": n}, each with "per_seed": units per seed of the design
     extra: dict = field(default_factory=dict)
 
     @property
@@ -40,22 +44,28 @@ class Result:
 
 @dataclass
 class Data:
-    """The registered designs' rows: trained runs by id, ESS-at-init rows, curves by (run, metric, step)."""
+    """The registered designs' rows: trained runs by id, ESS-at-init rows, curves by (run, metric, step);
+    ``seeds`` replaces a design's registered seeds (a follow-up run with more, :mod:`experiments.prereg.followup`)."""
 
     runs: dict[str, dict]
     init: list[dict]
     curves: dict[tuple[str, str, int], float]
     students: dict[str, dict] = field(default_factory=dict)
+    seeds: dict[int, list[int]] = field(default_factory=dict)
+
+    def seeds_of(self, design: int) -> list[int]:
+        """The seeds a test of ``design`` reads: the follow-up's where given, else the registered ones."""
+        return list(self.seeds.get(design, designs.SEEDS[design]))
 
     @classmethod
-    def load(cls, results: Path = RESULTS) -> Data:
+    def load(cls, results: Path = RESULTS, seeds: dict[int, list[int]] | None = None) -> Data:
         runs = {r["run_id"]: r for r in read_rows(results / "runs.csv") if not r.get("error")}
         curves = {
             (c["run_id"], c["metric"], int(c["step"])): float(c["value"])
             for c in read_rows(results / "runs_curves.csv")
         }
         students = {r["run_id"]: r for r in read_rows(results / "students.csv") if not r.get("error")}
-        return cls(runs, read_rows(results / "init.csv"), curves, students)
+        return cls(runs, read_rows(results / "init.csv"), curves, students, dict(seeds or {}))
 
 
 def value(row: dict, key: str) -> float:
@@ -91,4 +101,5 @@ def paired(data: Data, treated: list[str], control: list[str], key: Callable[[di
         len(t) + len(c),
         len(treated) + len(control),
         f"mean difference {d.mean():+.3f} (pairs {d.min():+.3f} to {d.max():+.3f}), {wins} of {len(d)} pairs higher",
+        {"kind": "mean", "units": d.tolist(), "per_seed": 1},
     )

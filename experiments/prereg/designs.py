@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from experiments.matched_tss.run import family_kwargs, hybrid_overrides
 
-__all__ = ["DESIGNS", "points", "floor_kv", "FAMILIES", "KVS", "SEEDS_1", "SEEDS_2"]
+__all__ = ["DESIGNS", "RESEEDABLE", "SEEDS", "points", "floor_kv", "FAMILIES", "KVS", "SEEDS_1", "SEEDS_2"]
 
 FAMILIES = ["gla", "decayed_linear_attention", "linear_attention"]
 TSS = 512  # per layer: 4 heads x d_k 8 x d_v 16, the same for the three families
@@ -83,19 +83,19 @@ def floor_kv(rows: Sequence[dict]) -> int | None:
     return min(KVS, key=lambda kv: abs(means[kv] - sum(PILOT_RANGE) / 2))
 
 
-def design_2(kv: int) -> dict[str, list[str]]:
-    """``floor`` against none on GLA at the pilot's kv: 16 paired seeds (none = design 1's GLA runs)."""
+def design_2(kv: int, seeds: Sequence[int] | None = None) -> dict[str, list[str]]:
+    """``floor`` against none on GLA at the pilot's kv: 24 paired seeds (none = design 1's GLA runs)."""
     out = {}
-    for seed in SEEDS_2:
+    for seed in SEEDS_2 if seeds is None else seeds:
         out[f"gla_kv{kv}_s{seed}"] = _run("gla", kv, seed)
         out[f"floor_kv{kv}_s{seed}"] = _run("gla", kv, seed, FLOOR)
     return out
 
 
-def design_3(kv: int) -> dict[str, list[str]]:
+def design_3(kv: int, seeds: Sequence[int] | None = None) -> dict[str, list[str]]:
     """``decay_identity`` at weights 1, 4, 20 (0.03-1 % of the loss) in design 2's regime, 6 paired seeds."""
     out = {}
-    for seed in SEEDS_3:
+    for seed in SEEDS_3 if seeds is None else seeds:
         out[f"gla_kv{kv}_s{seed}"] = _run("gla", kv, seed)
         for w in DECAY_WEIGHTS:
             out[f"decay_w{w:g}_kv{kv}_s{seed}"] = _run(
@@ -151,20 +151,21 @@ def design_5_students() -> dict[str, tuple[str, str, int]]:
     }
 
 
-def design_6() -> dict[str, list[str]]:
+def design_6(seeds: Sequence[int] | None = None) -> dict[str, list[str]]:
     """Delimited recall (experiments/delimiters' redesigned settings: conv + GLA, 1,000 steps, lr 3e-3), GLA
     with its gate shut at the EOS (``reset_token=-1``) against the same GLA with a free gate, 8 seeds each."""
     from experiments.delimiters.run import points as delimiter_points
 
-    free = delimiter_points(False, 1000, SEEDS_6, lr=3e-3, hybrid=True, models=["gla"])
+    seeds = SEEDS_6 if seeds is None else seeds
+    free = delimiter_points(False, 1000, seeds, lr=3e-3, hybrid=True, models=["gla"])
     out = {}
-    for seed in SEEDS_6:
+    for seed in seeds:
         out[f"delim_free_s{seed}"] = free[f"gla_s{seed}"]
         out[f"delim_reset_s{seed}"] = [*free[f"gla_s{seed}"], "+model.reset_token=-1"]
     return out
 
 
-def design_7() -> dict[str, list[str]]:
+def design_7(seeds: Sequence[int] | None = None) -> dict[str, list[str]]:
     """Hybrid order from step 0 (16 new seeds per order) and ``floor`` on the attention layer of
     attention-first (16 paired seeds)."""
     common = [
@@ -176,7 +177,7 @@ def design_7() -> dict[str, list[str]]:
         "checkpoint=none",
     ]
     out = {}
-    for seed in SEEDS_7:
+    for seed in SEEDS_7 if seeds is None else seeds:
         out[f"gla_first_s{seed}"] = [*common, "model.mixer=[gla,attention]", f"seed={seed}"]
         out[f"attention_first_s{seed}"] = [*common, "model.mixer=[attention,gla]", f"seed={seed}"]
         out[f"attention_first_floor_s{seed}"] = [
@@ -203,17 +204,30 @@ DESIGNS = {
 }
 
 
-def points(design: int, rows: Sequence[dict] = ()) -> dict[str, list[str]]:
-    """The trained runs of ``design`` (design 5: its teachers; designs 2-4 need design 1's pilot in ``rows``: empty until it is there)."""
+RESEEDABLE = (2, 3, 6, 7)  # the designs whose seeds a follow-up can change (``points(seeds=...)``)
+SEEDS = {2: SEEDS_2, 3: SEEDS_3, 6: SEEDS_6, 7: SEEDS_7}  # their registered seeds
+
+
+def points(
+    design: int, rows: Sequence[dict] = (), seeds: Sequence[int] | None = None
+) -> dict[str, list[str]]:
+    """The trained runs of ``design`` (design 5: its teachers; designs 2-4 need design 1's pilot in ``rows``:
+    empty until it is there); ``seeds`` replaces the registered seeds of a design in ``RESEEDABLE``."""
+    if seeds is not None and design not in RESEEDABLE:
+        raise ValueError(
+            f"design {design}'s seeds are fixed; a follow-up can change those of designs {RESEEDABLE}"
+        )
     if design == 1:
         return design_1()
     if design == 7:
-        return design_7()
+        return design_7(seeds)
     if design == 5:
         return design_5_teachers()
     if design == 6:
-        return design_6()
+        return design_6(seeds)
     kv = floor_kv(rows)
     if kv is None:
         return {}
-    return {2: design_2, 3: design_3, 4: design_4}[design](kv)
+    if design == 4:
+        return design_4(kv)
+    return {2: design_2, 3: design_3}[design](kv, seeds)

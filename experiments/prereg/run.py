@@ -11,6 +11,10 @@ students remain); the curves of runs whose logs are gone stay as committed.
 
     PYTHONPATH=. .venv/bin/python experiments/prereg/run.py --design 8 1 6 2 3 4 7 5 --workers 2
     PYTHONPATH=. .venv/bin/python experiments/prereg/run.py --design 1 --smoke --out /tmp/smoke
+
+A follow-up (``followup.py``) runs a design on other seeds, into its own folder:
+
+    PYTHONPATH=. .venv/bin/python experiments/prereg/run.py --design 6 --seeds 1000-1051 --out DIR
 """
 
 from __future__ import annotations
@@ -42,6 +46,18 @@ def train_and_query(args: tuple[str, list[str], str]) -> dict:
         return row
     except Exception as err:  # one failed run must not lose the others
         return {"run_id": run_id, "overrides": " ".join(overrides), "error": repr(err)[:500]}
+
+
+def seed_range(text: str) -> list[int]:
+    """``"1000-1051"`` -> the seeds 1000 to 1051 (both included)."""
+    first, _, last = text.partition("-")
+    try:
+        seeds = list(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds are FIRST-LAST (e.g. 1000-1051), got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"seed range {text!r} is empty")
+    return seeds
 
 
 def retrain_lost_teachers(out: Path, csv_path: Path, teachers: dict[str, list[str]]) -> None:
@@ -90,13 +106,26 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--smoke", action="store_true", help="the first two runs of each design, a few steps")
+    parser.add_argument(
+        "--seeds",
+        type=seed_range,
+        help=f"FIRST-LAST: these seeds instead of the registered ones (a follow-up; designs {designs.RESEEDABLE})",
+    )
+    parser.add_argument(
+        "--override", nargs="+", default=[], help="Hydra overrides added to every run (e.g. trainer=gpu)"
+    )
     args = parser.parse_args(argv)
+    if args.seeds is not None and set(args.design) - set(designs.RESEEDABLE):
+        parser.error(
+            f"--seeds applies to designs {designs.RESEEDABLE}, not {sorted(set(args.design) - set(designs.RESEEDABLE))}"
+        )
     csv_path = args.out / ("runs_smoke.csv" if args.smoke else "runs.csv")
     for design in args.design:
         if design == 8:
             ess_at_init(args.out / "init.csv", smoke=args.smoke, seeds=designs.SEEDS_8)
             continue
-        points = designs.points(design, read_rows(csv_path))
+        points = designs.points(design, read_rows(csv_path), seeds=args.seeds)
+        points = {rid: [*ov, *args.override] for rid, ov in points.items()}
         if not points:
             print(f"design {design}: waiting for design 1's pilot (GLA, seeds 0-3) in {csv_path}")
             continue

@@ -1,0 +1,98 @@
+"""The follow-ups of undecided tests (experiments/prereg/followup.py): their n against the permutation tests'
+simulated power, the follow-up's seeds in the designs, the runner and the analysis, and the committed plan."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from experiments.prereg import analysis, designs, followup
+from experiments.stats import sign_flip_p, spearman_p, two_sample_p
+
+ALPHA = 0.05 / 17
+N_SIM = 200
+
+
+def _power(pvalues: list[float]) -> float:
+    return float(np.mean(np.asarray(pvalues) < ALPHA))
+
+
+# 200 draws of a power of 0.8 have a standard error of 0.028: 0.65-0.95 is more than 5 of them wide, and
+# the normal approximation is a little off at these small n (the exact tests are a little conservative)
+POWER_BAND = (0.65, 0.95)
+
+
+def test_the_n_for_a_mean_gives_80_percent_power_to_the_sign_flip_test():
+    n = followup.needed_units({"kind": "mean", "units": [0.0, 1.2, 0.3, 1.5]}, ALPHA)  # mean 0.75, sd 0.71
+    assert n > math.ceil((3.81 * 0.714 / 0.75) ** 2)  # the normal n (z 2.97 + 0.84) is too small at this n
+    rng = np.random.default_rng(0)
+    assert (
+        POWER_BAND[0]
+        <= _power([sign_flip_p(rng.normal(0.75, 0.714, n)) for _ in range(N_SIM)])
+        <= POWER_BAND[1]
+    )
+
+
+def test_the_n_for_two_means_gives_80_percent_power_to_the_permutation_test():
+    groups = [[1.0, 2.0, 3.0, 2.0], [0.0, 1.0, 2.0, 1.0]]  # difference 1, pooled sd 0.816
+    n = followup.needed_units({"kind": "two_sample", "groups": groups}, ALPHA)
+    assert n > math.ceil(2 * (3.81 * 0.816) ** 2)
+    rng = np.random.default_rng(1)
+    ps = [two_sample_p(rng.normal(1, 0.816, n), rng.normal(0, 0.816, n), n_perm=4000) for _ in range(N_SIM)]
+    assert POWER_BAND[0] <= _power(ps) <= POWER_BAND[1]
+
+
+def test_the_n_for_a_correlation_gives_80_percent_power_to_spearman():
+    n = followup.needed_units({"kind": "correlation", "rho": 0.5, "n": 10}, ALPHA)
+    rng = np.random.default_rng(2)
+    draws = [rng.multivariate_normal([0, 0], [[1, 0.5], [0.5, 1]], n) for _ in range(N_SIM)]
+    assert POWER_BAND[0] <= _power([spearman_p(d[:, 0], d[:, 1]) for d in draws]) <= POWER_BAND[1]
+
+
+def test_no_effect_or_no_rule_gives_no_n():
+    assert followup.needed_units({"kind": "mean", "units": [0.5, -0.5]}, ALPHA) is None
+    assert followup.needed_units({"kind": "correlation", "rho": 0.0, "n": 9}, ALPHA) is None
+    assert followup.needed_units({}, ALPHA) is None
+
+
+def test_a_follow_up_reads_its_own_seeds():
+    seeds = list(range(followup.FIRST_SEED, followup.FIRST_SEED + 5))
+    runs = {
+        rid: {"run_id": rid, "acc_reused": 0.9 if "reset" in rid else 0.6} for rid in designs.design_6(seeds)
+    }
+    assert analysis.delimiter_reset(analysis.Data(runs, [], {})).pending  # the registered seeds are not there
+    res = analysis.delimiter_reset(analysis.Data(runs, [], {}, seeds={6: seeds}))
+    assert res.n == 10 and res.estimate == pytest.approx(0.3)
+    assert res.extra["kind"] == "two_sample" and len(res.extra["groups"][0]) == 5
+
+
+def test_only_designs_with_seeds_to_add_take_other_seeds():
+    assert len(designs.points(7, seeds=[1000, 1001])) == 6
+    with pytest.raises(ValueError, match="design 1's seeds are fixed"):
+        designs.points(1, seeds=[1000])
+
+
+def test_the_runner_parses_seed_ranges_and_refuses_fixed_designs(capsys):
+    from experiments.prereg import run
+
+    assert run.seed_range("1000-1003") == [1000, 1001, 1002, 1003]
+    with pytest.raises(SystemExit):
+        run.main(["--design", "1", "--seeds", "1000-1001"])
+    assert "--seeds applies to designs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.main(["--design", "6", "--seeds", "ten"])
+    assert "seeds are FIRST-LAST" in capsys.readouterr().err
+
+
+def test_the_committed_plan_is_what_the_committed_results_give():
+    """``followup.json`` (what followup_gpu.sh runs) is the plan of the table's undecided tests."""
+    planned = [p.__dict__ for p in followup.plans(*followup._context()) if isinstance(p, followup.Plan)]
+    assert json.loads(followup.PLAN_JSON.read_text()) == planned, (
+        "followup.json is out of date: run `PYTHONPATH=. python experiments/prereg/followup.py --plan`"
+    )
+    assert all(
+        p["seeds"] >= 1 and p["runs"] >= p["seeds"] and not math.isnan(p["cpu_hours"]) for p in planned
+    )
