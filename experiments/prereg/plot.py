@@ -3,6 +3,14 @@
 - ``design1.png``: accuracy against the recurrent layer's final entropy-ESS, one panel per family, colour by kv
   (the within-cell association that the registered test ranks), and its final / initial utilization;
 - ``design2.png``: accuracy and utilization with and without ``floor``, one line per paired seed;
+- ``design3.png``: accuracy against ``decay_identity``'s weight, one line per seed, and the mean;
+- ``design4.png``: accuracy against initial utilization per dose (GLA gate normalizer, Mamba dt range), runs
+  and dose means (the registered test ranks the means);
+- ``design5.png``: students' agreement with their teacher against student d_k, one panel per teacher type,
+  one line per teacher, with each teacher's ESS per operator marked;
+- ``design6.png``: accuracy by query type with the gate shut at the EOS and free, one point per run;
+- ``design7.png``: accuracy against final ESS per kv and against ESS per kv at step 200, by layer order, and
+  attention-first with and without ``floor`` on its attention layer, one line per paired seed;
 - ``design8.png``: total ESS against TSS at initialization on log-log axes, one line per seed, with the
   slope-1 line (ESS growing as fast as the state).
 
@@ -91,6 +99,198 @@ def design_2(data: Data, path: Path) -> bool:
     return True
 
 
+def _save(fig: plt.Figure, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _strip(ax: plt.Axes, x: float, ys: list[float], colour: str, label: str | None = None) -> None:
+    """Points at ``x`` (spread a little so ties show) and their mean as a bar."""
+    spread = np.linspace(-0.12, 0.12, len(ys)) if len(ys) > 1 else np.zeros(1)
+    ax.scatter(x + spread, ys, color=colour, s=14, alpha=0.7, label=label)
+    ax.hlines(np.mean(ys), x - 0.2, x + 0.2, color=colour, lw=2)
+
+
+def design_3(data: Data, path: Path) -> bool:
+    kv = designs.floor_kv(list(data.runs.values()))
+    if kv is None:
+        return False
+    weights = [0.0, *designs.DECAY_WEIGHTS]
+    ids = {
+        (w, s): (f"gla_kv{kv}_s{s}" if w == 0 else f"decay_w{w:g}_kv{kv}_s{s}")
+        for w in weights
+        for s in designs.SEEDS_3
+    }
+    seeds = [s for s in designs.SEEDS_3 if all(ids[(w, s)] in data.runs for w in weights)]
+    if not seeds:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    xs = range(len(weights))
+    for s in seeds:
+        ax.plot(
+            xs,
+            [float(data.runs[ids[(w, s)]]["val_acc"]) for w in weights],
+            color="0.5",
+            alpha=0.6,
+            marker="o",
+            ms=3,
+        )
+    means = [np.mean([float(data.runs[ids[(w, s)]]["val_acc"]) for s in seeds]) for w in weights]
+    ax.plot(xs, means, color="k", lw=2, label="mean")
+    ax.set_xticks(list(xs), [f"{w:g}" for w in weights])
+    ax.set_xlabel("decay_identity weight (0: unregularized)")
+    ax.set_ylabel("validation accuracy")
+    ax.legend(fontsize=7)
+    ax.set_title(
+        f"Design 3: GLA at kv {kv}, n = {len(seeds)} of {len(designs.SEEDS_3)} paired seeds", fontsize=10
+    )
+    return _save(fig, path)
+
+
+def design_4(data: Data, path: Path) -> bool:
+    kv = designs.floor_kv(list(data.runs.values()))
+    if kv is None:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    drawn = False
+    for ax, prefix, label in [
+        (axes[0], "gla_g", "GLA gate normalizer"),
+        (axes[1], "mamba_dt", "Mamba dt range"),
+    ]:
+        doses: dict[str, list[dict]] = {}
+        for i in designs.design_4(kv):
+            if i.startswith(prefix) and i in data.runs:
+                doses.setdefault(i.rsplit("_kv", 1)[0], []).append(data.runs[i])
+        colours = plt.cm.viridis(np.linspace(0, 0.9, max(len(doses), 1)))
+        for colour, (dose, rs) in zip(colours, doses.items()):
+            util = [float(r[f"ess/{LAYER}/initial_utilization"]) for r in rs]
+            acc = [float(r["val_acc"]) for r in rs]
+            ax.scatter(util, acc, color=colour, s=14, alpha=0.6)
+            ax.scatter(
+                np.mean(util),
+                np.mean(acc),
+                color=colour,
+                s=70,
+                marker="D",
+                edgecolor="k",
+                label=dose[len(prefix) :],
+            )
+            drawn = True
+        ax.set_xlabel("initial utilization of the recurrent layer")
+        ax.set_ylabel("validation accuracy")
+        n = sum(len(rs) for rs in doses.values())
+        ax.set_title(f"{label}: n = {n} runs, {len(doses)} doses", fontsize=9)
+        ax.legend(fontsize=6, title=label.split()[-1] if prefix == "gla_g" else "dt", title_fontsize=6)
+    if not drawn:
+        plt.close(fig)
+        return False
+    fig.suptitle(f"Design 4: initialization doses at kv {kv} (diamonds: dose means)", fontsize=10)
+    return _save(fig, path)
+
+
+def design_5(data: Data, path: Path) -> bool:
+    rows = [data.students[i] for i in designs.design_5_students() if i in data.students]
+    if not rows:
+        return False
+    fig, axes = plt.subplots(
+        1, len(designs.TEACHERS_5), figsize=(4 * len(designs.TEACHERS_5), 3.6), squeeze=False
+    )
+    for ax, name in zip(axes[0], designs.TEACHERS_5):
+        teachers = [t for t in designs.design_5_teachers() if t.startswith(f"teacher_{name}_s")]
+        n = 0
+        for t, colour in zip(teachers, ["tab:blue", "tab:green", "tab:orange", "tab:red"]):
+            rs = sorted((r for r in rows if r["run_id"].startswith(f"{t}_dk")), key=lambda r: int(r["d_k"]))
+            if not rs:
+                continue
+            n += len(rs)
+            ax.plot(
+                [int(r["d_k"]) for r in rs],
+                [float(r["agreement"]) for r in rs],
+                color=colour,
+                marker="o",
+                ms=3,
+                label=t.rsplit("_", 1)[1],
+            )
+            ax.axvline(float(rs[0]["teacher_ess_per_op"]), color=colour, ls="--", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("student d_k (dashed: the teacher's ESS per operator)")
+        ax.set_ylabel("agreement with the teacher")
+        ax.set_title(f"teacher {name}: n = {n} students", fontsize=9)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"Design 5: GLA students, {len(rows)} of {len(designs.design_5_students())}", fontsize=10)
+    return _save(fig, path)
+
+
+def design_6(data: Data, path: Path) -> bool:
+    arms = {
+        arm: [data.runs[i] for i in designs.design_6() if i.startswith(f"delim_{arm}_") and i in data.runs]
+        for arm in ("reset", "free")
+    }
+    if not all(arms.values()):
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for k, key in enumerate(["acc_fresh", "acc_reused", "acc_absent"]):
+        for arm, colour, shift in [("reset", "tab:green", -0.22), ("free", "tab:grey", 0.22)]:
+            label = (
+                f"gate {'shut at the EOS' if arm == 'reset' else 'free'} (n = {len(arms[arm])})"
+                if k == 0
+                else None
+            )
+            _strip(ax, k + shift, [float(r[key]) for r in arms[arm]], colour, label)
+    ax.set_xticks([0, 1, 2], ["fresh keys", "reused keys", "absent keys"])
+    ax.set_ylabel("accuracy by query type")
+    ax.legend(fontsize=7)
+    ax.set_title("Design 6: conv + GLA on delimited recall (bars: means)", fontsize=10)
+    return _save(fig, path)
+
+
+def design_7(data: Data, path: Path) -> bool:
+    orders = {"gla_first": "tab:green", "attention_first": "tab:purple"}
+    rows = {o: [data.runs[f"{o}_s{s}"] for s in designs.SEEDS_7 if f"{o}_s{s}" in data.runs] for o in orders}
+    if not any(rows.values()):
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    for order, colour in orders.items():
+        rs = rows[order]
+        acc = [float(r["val_acc"]) for r in rs]
+        axes[0].scatter(
+            [float(r["ess_per_kv"]) for r in rs], acc, color=colour, s=16, label=f"{order} (n = {len(rs)})"
+        )
+        early = [(data.curves.get((r["run_id"], "ess/per_kv", 200)), float(r["val_acc"])) for r in rs]
+        early = [(e, a) for e, a in early if e is not None]
+        if early:
+            axes[1].scatter(*zip(*early), color=colour, s=16, label=f"{order} (n = {len(early)})")
+    axes[0].set_xlabel("final ESS per kv")
+    axes[1].set_xlabel("ESS per kv at step 200")
+    for ax in axes[:2]:
+        ax.set_ylabel("validation accuracy")
+        ax.legend(fontsize=7)
+    pairs = [
+        (data.runs[f"attention_first_s{s}"], data.runs[f"attention_first_floor_s{s}"])
+        for s in designs.SEEDS_7
+        if f"attention_first_s{s}" in data.runs and f"attention_first_floor_s{s}" in data.runs
+    ]
+    for none, floor in pairs:
+        axes[2].plot(
+            [0, 1],
+            [float(none["val_acc"]), float(floor["val_acc"])],
+            color="0.4",
+            alpha=0.6,
+            marker="o",
+            ms=3,
+        )
+    axes[2].set_xticks([0, 1], ["none", "floor on attention"])
+    axes[2].set_ylabel("validation accuracy")
+    axes[2].set_title(f"attention-first: n = {len(pairs)} pairs", fontsize=9)
+    fig.suptitle(
+        f"Design 7: GLA + attention hybrid, kv 8, {sum(map(len, rows.values()))} of {2 * len(designs.SEEDS_7)} runs by order",
+        fontsize=10,
+    )
+    return _save(fig, path)
+
+
 def design_8(data: Data, path: Path) -> bool:
     if not data.init:
         return False
@@ -133,7 +333,9 @@ def design_8(data: Data, path: Path) -> bool:
 def main(results: Path = RESULTS) -> list[Path]:
     data = Data.load(results)
     written = []
-    for name, fig in [("design1", design_1), ("design2", design_2), ("design8", design_8)]:
+    figures = [design_1, design_2, design_3, design_4, design_5, design_6, design_7, design_8]
+    for fig in figures:
+        name = fig.__name__.replace("_", "")
         path = results / f"{name}.png"
         if fig(data, path):
             written.append(path)

@@ -118,3 +118,18 @@ def test_registered_designs_smoke(tmp_path):
     assert "+model.reset_token=-1" in rows[3]["overrides"]
     assert all(not r.get("error") and float(r["val_acc"]) >= 0 for r in rows)
     assert read_rows(tmp_path / "init.csv")
+
+
+def test_every_design_figure_is_drawn_from_its_rows_and_none_from_no_rows(tmp_path):
+    from experiments.prereg import plot
+    from experiments.prereg.data import RESULTS, Data
+
+    figures = [getattr(plot, f"design_{d}") for d in range(1, 9)]
+    empty = Data({}, [], {})
+    assert not any(fig(empty, tmp_path / "x.png") for fig in figures)
+    data = Data.load(RESULTS)
+    drawn = {fig.__name__ for fig in figures if fig(data, tmp_path / f"{fig.__name__}.png")}
+    # every design with a committed row gets its figure
+    assert {"design_1", "design_2", "design_3", "design_4", "design_6", "design_8"} <= drawn
+    for name in drawn:
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
