@@ -125,6 +125,60 @@ def design_4(kv: int) -> dict[str, list[str]]:
     return out
 
 
+# Design 4's amendment 1 (04_initialization_dose.json): Mamba's dose grid again, in a regime where it learns.
+# Candidates in the pilot rule's order (cheapest first): name -> (kv, steps, d_state, expand).
+MAMBA_REGIMES = {
+    "kv2": (2, STEPS, 8, 1),
+    "steps3000": (4, 3000, 8, 1),
+    "state2048": (4, STEPS, 16, 2),
+}
+MAMBA_PILOT_SEEDS = [0, 1]
+MAMBA_PILOT_DT = (1e-3, 1e-1)  # the layer's default range, the grid's middle dose
+MAMBA_LEARNS_BY = 0.1  # "learns": pilot mean accuracy at least 1/kv + this (above guessing among kv values)
+MAMBA_LEARNS_BELOW = 0.9  # and below this (room to move either way)
+
+
+def mamba_id(regime: str, lo: float, hi: float, seed: int) -> str:
+    return f"mamba_dt{lo:g}-{hi:g}_{regime}_s{seed}"
+
+
+def _mamba(regime: str, lo: float, hi: float, seed: int) -> list[str]:
+    kv, steps, d_state, expand = MAMBA_REGIMES[regime]
+    kw = f"{{d_state:{d_state},expand:{expand},dt_min:{lo:g},dt_max:{hi:g}}}"
+    return hybrid_overrides("mamba", kw, [f"task.num_kv_pairs={kv}"], seed, steps)
+
+
+def design_4_mamba_pilot() -> dict[str, list[str]]:
+    """Every candidate regime at the middle dose, seeds 0-1: what :func:`mamba_regime` chooses from."""
+    return {
+        mamba_id(regime, *MAMBA_PILOT_DT, seed): _mamba(regime, *MAMBA_PILOT_DT, seed)
+        for seed in MAMBA_PILOT_SEEDS
+        for regime in MAMBA_REGIMES
+    }
+
+
+def mamba_regime(rows: Sequence[dict]) -> str | None:
+    """The amendment's pilot rule: the first candidate whose pilot mean accuracy is in [1/kv + 0.1, 0.9];
+    if none, the one furthest above 1/kv. ``None`` until ``rows`` decide it (the pilot runs of every candidate
+    up to the chosen one; of all of them when none learns)."""
+    acc = {r["run_id"]: float(r["val_acc"]) for r in rows if not r.get("error")}
+    above = {}
+    for regime, (kv, *_) in MAMBA_REGIMES.items():
+        ids = [mamba_id(regime, *MAMBA_PILOT_DT, s) for s in MAMBA_PILOT_SEEDS]
+        if not all(i in acc for i in ids):
+            return None
+        mean = sum(acc[i] for i in ids) / len(ids)
+        if 1 / kv + MAMBA_LEARNS_BY <= mean < MAMBA_LEARNS_BELOW:
+            return regime
+        above[regime] = mean - 1 / kv
+    return max(above, key=above.get)
+
+
+def design_4_mamba(regime: str) -> dict[str, list[str]]:
+    """The amended Mamba grid: the 7 dt ranges x 4 seeds in ``regime`` (its pilot runs among them)."""
+    return {mamba_id(regime, lo, hi, s): _mamba(regime, lo, hi, s) for s in SEEDS_4 for lo, hi in DT_RANGES}
+
+
 def design_5_teachers() -> dict[str, list[str]]:
     """Design 5's teachers: 3 types x 4 seeds at kv 4, trained as design 1's runs, their checkpoints kept."""
     out = {}
@@ -228,6 +282,7 @@ def points(
     kv = floor_kv(rows)
     if kv is None:
         return {}
-    if design == 4:
-        return design_4(kv)
+    if design == 4:  # the registered grid, the amendment's pilot, and its grid once the pilot has chosen
+        regime = mamba_regime(rows)
+        return {**design_4(kv), **design_4_mamba_pilot(), **(design_4_mamba(regime) if regime else {})}
     return {2: design_2, 3: design_3}[design](kv, seeds)

@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> Path:
         if design == 5:
             retrain_lost_teachers(args.out, csv_path, points)
         run_grid(points, csv_path, args.out, workers=args.workers)
+        if design == 4 and not args.smoke:  # the amendment's Mamba grid waits for its pilot's runs
+            more = {rid: [*ov, *args.override] for rid, ov in designs.points(4, read_rows(csv_path)).items()}
+            if more.keys() - points.keys():
+                run_grid(more, csv_path, args.out, workers=args.workers)
         if design == 5:
             distill_students(args.out, points, args.workers, args.smoke)
     write_curves(args.out, csv_path)

@@ -105,6 +105,31 @@ def test_the_pilot_rule_places_design_2():
     assert designs.floor_kv(rows[:-1]) is None
 
 
+def test_the_amended_pilot_rule_picks_the_first_mamba_regime_that_learns():
+    def pilot(accs):
+        return [
+            {"run_id": designs.mamba_id(regime, *designs.MAMBA_PILOT_DT, s), "val_acc": acc}
+            for regime, acc in zip(designs.MAMBA_REGIMES, accs)
+            for s in designs.MAMBA_PILOT_SEEDS
+        ]
+
+    # kv 2: guessing is 0.5, so 0.55 is not learning; kv 4 at 3,000 steps: 0.5 >= 0.25 + 0.1 is
+    assert designs.mamba_regime(pilot([0.55, 0.5, 0.5])) == "steps3000"
+    assert designs.mamba_regime(pilot([0.62, 0.5, 0.5])) == "kv2"
+    assert designs.mamba_regime(pilot([0.55, 0.36, 0.5])) == "steps3000"
+    assert designs.mamba_regime(pilot([0.95, 0.3, 0.95])) == "state2048"  # above 0.9 is no room to move
+    assert designs.mamba_regime(pilot([0.5, 0.3, 0.27])) == "steps3000"  # none learns: furthest above 1/kv
+    assert designs.mamba_regime(pilot([0.62, 0.5, 0.5])[1:]) is None  # a kv2 pilot run missing
+    assert designs.mamba_regime(pilot([0.55, 0.36, 0.5])[:-1]) == "steps3000"  # decided without state2048
+    assert designs.mamba_regime(pilot([0.55, 0.3, 0.5])[:-1]) is None
+    grid = designs.design_4_mamba("kv2")
+    assert len(grid) == len(designs.DT_RANGES) * len(designs.SEEDS_4)
+    assert set(designs.design_4_mamba_pilot()) & set(grid) == {
+        designs.mamba_id("kv2", *designs.MAMBA_PILOT_DT, s) for s in designs.MAMBA_PILOT_SEEDS
+    }
+    assert "task.num_kv_pairs=2" in grid[designs.mamba_id("kv2", 1e-3, 1e-1, 0)]
+
+
 @pytest.mark.slow
 def test_registered_designs_smoke(tmp_path):
     """Design 8 (ESS at initialization), the first two runs of designs 1 and 6: a few steps, same code."""
