@@ -195,7 +195,7 @@ def decay_identity_trend(data: Data) -> Result:
         f"mean within-seed Spearman(weight, accuracy) {stat:+.2f}; mean accuracy by weight "
         + ", ".join(f"{w:g}: {m:.3f}" for w, m in means.items())
         + _penalty_share(data, [r["run_id"] for r in rows if not r["run_id"].startswith("gla_")]),
-        {"kind": "mean", "units": per_seed, "per_seed": 1},
+        {"kind": "stratified", "units": per_seed, "null_sd": (len(means) - 1) ** -0.5, "per_seed": 1},
     )
 
 
@@ -369,7 +369,7 @@ def hybrid_early_ess(data: Data) -> Result:
         len(rows),
         needed,
         f"mean within-order Spearman(ESS per kv at step {step}, accuracy) {stat:+.2f}",
-        {"kind": "correlation", "rho": stat, "n": len(rows) // 2, "per_seed": 1},
+        {"kind": "correlation", "rho": stat, "n": len(rows) // 2, "strata": 2, "per_seed": 1},
     )
 
 

@@ -33,8 +33,9 @@ class Result:
     needed: int = 0
     evidence: str = ""
     # what a follow-up's size is computed from (experiments.prereg.followup): {"kind": "mean", "units": [...]}
-    # (one value per resampled unit), {"kind": "two_sample", "groups": [[...], [...]]} or {"kind":
-    # "correlation", "rho": r, "n": n}, each with "per_seed": units per seed of the design
+    # (one value per resampled unit), {"kind": "stratified", "units": [...], "null_sd": s} (per-stratum
+    # statistics under a within-stratum permutation), {"kind": "two_sample", "groups": [[...], [...]]} or
+    # {"kind": "correlation", "rho": r, "n": n, "strata": k}, each with "per_seed": units per seed
     extra: dict = field(default_factory=dict)
 
     @property

@@ -158,10 +158,11 @@ def design_4_mamba_pilot() -> dict[str, list[str]]:
 
 
 def mamba_regime(rows: Sequence[dict]) -> str | None:
-    """The amendment's pilot rule: the first candidate whose pilot mean accuracy is in [1/kv + 0.1, 0.9];
+    """The amendment's pilot rule: the first candidate whose pilot mean accuracy is in [1/kv + 0.1, 0.9);
     if none, the one furthest above 1/kv. ``None`` until ``rows`` decide it (the pilot runs of every candidate
     up to the chosen one; of all of them when none learns)."""
     acc = {r["run_id"]: float(r["val_acc"]) for r in rows if not r.get("error")}
+    acc = {k: (v if v == v else 0.0) for k, v in acc.items()}  # a NaN accuracy learned nothing
     above = {}
     for regime, (kv, *_) in MAMBA_REGIMES.items():
         ids = [mamba_id(regime, *MAMBA_PILOT_DT, s) for s in MAMBA_PILOT_SEEDS]

@@ -6,8 +6,14 @@ the n is the one that gives the test 80 % power at two-sided p < 0.05 / 17 (the 
 smallest p of the table's family, so a follow-up of that n decides alone, whatever the other tests):
 - a mean of per-unit values (paired differences, per-seed rank correlations): n = ((t_a + t_b) sd / mean)^2;
 - a difference of two means: n per group = 2 ((t_a + t_b) sd_pooled / difference)^2;
-- a Spearman correlation: n = ((z_a + z_b) / atanh(rho))^2 * 1.06 + 3 (Fisher's z, Spearman's variance);
-with t quantiles at the n's degrees of freedom (iterated) and z the normal ones.
+- a mean of per-stratum statistics under a within-stratum permutation (per-seed Spearman over doses):
+  n = ((z_a sd_0 + z_b sd) / mean)^2, with sd_0 the statistic's known sd under no effect (1 / sqrt(k - 1) for
+  a Spearman over k doses);
+- a Spearman correlation: n = ((z_a + z_b) / atanh(rho))^2 * 1.06 / strata + 3 per stratum (Fisher's z,
+  Spearman's variance; a mean over ``strata`` within-stratum correlations divides the variance);
+with t quantiles at the n's degrees of freedom (iterated) and z the normal ones. Where two undecided tests
+share a design, each plan has its own seeds (all from ``FIRST_SEED``: the larger includes the smaller) and
+each test reads its own.
 ``tests/experiments/test_prereg.py`` checks these against the permutation tests' simulated power.
 
 A follow-up draws fresh seeds (from ``FIRST_SEED``), independent of the runs that left the test undecided,
@@ -29,6 +35,7 @@ from statistics import NormalDist
 import numpy as np
 from scipy.stats import t as student_t
 
+from experiments.common import read_rows
 from experiments.prereg import analysis, designs, registrations
 from experiments.prereg.data import Data, Result
 from experiments.prereg.rule import ALPHA, CANNOT, decisions
@@ -38,6 +45,7 @@ __all__ = ["FIRST_SEED", "Plan", "needed_units", "plans", "rows", "main"]
 
 HERE = Path(__file__).resolve().parent
 PLAN_JSON = HERE / "followup.json"
+FOLLOWUP_RESULTS = HERE / "followup_results"
 FIRST_SEED = 1000
 POWER = 0.8
 GPU_OVERRIDES = ["trainer=gpu", "trainer.precision=32-true"]  # the registered runs are float32
@@ -49,14 +57,15 @@ def _t_n(ratio: float, alpha: float, groups: int = 1) -> int:
     the normal approximation promises much more power than the tests have: 0.58 instead of 0.8 at n 14)."""
     z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(POWER)
     n = max(2, math.ceil(groups * (z / ratio) ** 2))
-    for _ in range(100):
+    seen = {n}
+    while True:
         df = groups * (n - 1)
         t = student_t.ppf(1 - alpha / 2, df) + student_t.ppf(POWER, df)
         nxt = max(2, math.ceil(groups * (t / ratio) ** 2))
-        if nxt == n:
-            break
+        if nxt in seen:  # converged, or flipping between two values: the larger is the safe one
+            return max(n, nxt)
+        seen.add(nxt)
         n = nxt
-    return n
 
 
 def needed_units(extra: dict, alpha: float) -> int | None:
@@ -69,6 +78,12 @@ def needed_units(extra: dict, alpha: float) -> int | None:
         if len(u) < 2 or u.mean() == 0 or u.std(ddof=1) == 0:
             return None
         return _t_n(abs(u.mean()) / u.std(ddof=1), alpha)
+    if kind == "stratified":
+        u = np.asarray([v for v in extra["units"] if not math.isnan(v)], float)
+        if len(u) < 2 or u.mean() == 0:
+            return None
+        z_a, z_b = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(POWER)
+        return math.ceil(((z_a * extra["null_sd"] + z_b * u.std(ddof=1)) / abs(u.mean())) ** 2)
     if kind == "two_sample":
         a, b = (np.asarray(g, float) for g in extra["groups"])
         pooled = math.sqrt(
@@ -81,7 +96,7 @@ def needed_units(extra: dict, alpha: float) -> int | None:
         if not 0 < rho < 1:
             return None
         z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(POWER)
-        return math.ceil((z / math.atanh(rho)) ** 2 * 1.06 + 3)
+        return math.ceil((z / math.atanh(rho)) ** 2 * 1.06 / extra.get("strata", 1) + 3)
     return None
 
 
@@ -109,7 +124,7 @@ class Plan:
 
 
 def _effect(extra: dict, estimate: float) -> str:
-    if extra["kind"] == "mean":
+    if extra["kind"] in ("mean", "stratified"):
         u = np.asarray([v for v in extra["units"] if not math.isnan(v)], float)
         return f"mean {u.mean():+.3g}, sd {u.std(ddof=1):.3g} over {len(u)} units"
     if extra["kind"] == "two_sample":
@@ -180,9 +195,14 @@ def _context() -> tuple[Data, dict[str, Result], list[str], float]:
 def analyse(folder: Path, plan_json: Path = PLAN_JSON) -> dict[str, Result]:
     """The planned tests on a follow-up's runs in ``folder`` (its seeds from ``plan_json``), Holm over them."""
     planned = json.loads(plan_json.read_text())
-    seeds = {p["design"]: list(range(FIRST_SEED, FIRST_SEED + p["seeds"])) for p in planned}
-    data = Data.load(folder, seeds=seeds)
-    results = {p["test"]: analysis.TESTS[p["test"]](data) for p in planned}
+    data = Data.load(folder)
+    # the registered runs give what a design's grid depends on (design 1's pilot for designs 2-4); the
+    # follow-up's seeds are new, so a test reads only the follow-up's runs
+    data.runs = {**Data.load().runs, **data.runs}
+    results = {}
+    for p in planned:
+        data.seeds = {p["design"]: list(range(FIRST_SEED, FIRST_SEED + p["seeds"]))}
+        results[p["test"]] = analysis.TESTS[p["test"]](data)
     adjusted = holm([r.p if not r.pending else 1.0 for r in results.values()])
     for (tid, r), adj in zip(results.items(), adjusted):
         print(f"{tid}: {r.evidence} (n {r.n}); p {r.p:.3g}, Holm p over the follow-up {adj:.3g}")
@@ -204,8 +224,23 @@ def main(argv: list[str] | None = None) -> list[Plan | str]:
         print(p if isinstance(p, str) else f"{p.test}: {p.command()}  # {p.runs} runs, {p.cpu_hours:g} CPU h")
     if args.plan:
         planned = [p.__dict__ for p in found if isinstance(p, Plan)]
+        _refuse_changing_started(planned)
         PLAN_JSON.write_text(json.dumps(planned, indent=2) + "\n")
     return found
+
+
+def _refuse_changing_started(planned: list[dict], folder: Path = FOLLOWUP_RESULTS) -> None:
+    """``followup.json`` is a registration: an entry whose runs have begun (in ``folder``) stays as it is."""
+    old = {p["test"]: p for p in json.loads(PLAN_JSON.read_text())} if PLAN_JSON.exists() else {}
+    new = {p["test"]: p for p in planned}
+    started = {r["run_id"] for r in read_rows(folder / "runs.csv")}
+    rows = list(Data.load().runs.values())
+    for tid, entry in old.items():
+        seeds = range(FIRST_SEED, FIRST_SEED + entry["seeds"])
+        if new.get(tid) != entry and started & set(designs.points(entry["design"], rows, seeds=seeds)):
+            raise SystemExit(
+                f"followup.json: {tid}'s follow-up has runs in {folder}; its registered plan stays: {entry}"
+            )
 
 
 if __name__ == "__main__":

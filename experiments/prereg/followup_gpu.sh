@@ -55,8 +55,7 @@ if [ ! -f "$PLAN" ]; then
     echo "no $PLAN: run experiments/prereg/followup.py --plan first" | tee -a "$LOG"
     exit 1
 fi
-# design 2-4's regime comes from design 1's pilot: the committed runs start the follow-up's CSV
-[ -f "$RESULTS/$CSV" ] || cp experiments/prereg/results/runs.csv "$RESULTS/$CSV"
+# (design 2-4's regime comes from design 1's pilot: run.py reads it from the committed runs)
 
 mapfile -t JOBS < <("$PYTHON" -c "
 import json, sys

@@ -60,6 +60,12 @@ def seed_range(text: str) -> list[int]:
     return seeds
 
 
+def grid_rows(csv_path: Path) -> list[dict]:
+    """What the grids depend on (design 1's pilot for designs 2-4, design 4's for its amendment): the committed
+    runs and those in ``csv_path`` (a follow-up's folder holds only its new seeds)."""
+    return [*read_rows(HERE / "results" / "runs.csv"), *read_rows(csv_path)]
+
+
 def retrain_lost_teachers(out: Path, csv_path: Path, teachers: dict[str, list[str]]) -> None:
     """Drop from ``csv_path`` the teachers whose checkpoint is gone (run directories are not committed)
     while some of their students are still to distil, so that ``run_grid`` trains them again."""
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> Path:
         if design == 8:
             ess_at_init(args.out / "init.csv", smoke=args.smoke, seeds=designs.SEEDS_8)
             continue
-        points = designs.points(design, read_rows(csv_path), seeds=args.seeds)
+        points = designs.points(design, grid_rows(csv_path), seeds=args.seeds)
         points = {rid: [*ov, *args.override] for rid, ov in points.items()}
         if not points:
             print(f"design {design}: waiting for design 1's pilot (GLA, seeds 0-3) in {csv_path}")
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None) -> Path:
             retrain_lost_teachers(args.out, csv_path, points)
         run_grid(points, csv_path, args.out, workers=args.workers)
         if design == 4 and not args.smoke:  # the amendment's Mamba grid waits for its pilot's runs
-            more = {rid: [*ov, *args.override] for rid, ov in designs.points(4, read_rows(csv_path)).items()}
+            more = {rid: [*ov, *args.override] for rid, ov in designs.points(4, grid_rows(csv_path)).items()}
             if more.keys() - points.keys():
                 run_grid(more, csv_path, args.out, workers=args.workers)
         if design == 5:

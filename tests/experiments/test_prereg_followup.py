@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+from statistics import NormalDist
 
 import numpy as np
 import pytest
 
 from experiments.prereg import analysis, designs, followup
-from experiments.stats import sign_flip_p, spearman_p, two_sample_p
+from experiments.stats import sign_flip_p, spearman, spearman_p, stratified_spearman_p, two_sample_p
 
 ALPHA = 0.05 / 17
 N_SIM = 200
@@ -50,6 +51,33 @@ def test_the_n_for_a_correlation_gives_80_percent_power_to_spearman():
     rng = np.random.default_rng(2)
     draws = [rng.multivariate_normal([0, 0], [[1, 0.5], [0.5, 1]], n) for _ in range(N_SIM)]
     assert POWER_BAND[0] <= _power([spearman_p(d[:, 0], d[:, 1]) for d in draws]) <= POWER_BAND[1]
+
+
+def test_the_n_for_a_stratified_trend_gives_80_percent_power_to_the_within_stratum_permutation():
+    """Design 3's statistic: the mean over seeds of Spearman(dose, accuracy) over 4 doses, permuted within
+    seeds."""
+    rng = np.random.default_rng(3)
+    doses = np.arange(4.0)
+
+    def seeds(n):
+        return doses + rng.normal(0, 2.0, (n, 4))  # accuracy rising with the dose, noisily
+
+    units = [spearman(doses, a) for a in seeds(4000)]
+    n = followup.needed_units({"kind": "stratified", "units": units, "null_sd": 3**-0.5}, ALPHA)
+    u = np.asarray(units)
+    z_a, z_b = NormalDist().inv_cdf(1 - ALPHA / 2), NormalDist().inv_cdf(0.8)  # 2.97, 0.84
+    assert n == math.ceil(((z_a * 3**-0.5 + z_b * u.std(ddof=1)) / u.mean()) ** 2)
+    ps = []
+    for _ in range(N_SIM):
+        acc = seeds(n)
+        ps.append(stratified_spearman_p(acc.ravel(), np.tile(doses, n), np.repeat(np.arange(n), 4), 2000)[1])
+    assert POWER_BAND[0] <= _power(ps) <= POWER_BAND[1]
+
+
+def test_a_mean_of_within_stratum_correlations_needs_fewer_per_stratum():
+    one = followup.needed_units({"kind": "correlation", "rho": 0.5, "n": 16}, ALPHA)
+    two = followup.needed_units({"kind": "correlation", "rho": 0.5, "n": 16, "strata": 2}, ALPHA)
+    assert two - 3 == pytest.approx((one - 3) / 2, abs=1)
 
 
 def test_no_effect_or_no_rule_gives_no_n():
@@ -96,3 +124,55 @@ def test_the_committed_plan_is_what_the_committed_results_give():
     assert all(
         p["seeds"] >= 1 and p["runs"] >= p["seeds"] and not math.isnan(p["cpu_hours"]) for p in planned
     )
+
+
+def test_a_follow_up_is_analysed_on_its_own_folder_with_the_registered_pilot(tmp_path, capsys):
+    """Design 3 needs design 1's pilot (committed), the follow-up folder only its new seeds; each planned
+    test reads its own seeds."""
+    from experiments.common import write_rows
+
+    kv = designs.floor_kv(list(analysis.Data.load().runs.values()))
+    seeds = list(range(followup.FIRST_SEED, followup.FIRST_SEED + 3))
+    rows = []
+    for rid in designs.design_3(kv, seeds):
+        w = 0.0 if rid.startswith("gla_") else float(rid.split("_w")[1].split("_")[0])
+        rows.append({"run_id": rid, "val_acc": 0.3 + 0.01 * w, "seconds": 1})
+    for rid in designs.design_6(seeds[:2]):
+        rows.append(
+            {"run_id": rid, "val_acc": 0.5, "acc_reused": 0.9 if "reset" in rid else 0.5, "seconds": 1}
+        )
+    write_rows(tmp_path / "runs.csv", rows)
+    plan = tmp_path / "followup.json"
+    plan.write_text(
+        json.dumps(
+            [
+                {"test": "decay_identity_trend", "design": 3, "seeds": 3},
+                {"test": "delimiter_reset", "design": 6, "seeds": 2},
+            ]
+        )
+    )
+    out = followup.analyse(tmp_path, plan)
+    assert out["decay_identity_trend"].n == 12 and out["decay_identity_trend"].estimate == pytest.approx(1.0)
+    assert out["delimiter_reset"].n == 4 and out["delimiter_reset"].estimate == pytest.approx(0.4)
+    assert "Holm p over the follow-up" in capsys.readouterr().out
+
+
+def test_a_registered_follow_up_whose_runs_began_is_not_replanned(tmp_path, monkeypatch):
+    from experiments.common import write_rows
+
+    entry = {
+        "test": "delimiter_reset",
+        "design": 6,
+        "effect": "",
+        "units": 3,
+        "seeds": 3,
+        "runs": 6,
+        "cpu_hours": 0.1,
+    }
+    monkeypatch.setattr(followup, "PLAN_JSON", tmp_path / "followup.json")
+    followup.PLAN_JSON.write_text(json.dumps([entry]))
+    followup._refuse_changing_started([{**entry, "seeds": 9}], tmp_path)  # no runs yet: it may change
+    write_rows(tmp_path / "runs.csv", [{"run_id": "delim_free_s1001", "val_acc": 0.5}])
+    followup._refuse_changing_started([entry], tmp_path)  # unchanged: fine
+    with pytest.raises(SystemExit, match="delimiter_reset's follow-up has runs"):
+        followup._refuse_changing_started([{**entry, "seeds": 9}], tmp_path)
