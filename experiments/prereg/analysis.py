@@ -244,14 +244,15 @@ def _dose_means(data: Data, doses: dict[str, list[str]], guess: float) -> Result
 def init_gla_gate(data: Data) -> Result:
     kv = _regime(data)
     if kv is None:
-        return pending(
-            0, len(designs.GATE_NORMALIZERS) * len(designs.SEEDS_4), "runs (waiting for the pilot)"
-        )
-    doses: dict[str, list[str]] = {}
-    for i in designs.design_4(kv):
-        if i.startswith("gla_g"):
-            doses.setdefault(i.rsplit("_kv", 1)[0], []).append(i)
-    return _dose_means(data, doses, 1 / kv)
+        return pending(0, len(data.gate_doses_of()) * len(data.seeds_of(4)), "runs (waiting for the pilot)")
+    doses = {
+        f"{g:g}": [designs.gla_dose_id(g, kv, s) for s in data.seeds_of(4)] for g in data.gate_doses_of()
+    }
+    out = _dose_means(data, doses, 1 / kv)
+    # a follow-up adds doses (its n is the number of dose means), each with the registered seeds per dose
+    if not out.pending:
+        out.extra = {"kind": "correlation", "rho": out.estimate, "n": out.n, "unit": "dose"}
+    return out
 
 
 def init_mamba_dt(data: Data) -> Result:

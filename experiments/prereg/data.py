@@ -46,17 +46,23 @@ class Result:
 @dataclass
 class Data:
     """The registered designs' rows: trained runs by id, ESS-at-init rows, curves by (run, metric, step);
-    ``seeds`` replaces a design's registered seeds (a follow-up run with more, :mod:`experiments.prereg.followup`)."""
+    ``seeds`` replaces a design's registered seeds and ``gate_doses`` design 4's GLA doses (a follow-up,
+    :mod:`experiments.prereg.followup`)."""
 
     runs: dict[str, dict]
     init: list[dict]
     curves: dict[tuple[str, str, int], float]
     students: dict[str, dict] = field(default_factory=dict)
     seeds: dict[int, list[int]] = field(default_factory=dict)
+    gate_doses: list[float] | None = None  # design 4's GLA doses in a follow-up (else the registered)
 
     def seeds_of(self, design: int) -> list[int]:
         """The seeds a test of ``design`` reads: the follow-up's where given, else the registered ones."""
         return list(self.seeds.get(design, designs.SEEDS[design]))
+
+    def gate_doses_of(self) -> list[float]:
+        """The GLA gate normalizers design 4's GLA test reads."""
+        return list(self.gate_doses or designs.GATE_NORMALIZERS)
 
     @classmethod
     def load(cls, results: Path = RESULTS, seeds: dict[int, list[int]] | None = None) -> Data:

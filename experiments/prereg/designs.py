@@ -112,13 +112,35 @@ def design_3(kv: int, seeds: Sequence[int] | None = None) -> dict[str, list[str]
     return out
 
 
+def gate_doses(n: int) -> list[float]:
+    """``n`` GLA gate normalizers evenly spaced in log over the registered range 1-256 (3 significant digits):
+    a follow-up's doses of design 4's GLA test."""
+    if n < 3:
+        raise ValueError(f"a dose trend needs at least 3 doses, got {n}")
+    return [float(f"{256 ** (i / (n - 1)):.3g}") for i in range(n)]
+
+
+def gla_dose_id(g: float, kv: int, seed: int) -> str:
+    return f"gla_g{g:g}_kv{kv}_s{seed}"
+
+
+def _gla_dose(g: float, kv: int, seed: int) -> list[str]:
+    return _run(
+        "gla", kv, seed, kwargs=f"{{num_heads:4,expand_k:0.5,expand_v:1.0,gate_logit_normalizer:{g:g}}}"
+    )
+
+
+def design_4_gla(kv: int, normalizers: Sequence[float], seeds: Sequence[int]) -> dict[str, list[str]]:
+    """Design 4's GLA grid at other doses and seeds (a follow-up of its GLA test)."""
+    return {gla_dose_id(g, kv, s): _gla_dose(g, kv, s) for s in seeds for g in normalizers}
+
+
 def design_4(kv: int) -> dict[str, list[str]]:
     """Initialization doses in design 2's regime: GLA gate normalizer (7) and Mamba dt range (7), 4 seeds."""
     out = {}
     for seed in SEEDS_4:
         for g in GATE_NORMALIZERS:
-            kw = f"{{num_heads:4,expand_k:0.5,expand_v:1.0,gate_logit_normalizer:{g}}}"
-            out[f"gla_g{g}_kv{kv}_s{seed}"] = _run("gla", kv, seed, kwargs=kw)
+            out[gla_dose_id(g, kv, seed)] = _gla_dose(g, kv, seed)
         for lo, hi in DT_RANGES:
             kw = f"{{d_state:8,expand:1,dt_min:{lo:g},dt_max:{hi:g}}}"
             out[f"mamba_dt{lo:g}-{hi:g}_kv{kv}_s{seed}"] = _run("mamba", kv, seed, kwargs=kw)
@@ -259,19 +281,24 @@ DESIGNS = {
 }
 
 
-RESEEDABLE = (2, 3, 6, 7)  # the designs whose seeds a follow-up can change (``points(seeds=...)``)
-SEEDS = {2: SEEDS_2, 3: SEEDS_3, 6: SEEDS_6, 7: SEEDS_7}  # their registered seeds
+# the designs whose seeds a follow-up can change (``points(seeds=...)``; design 4: its GLA grid, whose
+# doses a follow-up can change too, ``points(doses=...)``) and their registered seeds
+RESEEDABLE = (2, 3, 4, 6, 7)
+SEEDS = {2: SEEDS_2, 3: SEEDS_3, 4: SEEDS_4, 6: SEEDS_6, 7: SEEDS_7}
 
 
 def points(
-    design: int, rows: Sequence[dict] = (), seeds: Sequence[int] | None = None
+    design: int, rows: Sequence[dict] = (), seeds: Sequence[int] | None = None, doses: int | None = None
 ) -> dict[str, list[str]]:
     """The trained runs of ``design`` (design 5: its teachers; designs 2-4 need design 1's pilot in ``rows``:
-    empty until it is there); ``seeds`` replaces the registered seeds of a design in ``RESEEDABLE``."""
+    empty until it is there); ``seeds`` replaces the registered seeds of a design in ``RESEEDABLE`` (design 4:
+    its GLA grid alone, at ``doses`` gate normalizers, :func:`gate_doses`, or the registered 7)."""
     if seeds is not None and design not in RESEEDABLE:
         raise ValueError(
             f"design {design}'s seeds are fixed; a follow-up can change those of designs {RESEEDABLE}"
         )
+    if doses is not None and (design != 4 or seeds is None):
+        raise ValueError("doses apply to design 4's follow-up (with its seeds) only")
     if design == 1:
         return design_1()
     if design == 7:
@@ -283,6 +310,8 @@ def points(
     kv = floor_kv(rows)
     if kv is None:
         return {}
+    if design == 4 and seeds is not None:
+        return design_4_gla(kv, gate_doses(doses) if doses else GATE_NORMALIZERS, seeds)
     if design == 4:  # the registered grid, the amendment's pilot, and its grid once the pilot has chosen
         regime = mamba_regime(rows)
         return {**design_4(kv), **design_4_mamba_pilot(), **(design_4_mamba(regime) if regime else {})}

@@ -16,7 +16,9 @@ share a design, each plan has its own seeds (all from ``FIRST_SEED``: the larger
 each test reads its own.
 ``tests/experiments/test_prereg.py`` checks these against the permutation tests' simulated power.
 
-A follow-up draws fresh seeds (from ``FIRST_SEED``), independent of the runs that left the test undecided,
+A test whose unit is a dose (design 4's GLA test: a Spearman over dose means) gets more doses instead
+(``designs.gate_doses``: evenly spaced in log over the registered range), each with the registered number of
+seeds. A follow-up draws fresh seeds (from ``FIRST_SEED``), independent of the runs that left the test undecided,
 so that stopping on a p is not what decides it; it is a new registration, committed before its runs.
 
     PYTHONPATH=. .venv/bin/python experiments/prereg/followup.py --plan      # writes followup.json
@@ -111,15 +113,17 @@ class Plan:
     seeds: int
     runs: int
     cpu_hours: float
+    doses: int = 0  # design 4's GLA test: its unit is a dose (then ``units`` doses of ``seeds`` seeds each)
 
     @property
     def seed_range(self) -> str:
         return f"{FIRST_SEED}-{FIRST_SEED + self.seeds - 1}"
 
     def command(self, extra: str = "") -> str:
+        doses = f" --doses {self.doses}" if self.doses else ""
         return (
             f"PYTHONPATH=. .venv/bin/python experiments/prereg/run.py --design {self.design} "
-            f"--seeds {self.seed_range}{extra} --out experiments/prereg/followup_results"
+            f"--seeds {self.seed_range}{doses}{extra} --out experiments/prereg/followup_results"
         )
 
 
@@ -131,7 +135,7 @@ def _effect(extra: dict, estimate: float) -> str:
         a, b = (np.asarray(g, float) for g in extra["groups"])
         sd = np.std(np.concatenate([a - a.mean(), b - b.mean()]), ddof=2)
         return f"difference {estimate:+.3g}, pooled sd {sd:.3g}, {len(a)} + {len(b)} runs"
-    return f"rho {extra['rho']:+.3g} (n {extra['n']})"
+    return f"rho {extra['rho']:+.3g} (n {extra['n']} {extra.get('unit', 'run')}s)"
 
 
 def _seconds_per_run(data: Data, ids: list[str]) -> float:
@@ -153,11 +157,15 @@ def plans(data: Data, results: dict[str, Result], undecided: list[str], alpha: f
         if design not in designs.RESEEDABLE:
             out.append(f"{tid}: needs {units} units; design {design}'s grid has no seed to add")
             continue
-        seeds = math.ceil(units / r.extra.get("per_seed", 1))
-        grid = designs.points(design, rows, seeds=range(FIRST_SEED, FIRST_SEED + seeds))
-        registered = designs.points(design, rows)
+        if r.extra.get("unit") == "dose":  # more doses, each with as many (fresh) seeds as registered
+            seeds, doses = len(designs.SEEDS[design]), units
+        else:
+            seeds, doses = math.ceil(units / r.extra.get("per_seed", 1)), 0
+        grid = designs.points(design, rows, seeds=range(FIRST_SEED, FIRST_SEED + seeds), doses=doses or None)
+        registered = designs.points(design, rows, seeds=designs.SEEDS[design])
         hours = len(grid) * _seconds_per_run(data, list(registered)) / 3600
-        out.append(Plan(tid, design, _effect(r.extra, r.estimate), units, seeds, len(grid), round(hours, 1)))
+        effect = _effect(r.extra, r.estimate)
+        out.append(Plan(tid, design, effect, units, seeds, len(grid), round(hours, 1), doses))
     return out
 
 
@@ -202,6 +210,7 @@ def analyse(folder: Path, plan_json: Path = PLAN_JSON) -> dict[str, Result]:
     results = {}
     for p in planned:
         data.seeds = {p["design"]: list(range(FIRST_SEED, FIRST_SEED + p["seeds"]))}
+        data.gate_doses = designs.gate_doses(p["doses"]) if p.get("doses") else None
         results[p["test"]] = analysis.TESTS[p["test"]](data)
     adjusted = holm([r.p if not r.pending else 1.0 for r in results.values()])
     for (tid, r), adj in zip(results.items(), adjusted):
@@ -237,7 +246,8 @@ def _refuse_changing_started(planned: list[dict], folder: Path = FOLLOWUP_RESULT
     rows = list(Data.load().runs.values())
     for tid, entry in old.items():
         seeds = range(FIRST_SEED, FIRST_SEED + entry["seeds"])
-        if new.get(tid) != entry and started & set(designs.points(entry["design"], rows, seeds=seeds)):
+        grid = designs.points(entry["design"], rows, seeds=seeds, doses=entry.get("doses") or None)
+        if new.get(tid) != entry and started & set(grid):
             raise SystemExit(
                 f"followup.json: {tid}'s follow-up has runs in {folder}; its registered plan stays: {entry}"
             )

@@ -61,19 +61,21 @@ mapfile -t JOBS < <("$PYTHON" -c "
 import json, sys
 from experiments.prereg.followup import FIRST_SEED
 for p in sorted(json.load(open('$PLAN')), key=lambda p: p['runs']):  # the cheapest first
-    print(p['design'], f\"{FIRST_SEED}-{FIRST_SEED + p['seeds'] - 1}\")
+    print(p['design'], f\"{FIRST_SEED}-{FIRST_SEED + p['seeds'] - 1}\", p.get('doses', 0))
 ")
 START=$SECONDS
 STATUS=0
 for job in "${JOBS[@]}"; do
-    read -r design seeds <<<"$job"
+    read -r design seeds doses <<<"$job"
+    DOSES=()
+    [ "${doses:-0}" -gt 0 ] && DOSES=(--doses "$doses")
     left=$((TIME_LIMIT - (SECONDS - START)))
     if [ "$left" -le 30 ]; then
         echo "design $design: no time left in this call; the next call resumes it" | tee -a "$LOG"
         continue
     fi
     echo "design $design, seeds $seeds, $WORKERS workers, at most $left s" | tee -a "$LOG"
-    timeout --kill-after=20 "$left" "$PYTHON" experiments/prereg/run.py --design "$design" --seeds "$seeds" \
+    timeout --kill-after=20 "$left" "$PYTHON" experiments/prereg/run.py --design "$design" --seeds "$seeds" "${DOSES[@]}" \
         --workers "$WORKERS" --out "$RESULTS" "${EXTRA[@]}" >>"$LOG" 2>&1
     rc=$?
     if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then

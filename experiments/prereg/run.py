@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> Path:
         help=f"FIRST-LAST: these seeds instead of the registered ones (a follow-up; designs {designs.RESEEDABLE})",
     )
     parser.add_argument(
+        "--doses", type=int, help="design 4 with --seeds: its GLA grid at this many gate normalizers (1-256)"
+    )
+    parser.add_argument(
         "--override", nargs="+", default=[], help="Hydra overrides added to every run (e.g. trainer=gpu)"
     )
     args = parser.parse_args(argv)
@@ -125,12 +128,14 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(
             f"--seeds applies to designs {designs.RESEEDABLE}, not {sorted(set(args.design) - set(designs.RESEEDABLE))}"
         )
+    if args.doses is not None and (args.design != [4] or args.seeds is None or args.doses < 3):
+        parser.error("--doses N (N >= 3) goes with --design 4 and --seeds (a follow-up of its GLA test)")
     csv_path = args.out / ("runs_smoke.csv" if args.smoke else "runs.csv")
     for design in args.design:
         if design == 8:
             ess_at_init(args.out / "init.csv", smoke=args.smoke, seeds=designs.SEEDS_8)
             continue
-        points = designs.points(design, grid_rows(csv_path), seeds=args.seeds)
+        points = designs.points(design, grid_rows(csv_path), seeds=args.seeds, doses=args.doses)
         points = {rid: [*ov, *args.override] for rid, ov in points.items()}
         if not points:
             print(f"design {design}: waiting for design 1's pilot (GLA, seeds 0-3) in {csv_path}")
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> Path:
         if design == 5:
             retrain_lost_teachers(args.out, csv_path, points)
         run_grid(points, csv_path, args.out, workers=args.workers)
-        if design == 4 and not args.smoke:  # the amendment's Mamba grid waits for its pilot's runs
+        if design == 4 and not args.smoke and args.seeds is None:  # amendment 1's grid waits for its pilot
             more = {rid: [*ov, *args.override] for rid, ov in designs.points(4, grid_rows(csv_path)).items()}
             if more.keys() - points.keys():
                 run_grid(more, csv_path, args.out, workers=args.workers)

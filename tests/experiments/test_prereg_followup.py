@@ -113,6 +113,36 @@ def test_the_runner_parses_seed_ranges_and_refuses_fixed_designs(capsys):
     with pytest.raises(SystemExit):
         run.main(["--design", "6", "--seeds", "ten"])
     assert "seeds are FIRST-LAST" in capsys.readouterr().err
+    for bad in (["--design", "6", "--seeds", "1000-1001", "--doses", "9"], ["--design", "4", "--doses", "9"]):
+        with pytest.raises(SystemExit):
+            run.main(bad)
+        assert "--doses N (N >= 3) goes with --design 4 and --seeds" in capsys.readouterr().err
+
+
+def test_design_4s_gla_follow_up_adds_doses_on_fresh_seeds():
+    assert designs.gate_doses(3) == [1.0, 16.0, 256.0]
+    with pytest.raises(ValueError, match="at least 3 doses"):
+        designs.gate_doses(2)
+    rows = list(analysis.Data.load().runs.values())
+    grid = designs.points(4, rows, seeds=[1000, 1001], doses=5)
+    assert len(grid) == 10 and all(i.startswith("gla_g") and i.endswith(("_s1000", "_s1001")) for i in grid)
+    assert any("gate_logit_normalizer:4}" in " ".join(ov) for ov in grid.values())
+    with pytest.raises(ValueError, match="doses apply to design 4"):
+        designs.points(6, seeds=[1000], doses=5)
+    kv = designs.floor_kv(rows)
+    runs = {}
+    for g in designs.gate_doses(5):
+        for s in (1000, 1001):
+            rid = designs.gla_dose_id(g, kv, s)
+            runs[rid] = {
+                "run_id": rid,
+                "val_acc": 0.1 * g**0.5,
+                f"ess/{analysis.LAYER}/initial_utilization": g / 300,
+            }
+    data = analysis.Data({**{r["run_id"]: r for r in rows}, **runs}, [], {}, seeds={4: [1000, 1001]})
+    data.gate_doses = designs.gate_doses(5)
+    res = analysis.init_gla_gate(data)
+    assert res.n == 5 and res.estimate == pytest.approx(1.0) and res.extra["unit"] == "dose"
 
 
 def test_the_committed_plan_is_what_the_committed_results_give():
@@ -124,6 +154,7 @@ def test_the_committed_plan_is_what_the_committed_results_give():
     assert all(
         p["seeds"] >= 1 and p["runs"] >= p["seeds"] and not math.isnan(p["cpu_hours"]) for p in planned
     )
+    assert all(p["runs"] == p["doses"] * p["seeds"] for p in planned if p["doses"])
 
 
 def test_a_follow_up_is_analysed_on_its_own_folder_with_the_registered_pilot(tmp_path, capsys):
