@@ -331,6 +331,12 @@ def delimiter_reset(data: Data) -> Result:
     )
 
 
+# design 7's early step (its registration's thresholds.early_step): the measurement after 200 optimizer steps,
+# which the loggers file at step 199 (Lightning logs a batch's metrics at the steps before it:
+# ess_train/callbacks/lightning_glue.logger_step), beside that batch's loss
+EARLY_STEP = 200
+
+
 def _hybrid_rows(data: Data) -> tuple[list[dict], int]:
     ids = [f"{o}_s{s}" for o in ("gla_first", "attention_first") for s in data.seeds_of(7)]
     return have(data, ids), len(ids)
@@ -357,8 +363,8 @@ def hybrid_early_ess(data: Data) -> Result:
     rows, needed = _hybrid_rows(data)
     if len(rows) < needed:
         return pending(len(rows), needed)
-    step = 200
-    early = [data.curves.get((r["run_id"], "ess/per_kv", step), math.nan) for r in rows]
+    step = EARLY_STEP
+    early = [data.curves.get((r["run_id"], "ess/per_kv", step - 1), math.nan) for r in rows]
     if any(math.isnan(e) for e in early):
         return Result(needed=needed, done=len(rows), evidence=f"no ESS per kv at step {step} in the curves")
     orders = [r["run_id"].rsplit("_s", 1)[0] for r in rows]

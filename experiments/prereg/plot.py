@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.prereg import designs  # noqa: E402
+from experiments.prereg.analysis import EARLY_STEP  # noqa: E402
 from experiments.prereg.data import LAYER, RESULTS, Data  # noqa: E402
 
 __all__ = ["main"]
@@ -260,12 +261,14 @@ def design_7(data: Data, path: Path) -> bool:
         axes[0].scatter(
             [float(r["ess_per_kv"]) for r in rs], acc, color=colour, s=16, label=f"{order} (n = {len(rs)})"
         )
-        early = [(data.curves.get((r["run_id"], "ess/per_kv", 200)), float(r["val_acc"])) for r in rs]
+        early = [
+            (data.curves.get((r["run_id"], "ess/per_kv", EARLY_STEP - 1)), float(r["val_acc"])) for r in rs
+        ]
         early = [(e, a) for e, a in early if e is not None]
         if early:
             axes[1].scatter(*zip(*early), color=colour, s=16, label=f"{order} (n = {len(early)})")
     axes[0].set_xlabel("final ESS per kv")
-    axes[1].set_xlabel("ESS per kv at step 200")
+    axes[1].set_xlabel(f"ESS per kv at step {EARLY_STEP}")
     for ax in axes[:2]:
         ax.set_ylabel("validation accuracy")
         ax.legend(fontsize=7)

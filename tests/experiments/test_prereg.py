@@ -158,3 +158,22 @@ def test_every_design_figure_is_drawn_from_its_rows_and_none_from_no_rows(tmp_pa
     assert {"design_1", "design_2", "design_3", "design_4", "design_6", "design_8"} <= drawn
     for name in drawn:
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_design_7_reads_the_measurement_after_the_registered_early_step():
+    """The loggers file the measurement after 200 optimizer steps at step 199 (beside that batch's loss)."""
+    import json
+
+    reg = json.loads((registrations.HERE / "07_hybrid_order.json").read_text())
+    assert analysis.EARLY_STEP == reg["thresholds"]["early_step"]
+    runs, curves = {}, {}
+    for order in ("gla_first", "attention_first"):
+        for k, s in enumerate(designs.SEEDS_7):
+            rid = f"{order}_s{s}"
+            runs[rid] = {"run_id": rid, "val_acc": 0.1 + 0.01 * k, "ess_per_kv": 10 + k}
+            curves[(rid, "ess/per_kv", analysis.EARLY_STEP - 1)] = float(k)  # rises with accuracy
+            curves[(rid, "ess/per_kv", analysis.EARLY_STEP)] = float(-k)  # a later row: must not be read
+    res = analysis.hybrid_early_ess(analysis.Data(runs, [], curves))
+    assert res.estimate == pytest.approx(1.0) and res.n == 2 * len(designs.SEEDS_7)
+    del curves[("gla_first_s4", "ess/per_kv", analysis.EARLY_STEP - 1)]
+    assert "no ESS per kv at step 200" in analysis.hybrid_early_ess(analysis.Data(runs, [], curves)).evidence
