@@ -10,9 +10,11 @@ only: it is recorded in the sweep table with its message, the other jobs run, an
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -51,6 +53,29 @@ def _stop(kind: str, err: BaseException, cfg: DictConfig, status: int) -> NoRetu
     sys.exit(status)
 
 
+def _exit_at_start_up(signum: int, frame: Any) -> None:
+    """SIGINT while the app composes its config and imports its libraries: the line, and status 130 at once.
+
+    A KeyboardInterrupt raised there unwinds through whichever library is being imported, which can turn it
+    into another error (numpy half-imported: a RecursionError that the config check reported as an
+    unimportable target, status 2) or abort the process (inside a pybind11 module: SIGABRT). Nothing has
+    started that needs closing; training's own handler (``GracefulStop.guard``) takes over before the run."""
+    os.write(2, (INTERRUPTED_AT_START_UP + "\n").encode())
+    os._exit(130)
+
+
+def _start_up_handler(on: bool) -> None:
+    """Install :func:`_exit_at_start_up` for SIGINT (``on``) where Python's default is in place (an ignored
+    SIGINT, as a shell's background job hands it, stays ignored), or put the default back."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGINT)
+    if on and current is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _exit_at_start_up)
+    elif not on and current is _exit_at_start_up:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
     """The Hydra task: returns validation accuracy (for Hydra's sweepers)."""
@@ -60,6 +85,7 @@ def _hydra_main(cfg: DictConfig) -> float:
         _stop("configuration error", err, cfg, 2)
     from ess_train.app import training
 
+    _start_up_handler(False)  # the libraries are in: from here a Ctrl-C is training's to handle
     try:
         return float(training.train(cfg)["val_acc"])
     except ConfigError as err:
@@ -74,9 +100,10 @@ def main() -> None:
     if problem is not None:
         print(f"ess-train: configuration error: {problem}", file=sys.stderr)
         sys.exit(2)
+    _start_up_handler(True)
     try:
         _hydra_main()
-    except KeyboardInterrupt:  # Ctrl-C before the app's own handler was installed (start-up)
+    except KeyboardInterrupt:  # Ctrl-C in the moment between start-up's handler and training's
         print(INTERRUPTED_AT_START_UP, file=sys.stderr, flush=True)
         sys.stdout.flush()
         # exit here: the interpreter's shutdown after a KeyboardInterrupt in the imports could end the process
