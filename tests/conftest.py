@@ -7,8 +7,18 @@ asks for the fixture). ``--device cuda`` without CUDA is a usage error, not a si
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the suite runs on every core (pytest-xdist, addopts): one math thread per worker, and per process it
+    # starts (DDP ranks, app runs), so that the workers do not oversubscribe the cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 DEVICES = ("cpu", "cuda")
 
