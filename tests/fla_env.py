@@ -29,7 +29,7 @@ def run_pytest_passes(args: list[str], env: dict[str, str], min_passed: int) -> 
     """``pytest -q <args>`` in a subprocess from the repository root: it exits 0, at least ``min_passed``
     tests pass and none is skipped, failed or in error."""
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -118,7 +118,19 @@ def test_pytest_device_cuda_without_cuda_is_an_error() -> None:
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--device", "cuda", "--co"]
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-n",
+            "0",
+            "-p",
+            "no:cacheprovider",
+            "--device",
+            "cuda",
+            "--co",
+        ]
         + ["tests/models/test_ops_fft_conv.py"],
         capture_output=True,
         text=True,
