@@ -180,6 +180,8 @@ def design_4(data: Data, path: Path) -> bool:
             ax.scatter(util, acc, color=colour, s=14, alpha=0.6)
             ax.scatter(np.mean(util), np.mean(acc), color=colour, s=70, marker="D", edgecolor="k", label=dose)
             drawn = True
+        guess_kv = designs.MAMBA_REGIMES[regime][0] if regime and legend == "dt" else kv
+        ax.axhline(1 / guess_kv, color="0.5", ls="--", lw=1, label="guessing (1/kv)")
         ax.set_xlabel("initial utilization of the recurrent layer")
         ax.set_ylabel("validation accuracy")
         n = sum(len(rs) for rs in runs.values())
